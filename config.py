@@ -1,0 +1,316 @@
+"""Run configuration: dataclasses, presets, JSON save/load and argparse generated from them.
+
+A run is described by one `RunConfig`, made of small sections (data, autoencoder, UNet,
+diffusion, training). Every field of every section becomes a command-line flag
+(`image_size` → `--image-size`) whose default comes from the chosen preset and whose
+help line is the field's `help` metadata, so a new option is added in exactly one place.
+
+Presets:
+    demo   small networks at 64×64 for a 2-core CPU: trains in minutes on the demo data set.
+    oasis  the original design's sizes at 128×128, meant for a GPU and the OASIS slices.
+    seed   exactly the original design: 128×128, autoencoder 256 channels and a 1-channel
+           32×32 latent, UNet dim 64 × (1, 2, 4, 8), T = 200 linear steps, batch 64.
+
+`config.json` in a run directory is `RunConfig` as JSON, including the latent scale
+factor once stage 1 has measured it: it is all that is needed to rebuild the models.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+STRATEGIES = ("auto", "default", "mirrored", "multiworker")
+STAGES = ("all", "ae", "ldm")
+
+
+def _opt(default, help, **extra):
+    """A dataclass field with a help line (argparse reads it from `metadata`)."""
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class DataConfig:
+    data: str | None = _opt(None, "folder of PNG slices (OASIS layout or flat); default: the demo data set")
+    image_size: int = _opt(64, "images are resized to image_size × image_size")
+    flip: bool = _opt(True, "random left-right flips (autoencoder) and flipped copies of the latents")
+
+
+@dataclass
+class AutoencoderConfig:
+    ae_base_channels: int = _opt(32, "autoencoder width at full resolution")
+    ae_channel_mults: tuple[int, ...] = _opt((1, 2, 4), "width multipliers per level; 3 levels = downsample ×4")
+    ae_blocks_per_level: int = _opt(1, "residual blocks per autoencoder level")
+    latent_channels: int = _opt(4, "channels of the latent (the original: 1)")
+    ae_norm: str = _opt("batch", "autoencoder normalisation", choices=("batch", "group"))
+    ae_activation: str = _opt("relu", "autoencoder activation")
+
+
+@dataclass
+class UNetConfig:
+    unet_dim: int = _opt(32, "UNet base width")
+    unet_dim_mults: tuple[int, ...] = _opt((1, 2, 4), "UNet width multipliers per level")
+    unet_groups: int = _opt(8, "GroupNorm groups in the UNet's ResNet blocks")
+    attn_heads: int = _opt(4, "attention heads")
+    attn_dim_head: int = _opt(32, "width of one attention head")
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = _opt(1000, "diffusion steps T")
+    schedule: str = _opt("linear", "noise schedule", choices=("linear", "cosine"))
+    beta_start: float = _opt(1e-4, "linear schedule: first β")
+    beta_end: float = _opt(0.02, "linear schedule: last β")
+    ema_decay: float = _opt(0.999, "decay of the UNet's exponential moving average (used for sampling)")
+
+
+@dataclass
+class TrainConfig:
+    out: str = _opt("runs/demo", "run directory (refused if it holds a run, unless --resume)")
+    stage: str = _opt("all", "what to train: ae, ldm (needs a trained autoencoder in --out) or all", choices=STAGES)
+    ae_epochs: int = _opt(12, "autoencoder epochs")
+    ae_steps_per_epoch: int = _opt(0, "autoencoder steps per epoch (0: one pass over the data)")
+    ae_lr: float = _opt(1e-3, "autoencoder learning rate (Adam)")
+    ldm_epochs: int = _opt(20, "diffusion epochs")
+    ldm_steps_per_epoch: int = _opt(0, "diffusion steps per epoch (0: one pass over the latents)")
+    lr: float = _opt(1e-4, "diffusion learning rate (Adam)")
+    batch_size: int = _opt(32, "global batch size (split across devices)")
+    precision: str = _opt("float32", "compute precision; variables stay float32", choices=PRECISIONS)
+    xla: bool = _opt(False, "compile train steps with XLA (jit_compile)")
+    strategy: str = _opt("auto", "tf.distribute: auto (mirrored if >1 GPU), default, mirrored, multiworker (TF_CONFIG)", choices=STRATEGIES)
+    sample_every: int = _opt(5, "log a few samples to TensorBoard every N diffusion epochs (0: never)")
+    keep_checkpoints: int = _opt(3, "how many of the newest checkpoints to keep")
+    seed: int = _opt(0, "random seed for data order, initialisation, t and ε")
+
+
+SECTIONS = {
+    "data": DataConfig,
+    "autoencoder": AutoencoderConfig,
+    "unet": UNetConfig,
+    "diffusion": DiffusionConfig,
+    "train": TrainConfig,
+}
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run. `scale_factor` is 1 / std of the training latents,
+    measured after stage 1; samplers divide by it before decoding."""
+
+    preset: str = "demo"
+    data: DataConfig = field(default_factory=DataConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scale_factor: float | None = None
+
+    def autoencoder_kwargs(self) -> dict:
+        """Constructor arguments of `modules.AutoEncoder`."""
+        a = self.autoencoder
+        return dict(
+            image_channels=1,
+            base_channels=a.ae_base_channels,
+            channel_mults=tuple(a.ae_channel_mults),
+            blocks_per_level=a.ae_blocks_per_level,
+            latent_channels=a.latent_channels,
+            norm=a.ae_norm,
+            activation=a.ae_activation,
+        )
+
+    def unet_kwargs(self) -> dict:
+        """Constructor arguments of `modules.UNet`."""
+        u = self.unet
+        return dict(
+            dim=u.unet_dim,
+            dim_mults=tuple(u.unet_dim_mults),
+            channels=self.autoencoder.latent_channels,
+            resnet_groups=u.unet_groups,
+            attn_heads=u.attn_heads,
+            attn_dim_head=u.attn_dim_head,
+        )
+
+    @property
+    def latent_size(self) -> int:
+        """Side of the square latent: image_size / 2^(autoencoder levels − 1)."""
+        return self.data.image_size // 2 ** (len(self.autoencoder.ae_channel_mults) - 1)
+
+    def validate(self) -> None:
+        """Raise ValueError with one readable line for a configuration that cannot train."""
+        positive = {
+            "ae_epochs": self.train.ae_epochs,
+            "ldm_epochs": self.train.ldm_epochs,
+            "batch_size": self.train.batch_size,
+            "lr": self.train.lr,
+            "ae_lr": self.train.ae_lr,
+            "timesteps": self.diffusion.timesteps,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        size = self.data.image_size
+        ae_factor = 2 ** (len(self.autoencoder.ae_channel_mults) - 1)
+        unet_factor = 2 ** (len(self.unet.unet_dim_mults) - 1)
+        if size <= 0 or size % (ae_factor * unet_factor):
+            raise ValueError(
+                f"--image-size {size} must be divisible by {ae_factor * unet_factor} "
+                f"(autoencoder ×{ae_factor}, then {len(self.unet.unet_dim_mults)} UNet levels ×{unet_factor})"
+            )
+        width = self.unet.unet_dim
+        if any((width * m) % self.unet.unet_groups for m in self.unet.unet_dim_mults):
+            raise ValueError(f"--unet-groups {self.unet.unet_groups} must divide every UNet width {width}×mult")
+
+
+def _preset_demo() -> RunConfig:
+    return RunConfig(preset="demo")
+
+
+def _preset_oasis() -> RunConfig:
+    return RunConfig(
+        preset="oasis",
+        data=DataConfig(image_size=128),
+        autoencoder=AutoencoderConfig(ae_base_channels=64, ae_channel_mults=(1, 2, 4), ae_blocks_per_level=2, latent_channels=4),
+        unet=UNetConfig(unet_dim=64, unet_dim_mults=(1, 2, 4, 8)),
+        diffusion=DiffusionConfig(timesteps=1000),
+        train=TrainConfig(out="runs/oasis", ae_epochs=30, ldm_epochs=200, batch_size=64, ae_lr=1e-3, lr=1e-4),
+    )
+
+
+def _preset_seed() -> RunConfig:
+    return RunConfig(
+        preset="seed",
+        data=DataConfig(image_size=128, flip=False),
+        autoencoder=AutoencoderConfig(ae_base_channels=64, ae_channel_mults=(1, 2, 4), ae_blocks_per_level=1, latent_channels=1),
+        unet=UNetConfig(unet_dim=64, unet_dim_mults=(1, 2, 4, 8)),
+        diffusion=DiffusionConfig(timesteps=200, beta_start=1e-4, beta_end=0.02),
+        train=TrainConfig(out="runs/seed", ae_epochs=30, ldm_epochs=100, batch_size=64, ae_lr=1e-3, lr=1e-4),
+    )
+
+
+PRESETS = {"demo": _preset_demo, "oasis": _preset_oasis, "seed": _preset_seed}
+
+
+def preset(name: str) -> RunConfig:
+    """A fresh `RunConfig` for a preset name; ValueError for an unknown one."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# ---------------------------------------------------------------------------- JSON
+
+
+def to_dict(config: RunConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def from_dict(raw: dict) -> RunConfig:
+    """Inverse of `to_dict`; unknown keys are an error (a config from another version)."""
+    raw = dict(raw)
+    sections = {}
+    for name, cls in SECTIONS.items():
+        values = dict(raw.pop(name, {}))
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(values) - set(known)
+        if unknown:
+            raise ValueError(f"config section {name!r} has unknown keys: {', '.join(sorted(unknown))}")
+        for key, value in values.items():
+            if isinstance(value, list):
+                values[key] = tuple(value)
+        sections[name] = cls(**values)
+    unknown = set(raw) - {"preset", "scale_factor"}
+    if unknown:
+        raise ValueError(f"config has unknown keys: {', '.join(sorted(unknown))}")
+    return RunConfig(**sections, **raw)
+
+
+def save_config(config: RunConfig, path: str | os.PathLike) -> None:
+    """Write JSON atomically: a temporary file renamed over the old one."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(to_dict(config), f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_config(path: str | os.PathLike) -> RunConfig:
+    with open(path) as f:
+        return from_dict(json.load(f))
+
+
+# ---------------------------------------------------------------------------- argparse
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _field_type(cls, f: dataclasses.Field):
+    """The concrete Python type of a field, resolving `from __future__` string annotations."""
+    hints = typing.get_type_hints(cls)
+    return hints[f.name]
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, defaults: RunConfig) -> None:
+    """Add one flag per config field, with the preset's value as default."""
+    for section_name, cls in SECTIONS.items():
+        group = parser.add_argument_group(section_name)
+        section = getattr(defaults, section_name)
+        for f in dataclasses.fields(cls):
+            default = getattr(section, f.name)
+            kind = _field_type(cls, f)
+            help_text = f"{f.metadata['help']} (default: {default})"
+            if kind is bool:
+                group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            elif typing.get_origin(kind) is tuple:
+                inner = typing.get_args(kind)[0]
+                group.add_argument(_flag(f.name), type=inner, nargs="+", default=default, help=help_text)
+            else:
+                if typing.get_origin(kind) in (typing.Union, types.UnionType):  # `str | None`
+                    kind = next(a for a in typing.get_args(kind) if a is not type(None))
+                group.add_argument(
+                    _flag(f.name), type=kind, default=default, help=help_text, choices=f.metadata.get("choices")
+                )
+
+
+def config_from_args(args: argparse.Namespace, preset_name: str) -> RunConfig:
+    """Build a `RunConfig` from parsed flags (every field is present in `args`)."""
+    sections = {}
+    for section_name, cls in SECTIONS.items():
+        values = {}
+        for f in dataclasses.fields(cls):
+            value = getattr(args, f.name)
+            values[f.name] = tuple(value) if isinstance(value, list) else value
+        sections[section_name] = cls(**values)
+    return RunConfig(preset=preset_name, **sections)
+
+
+def explicit_flags(argv: list[str]) -> set[str]:
+    """Field names the user typed on the command line (e.g. {'ldm_epochs'}), for --resume."""
+    names = set()
+    for token in argv:
+        if token.startswith("--"):
+            name = token[2:].split("=", 1)[0]
+            if name.startswith("no-"):
+                name = name[3:]
+            names.add(name.replace("-", "_"))
+    return names
+
+
+def describe(config: RunConfig) -> str:
+    """Settings as aligned `section.name = value` lines, printed at the start of a run."""
+    lines = [f"preset = {config.preset}", f"scale_factor = {config.scale_factor}"]
+    for section_name in SECTIONS:
+        for key, value in dataclasses.asdict(getattr(config, section_name)).items():
+            lines.append(f"{section_name}.{key} = {value}")
+    return "\n".join(lines)

@@ -1,0 +1,104 @@
+"""Matplotlib figures shared by train.py, predict.py and evaluate.py.
+
+Every function takes arrays (images NHWC float in [-1, 1], as everywhere in the project)
+and a PNG path, and writes the figure atomically. Images are drawn with the gray colormap
+and fixed limits [-1, 1], so black background is black and white matter is bright: no
+inversion (the original inverted images to make up for a colormap).
+
+Uses matplotlib's object-oriented `Figure` API, not pyplot: no global figure state and no
+GUI backend is involved, so this works on a headless machine and inside tests.
+"""
+from __future__ import annotations
+
+import csv
+import os
+
+import numpy as np
+from matplotlib.figure import Figure
+
+
+def save_figure(fig: Figure, path: str | os.PathLike) -> None:
+    """Write `fig` to `path` through a temporary file, so a kill never leaves half a PNG."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def read_history(csv_path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Columns of a Keras `CSVLogger` file as float arrays, keyed by header name."""
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return {}
+    return {key: np.array([float(r[key]) for r in rows]) for key in rows[0]}
+
+
+def loss_curves(csv_path: str | os.PathLike, path: str | os.PathLike, title: str) -> None:
+    """Training (and validation, when logged) loss per epoch, log-scaled.
+
+    Other metrics in the CSV (for example `val_ssim`) get a second panel each.
+    """
+    history = read_history(csv_path)
+    if not history:
+        return
+    epochs = history["epoch"] + 1
+    extra = [k for k in history if k not in ("epoch", "loss", "val_loss", "learning_rate") and not k.startswith("val_")]
+    fig = Figure(figsize=(5 + 4 * len(extra), 3.6))
+    axes = fig.subplots(1, 1 + len(extra), squeeze=False)[0]
+    axes[0].plot(epochs, history["loss"], label="train")
+    if "val_loss" in history:
+        axes[0].plot(epochs, history["val_loss"], label="validation")
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("epoch")
+    axes[0].set_ylabel("loss")
+    axes[0].set_title(title)
+    axes[0].legend()
+    for ax, key in zip(axes[1:], extra):
+        ax.plot(epochs, history[key], label="train")
+        if f"val_{key}" in history:
+            ax.plot(epochs, history[f"val_{key}"], label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.legend()
+    save_figure(fig, path)
+
+
+def image_grid(images: np.ndarray, path: str | os.PathLike, title: str = "", ncols: int = 8) -> None:
+    """A grid of images (N, H, W, 1) in [-1, 1], without axes."""
+    images = np.asarray(images, dtype=np.float32)
+    n = len(images)
+    ncols = min(ncols, n)
+    nrows = -(-n // ncols)
+    fig = Figure(figsize=(1.5 * ncols, 1.5 * nrows + (0.4 if title else 0)))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i, :, :, 0], cmap="gray", vmin=-1, vmax=1)
+    if title:
+        fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def reconstructions(originals: np.ndarray, latents: np.ndarray, recons: np.ndarray, path: str | os.PathLike) -> None:
+    """Three rows, as the original's figure: originals | first latent channel | reconstructions.
+
+    originals, recons: (N, H, W, 1) in [-1, 1]; latents: (N, h, w, C), unscaled, shown
+    with its own colour limits since its range is whatever the encoder learned.
+    """
+    n = len(originals)
+    fig = Figure(figsize=(1.6 * n, 5.2))
+    axes = fig.subplots(3, n, squeeze=False)
+    rows = [("original", originals, dict(cmap="gray", vmin=-1, vmax=1)),
+            ("latent (ch. 0)", latents, dict(cmap="viridis")),
+            ("reconstruction", recons, dict(cmap="gray", vmin=-1, vmax=1))]
+    for r, (label, images, style) in enumerate(rows):
+        for i in range(n):
+            ax = axes[r, i]
+            ax.imshow(np.asarray(images[i])[:, :, 0], **style)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r, 0].set_ylabel(label)
+    save_figure(fig, path)

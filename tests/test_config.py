@@ -1,0 +1,89 @@
+"""config.py: presets, JSON round trip, flags generated from the dataclasses, validation."""
+import argparse
+import dataclasses
+import json
+
+import pytest
+
+import config as cfg
+
+
+def parse(preset_name, argv):
+    parser = argparse.ArgumentParser()
+    cfg.add_config_arguments(parser, cfg.preset(preset_name))
+    return cfg.config_from_args(parser.parse_args(argv), preset_name)
+
+
+def test_every_field_becomes_a_flag_with_help():
+    parser = argparse.ArgumentParser()
+    cfg.add_config_arguments(parser, cfg.preset("demo"))
+    flags = {a.dest: a for a in parser._actions}
+    for section in cfg.SECTIONS.values():
+        for f in dataclasses.fields(section):
+            assert f.name in flags, f.name
+            assert flags[f.name].help and "default" in flags[f.name].help
+
+
+def test_flags_default_to_the_preset_and_override_it():
+    seed = parse("seed", [])
+    assert seed == cfg.preset("seed")
+    assert seed.diffusion.timesteps == 200 and seed.autoencoder.latent_channels == 1
+    changed = parse("seed", ["--image-size", "96", "--no-flip", "--unet-dim-mults", "1", "2", "--lr", "3e-4"])
+    assert changed.data.image_size == 96 and changed.data.flip is False
+    assert changed.unet.unet_dim_mults == (1, 2)
+    assert changed.train.lr == pytest.approx(3e-4)
+
+
+def test_seed_preset_has_the_original_sizes():
+    seed = cfg.preset("seed")
+    assert seed.data.image_size == 128 and seed.latent_size == 32
+    assert seed.unet_kwargs()["dim"] == 64 and seed.unet_kwargs()["dim_mults"] == (1, 2, 4, 8)
+    assert seed.unet_kwargs()["channels"] == 1
+    assert (seed.diffusion.beta_start, seed.diffusion.beta_end) == (1e-4, 0.02)
+    assert seed.train.batch_size == 64 and seed.train.lr == 1e-4
+
+
+def test_json_round_trip(tmp_path):
+    config = parse("oasis", ["--timesteps", "50"])
+    config.scale_factor = 0.8125
+    path = tmp_path / "config.json"
+    cfg.save_config(config, path)
+    assert cfg.load_config(path) == config
+    assert json.loads(path.read_text())["unet"]["unet_dim_mults"] == [1, 2, 4, 8]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_unknown_keys_are_refused(tmp_path):
+    raw = cfg.to_dict(cfg.preset("demo"))
+    raw["unet"]["wings"] = 2
+    with pytest.raises(ValueError, match="unknown keys: wings"):
+        cfg.from_dict(raw)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset 'big'"):
+        cfg.preset("big")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--image-size", "60"], "must be divisible by 16"),
+        (["--batch-size", "0"], "--batch-size must be positive"),
+        (["--ldm-epochs", "-1"], "--ldm-epochs must be positive"),
+        (["--lr", "0"], "--lr must be positive"),
+        (["--unet-groups", "7"], "--unet-groups 7 must divide"),
+    ],
+)
+def test_validate_rejects(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse("demo", argv).validate()
+
+
+def test_presets_validate():
+    for name in cfg.PRESETS:
+        cfg.preset(name).validate()
+
+
+def test_explicit_flags():
+    assert cfg.explicit_flags(["--ldm-epochs", "4", "--no-xla", "--lr=1e-3", "x"]) == {"ldm_epochs", "xla", "lr"}
