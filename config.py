@@ -50,7 +50,8 @@ class AutoencoderConfig:
     ae_blocks_per_level: int = _opt(1, "residual blocks per autoencoder level")
     latent_channels: int = _opt(4, "channels of the latent (the original: 1)")
     ae_norm: str = _opt("batch", "autoencoder normalisation", choices=("batch", "group"))
-    ae_activation: str = _opt("relu", "autoencoder activation")
+    # choices: the same tuple as modules.AUTOENCODER_ACTIVATIONS (a test keeps them equal)
+    ae_activation: str = _opt("relu", "autoencoder activation", choices=("relu", "silu", "gelu", "elu", "leaky_relu"))
 
 
 @dataclass

@@ -27,12 +27,19 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> None:
 
 
 def read_history(csv_path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Columns of a Keras `CSVLogger` file as float arrays, keyed by header name."""
+    """Columns of a Keras `CSVLogger` file as float arrays, keyed by header name.
+
+    CSVLogger writes "NA" for metrics it never saw (e.g. val_loss without validation
+    data); such all-NA columns are dropped.
+    """
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
-    if not rows:
-        return {}
-    return {key: np.array([float(r[key]) for r in rows]) for key in rows[0]}
+    columns = {}
+    for key in rows[0] if rows else []:
+        values = np.array([float(r[key]) if r[key] not in ("", "NA") else np.nan for r in rows])
+        if not np.all(np.isnan(values)):
+            columns[key] = values
+    return columns
 
 
 def loss_curves(csv_path: str | os.PathLike, path: str | os.PathLike, title: str) -> None:

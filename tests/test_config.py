@@ -87,3 +87,10 @@ def test_presets_validate():
 
 def test_explicit_flags():
     assert cfg.explicit_flags(["--ldm-epochs", "4", "--no-xla", "--lr=1e-3", "x"]) == {"ldm_epochs", "xla", "lr"}
+
+
+def test_activation_choices_match_the_autoencoder():
+    import modules
+
+    field = next(f for f in dataclasses.fields(cfg.AutoencoderConfig) if f.name == "ae_activation")
+    assert field.metadata["choices"] == modules.AUTOENCODER_ACTIVATIONS

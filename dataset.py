@@ -1,0 +1,727 @@
+"""Brain MRI slices as PNG files: finding them, streaming them, and making them.
+
+Everything that touches image files lives here; the rest of the project only
+sees batches of float32 images, shape (B, size, size, 1), values in [-1, 1].
+
+Data layout ("OASIS layout", the one of the OASIS keras_png_slices download)::
+
+    root/
+      keras_png_slices_train/      *.png   training images
+      keras_png_slices_validate/   *.png
+      keras_png_slices_test/       *.png
+      keras_png_slices_seg_*/      *.png   segmentation masks, never used
+
+A flat folder of PNG files is accepted too; it is then split by file (not by
+subject), deterministically, see `find_splits`.
+
+What this module provides:
+
+- `find_splits` / `check_images`: list the images of each split, and set aside,
+  with one warning, the files that cannot be decoded (truncated, corrupt, not a
+  PNG), so that no bad file can stop training in the middle of an epoch.
+- `make_dataset` / `load_image`: a streaming `tf.data` pipeline (files are read
+  and decoded as batches are needed, so memory does not grow with the number
+  of files).
+- `ensure_demo_dataset`: the default data set, axial slices of the MNI ICBM152
+  T1 template that the nilearn package ships (offline, no download), written
+  once to `data/demo`.
+- `convert_oasis1`: the raw OASIS-1 release (Analyze volumes) to the layout
+  above, split by subject.
+- A command line: ``python dataset.py demo | convert-oasis1 | inspect`` (see
+  ``python dataset.py -h``).
+
+Folders are written atomically: into a temporary sibling folder that is renamed
+into place at the end, so an interrupted run never leaves a folder that looks
+complete. Errors a user can cause raise `DataError`; the command line prints
+its message as one line and exits with status 1 (``--debug`` or
+``OASIS_LDM_DEBUG=1`` shows the traceback instead).
+
+TensorFlow is imported inside the two functions that need it, so that the
+command line starts in a fraction of a second and without TensorFlow's
+start-up logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import json
+import os
+import pathlib
+import random
+import shutil
+import sys
+import uuid
+import warnings
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+SPLITS = ("train", "validate", "test")
+SPLIT_FOLDER = "keras_png_slices_{}"  # .format(split); the OASIS download's names
+CANVAS = 256  # side of the PNG slices this module writes, as in the OASIS download
+MANIFEST = "manifest.json"  # written last into folders this module makes
+
+# A slice is "near-empty", and not written, when its brain area is below this
+# fraction of the largest axial slice of the same volume.
+MIN_SLICE_AREA = 0.05
+
+# The 8 bytes every PNG file starts with, and the 12 it ends with: the IEND
+# chunk (length 0, type, CRC). PIL's verify() accepts a file cut inside the
+# IEND chunk; TensorFlow's decoder doesn't.
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+# Files of the nilearn package used by the demo data set (nilearn/datasets/data).
+MNI152_T1 = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+
+# How many bad paths a warning or an error message names before "...".
+SHOW_PATHS = 3
+
+
+class DataError(Exception):
+    """A problem with the data that the user can fix: a missing folder, no
+    usable image, an output folder in the way. The message is one line."""
+
+
+# ----------------------------------------------------------------------------- finding images
+
+
+def find_splits(root, val_fraction: float = 0.1, test_fraction: float = 0.05, seed: int = 0) -> dict[str, list[str]]:
+    """The usable PNG images of each split under `root`.
+
+    `root` is either an OASIS-layout folder (the split folders decide) or a
+    flat folder of PNGs, split by file with `val_fraction` / `test_fraction`
+    of the files (rounded; at least one each from 3 files on) chosen
+    by a shuffle seeded with `seed`. Files are split before they are checked,
+    so a bad file never moves another one to a different split.
+
+    Returns {split: sorted absolute paths} with the keys of `SPLITS`; the
+    validate and test lists may be empty. Files that cannot be decoded are left
+    out, with one warning naming how many and the first few.
+    Raises `DataError` when `root` is missing or holds no usable training image.
+    """
+    root = _existing_folder(root)
+    candidates = _split_candidates(root, val_fraction, test_fraction, seed)
+    if not candidates["train"]:
+        raise DataError(f"no PNG images in {root / SPLIT_FOLDER.format('train')}")
+    splits, bad = {}, []
+    for split, paths in candidates.items():
+        splits[split], bad_here = check_images(paths)
+        bad += bad_here
+    if bad:
+        warnings.warn(
+            f"skipping {len(bad)} unreadable PNG file(s) under {root}: {_some(bad)} "
+            f"(`python dataset.py inspect {root}` lists them all)",
+            stacklevel=2,
+        )
+    if not splits["train"]:
+        raise DataError(f"no usable training image in {root}: all {len(candidates['train'])} PNG files are unreadable")
+    return splits
+
+
+def check_images(paths) -> tuple[list[str], list[str]]:
+    """Split `paths` into (good, bad), keeping their order.
+
+    A file is bad when it cannot be opened, is not a PNG, is truncated or has a
+    corrupt chunk, or has no pixels; see `describe_png`.
+    """
+    good, bad = [], []
+    for path in paths:
+        try:
+            describe_png(path)
+        except ValueError:
+            bad.append(str(path))
+        else:
+            good.append(str(path))
+    return good, bad
+
+
+def describe_png(path) -> tuple[tuple[int, int], str]:
+    """((width, height), PIL mode) of a complete, decodable PNG file.
+
+    Checks the signature, that the file ends with the IEND chunk (a truncated
+    file doesn't), every chunk's CRC (PIL's verify), and the size.
+    Raises ValueError with the reason otherwise (unreadable file included).
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(PNG_SIGNATURE))
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - len(PNG_END)))
+            tail = f.read()
+        if head != PNG_SIGNATURE:
+            raise ValueError("not a PNG file")
+        if tail != PNG_END:
+            raise ValueError("truncated (no IEND chunk at the end)")
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            size, mode = image.size, image.mode
+    except ValueError:
+        raise
+    except Exception as err:  # PIL raises many types (OSError, SyntaxError, struct.error, ...)
+        raise ValueError(f"unreadable: {err}") from err
+    if min(size) < 1:
+        raise ValueError(f"empty image {size[0]}x{size[1]}")
+    return size, mode
+
+
+def resolve_data_dir(data_dir: str | None) -> pathlib.Path:
+    """The data folder to train on: `data_dir`, or the demo data set (made on
+    first use) when it is None. Raises `DataError` if `data_dir` is missing."""
+    if data_dir is None:
+        return ensure_demo_dataset()
+    return _existing_folder(data_dir)
+
+
+def _existing_folder(path) -> pathlib.Path:
+    """`path` as a Path; DataError unless it is an existing folder."""
+    folder = pathlib.Path(path).expanduser()
+    if not folder.exists():
+        raise DataError(f"data folder not found: {folder}")
+    if not folder.is_dir():
+        raise DataError(f"not a folder: {folder}")
+    return folder
+
+
+def _split_candidates(root: pathlib.Path, val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[str]]:
+    """{split: sorted absolute paths of the *.png files}, nothing checked yet.
+
+    OASIS layout when `root/keras_png_slices_train` exists, otherwise the
+    PNG files directly in `root`, split by `_split_keys`.
+    """
+    if (root / SPLIT_FOLDER.format("train")).is_dir():
+        return {split: _png_files(root / SPLIT_FOLDER.format(split)) for split in SPLITS}
+    files = _png_files(root)
+    if not files:
+        raise DataError(
+            f"no PNG images in {root}: expected a {SPLIT_FOLDER.format('train')}/ folder or *.png files in it"
+        )
+    names = {os.path.basename(path): path for path in files}
+    assignment = _split_keys(sorted(names), val_fraction, test_fraction, seed)
+    return {split: sorted(names[name] for name in keys) for split, keys in assignment.items()}
+
+
+def _png_files(folder: pathlib.Path) -> list[str]:
+    """Sorted absolute paths of the *.png files (any case) directly in `folder`;
+    empty when the folder doesn't exist."""
+    if not folder.is_dir():
+        return []
+    return sorted(os.path.abspath(p) for p in folder.iterdir() if p.suffix.lower() == ".png" and p.is_file())
+
+
+def _split_keys(keys: list[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[str]]:
+    """Deterministic split of distinct `keys` (file names, or subjects).
+
+    The sorted keys are shuffled with `random.Random(seed)`; the first
+    round(n * test_fraction) go to test, the next round(n * val_fraction) to
+    validate, the rest to train. From 3 keys on, a fraction > 0 gets at least
+    one key; below that everything goes to train.
+    """
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise DataError(
+            f"validation and test fractions must be >= 0 with a sum < 1, got {val_fraction} and {test_fraction}"
+        )
+    order = sorted(keys)
+    random.Random(seed).shuffle(order)
+
+    def held_out(fraction: float) -> int:
+        at_least = 1 if fraction > 0 and len(order) >= 3 else 0
+        return max(at_least, round(len(order) * fraction))
+
+    n_test, n_val = held_out(test_fraction), held_out(val_fraction)
+    if n_test + n_val >= len(order):
+        raise DataError(
+            f"{len(order)} item(s) are too few to hold out {val_fraction:g} for validation and {test_fraction:g} for test"
+        )
+    return {
+        "train": sorted(order[n_test + n_val:]),
+        "validate": sorted(order[n_test:n_test + n_val]),
+        "test": sorted(order[:n_test]),
+    }
+
+
+def _some(paths: list[str]) -> str:
+    """The first few of `paths`, comma-separated, '...' when there are more."""
+    shown = ", ".join(str(p) for p in paths[:SHOW_PATHS])
+    return shown + (", ..." if len(paths) > SHOW_PATHS else "")
+
+
+# ----------------------------------------------------------------------------- tf.data pipeline
+
+
+def make_dataset(
+    paths,
+    image_size: int,
+    batch_size: int,
+    *,
+    shuffle: bool = True,
+    flip: bool = False,
+    cache: bool = False,
+    seed: int | None = None,
+    drop_remainder: bool = False,
+    repeat: bool = False,
+) -> tf.data.Dataset:
+    """A streaming dataset of image batches, float32 (B, image_size, image_size, 1) in [-1, 1].
+
+    paths: PNG files, best checked first (`find_splits` does).
+    shuffle: a new order every epoch. Without `cache` the file names are
+        shuffled (all of them: strings are cheap) before decoding, so no image
+        buffer is needed; with `cache` the decoded images are shuffled in a
+        buffer of min(len(paths), 1000) images.
+    flip: mirror each image left-right with probability 1/2, anew each epoch.
+    cache: keep the decoded images in memory after the first epoch; this does
+        grow with the number of files, so use it for small sets only.
+    seed: the same seed gives the same order and flips; None: random.
+    drop_remainder: drop the last, smaller batch.
+    repeat: repeat forever (then give `fit` a `steps_per_epoch`).
+
+    A file that still fails to decode (changed since it was checked) is skipped
+    with a logged warning rather than stopping training.
+    """
+    import tensorflow as tf  # here, not at the top: see the module docstring
+
+    paths = [str(p) for p in paths]
+    if not paths:
+        raise DataError("no image files to make a dataset from")
+    dataset = tf.data.Dataset.from_tensor_slices(paths)
+    if shuffle and not cache:
+        dataset = dataset.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.map(lambda path: load_image(path, image_size), num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.ignore_errors(log_warning=True)
+    if cache:
+        dataset = dataset.cache()
+        if shuffle:
+            dataset = dataset.shuffle(min(len(paths), 1000), seed=seed, reshuffle_each_iteration=True)
+    if flip:
+        dataset = _random_flip(dataset, seed)
+    if repeat:
+        dataset = dataset.repeat()
+    return dataset.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+
+
+def _random_flip(dataset: tf.data.Dataset, seed: int | None) -> tf.data.Dataset:
+    """Each (H, W, 1) image mirrored left-right with probability 1/2.
+
+    The coin flips come from a seeded random stream zipped with the images (a
+    random op inside a parallel map would not be reproducible); the stream
+    changes every epoch.
+    """
+    import tensorflow as tf
+
+    coins = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+
+    def maybe_flip(image, coin):
+        return tf.where(coin % 2 == 1, tf.reverse(image, axis=[1]), image)
+
+    return tf.data.Dataset.zip(dataset, coins).map(maybe_flip, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def load_image(path, image_size: int) -> tf.Tensor:
+    """One PNG file as float32 (image_size, image_size, 1) in [-1, 1].
+
+    8- and 16-bit PNGs alike (black -> -1, full scale -> +1). Colour images
+    become gray with the ITU-R 601 weights (0.299 R + 0.587 G + 0.114 B, as
+    PIL's convert("L")); an alpha channel is composited onto black. The image
+    is resized with antialiasing (a plain squeeze or stretch: the slices are
+    square). Works eagerly and inside `tf.data.Dataset.map`.
+    """
+    import tensorflow as tf
+
+    # Decoding to uint16 scales 8-bit values by 257, so both depths share one path.
+    image = tf.io.decode_png(tf.io.read_file(path), channels=0, dtype=tf.uint16)
+    image = tf.image.convert_image_dtype(image, tf.float32)  # [0, 1]
+    image = _to_gray(image)
+    image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
+    image = tf.clip_by_value(image, 0.0, 1.0) * 2.0 - 1.0
+    return tf.ensure_shape(image, [image_size, image_size, 1])
+
+
+def _to_gray(image: tf.Tensor) -> tf.Tensor:
+    """(H, W, C) float in [0, 1] with C = 1 (gray), 2 (gray + alpha), 3 (RGB)
+    or 4 (RGBA) -> (H, W, 1); alpha multiplies (composites onto black)."""
+    import tensorflow as tf
+
+    channels = tf.shape(image)[-1]
+    return tf.switch_case(
+        channels - 1,
+        [
+            lambda: image,
+            lambda: image[..., :1] * image[..., 1:2],
+            lambda: tf.image.rgb_to_grayscale(image[..., :3]),
+            lambda: tf.image.rgb_to_grayscale(image[..., :3]) * image[..., 3:4],
+        ],
+    )
+
+
+# ----------------------------------------------------------------------------- writing slices
+
+
+def _axial_view(slice_xy: np.ndarray) -> np.ndarray:
+    """An axial slice of a RAS volume (axis 0 to the patient's right, axis 1 to
+    anterior), shown as radiologists do: anterior at the top, the patient's
+    right on the image's left. (X, Y) -> (Y, X)."""
+    return slice_xy[::-1, ::-1].T
+
+
+def _scale_to_uint8(volume: np.ndarray, low: float, high: float) -> np.ndarray:
+    """`volume` mapped linearly from [low, high] to [0, 255], clipped, as uint8.
+    With low >= 0 the black background stays 0."""
+    scaled = (volume.astype(np.float32) - low) / max(high - low, 1e-6)
+    return np.round(np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def _on_canvas(image: np.ndarray, size: int = CANVAS) -> np.ndarray:
+    """A 2-D uint8 image centred on a black size x size canvas, shrunk first
+    (keeping its aspect ratio) if it doesn't fit."""
+    height, width = image.shape
+    if max(height, width) > size:
+        scale = size / max(height, width)
+        new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        image = np.asarray(Image.fromarray(image).resize(new_size, Image.Resampling.LANCZOS))
+        height, width = image.shape
+    canvas = np.zeros((size, size), np.uint8)
+    top, left = (size - height) // 2, (size - width) // 2
+    canvas[top:top + height, left:left + width] = image
+    return canvas
+
+
+def _brain_slices(volume: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(index, radiological view) of each axial slice of a RAS uint8 volume
+    (X, Y, Z) that is not near-empty (see MIN_SLICE_AREA)."""
+    areas = np.count_nonzero(volume, axis=(0, 1))
+    keep = np.flatnonzero(areas >= max(1, MIN_SLICE_AREA * areas.max()))
+    return [(int(k), _axial_view(volume[:, :, k])) for k in keep]
+
+
+def _write_png(image: np.ndarray, path: pathlib.Path) -> None:
+    """A 2-D uint8 array as an 8-bit gray PNG."""
+    Image.fromarray(image).save(path)
+
+
+def _make_split_folders(root: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Create the OASIS-layout folders of each split in `root`; {split: folder}."""
+    folders = {split: root / SPLIT_FOLDER.format(split) for split in SPLITS}
+    for folder in folders.values():
+        folder.mkdir()
+    return folders
+
+
+def _build_atomically(out, build) -> pathlib.Path:
+    """Make the folder `out` with `build(tmp_folder) -> manifest dict`, atomically.
+
+    `build` fills a temporary sibling folder, the manifest is written last, and
+    the folder is renamed to `out`: `out` exists only when complete. The
+    temporary folder is removed if `build` fails; one left by a killed process
+    (`.NAME.partial-*`) is never read and may be deleted.
+    """
+    out = pathlib.Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out} already exists and is not empty; remove it or choose another output folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()  # unlike tempfile.mkdtemp, keeps the user's default permissions
+    try:
+        manifest = build(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp, out)  # replaces an empty `out`, fails on a non-empty one
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _count_pngs(root: pathlib.Path) -> dict[str, int]:
+    """{split: number of PNG files} of an OASIS-layout folder."""
+    return {split: len(_png_files(root / SPLIT_FOLDER.format(split))) for split in SPLITS}
+
+
+# ----------------------------------------------------------------------------- demo data set
+
+
+def ensure_demo_dataset(out="data/demo") -> pathlib.Path:
+    """The demo data set in `out`, made on first use; returns `out`.
+
+    Axial slices of the MNI ICBM152 2009a symmetric T1 template (one averaged
+    adult brain, 1 mm voxels) that the nilearn package ships, so nothing is
+    downloaded. nilearn's copy is already skull-stripped (brain on black), so
+    the brain mask is simply "intensity > 0". Slices are 256x256 uint8 PNGs,
+    brain centred, anterior up, in the OASIS layout. Of the kept slices, taken
+    from bottom to top, every 10th goes to validate, every 20th (offset 5) to
+    test, the others (about 120) to train; neighbouring slices are alike, so
+    validation here only checks that training works.
+
+    Idempotent: returns at once when `out` holds a complete demo set
+    (its manifest exists). Raises `DataError` when `out` holds something else.
+    """
+    out = pathlib.Path(out).expanduser()
+    if (out / MANIFEST).is_file():
+        return out
+    try:
+        return _build_atomically(out, _write_demo_slices)
+    except OSError:
+        if (out / MANIFEST).is_file():  # another process made it meanwhile
+            return out
+        raise
+
+
+def _write_demo_slices(folder: pathlib.Path) -> dict:
+    """Write the demo PNG slices into `folder` (OASIS layout); return the manifest."""
+    volume = _mni152_uint8()
+    folders = _make_split_folders(folder)
+    counts = dict.fromkeys(SPLITS, 0)
+    for i, (z, image) in enumerate(_brain_slices(volume)):
+        split = "validate" if i % 10 == 0 else "test" if i % 20 == 5 else "train"
+        _write_png(_on_canvas(image), folders[split] / f"mni152_z{z:03d}.png")
+        counts[split] += 1
+    return {"source": f"nilearn {MNI152_T1}", "slices": counts}
+
+
+def _mni152_uint8() -> np.ndarray:
+    """The nilearn MNI152 T1 template as a RAS uint8 volume cropped to the brain.
+
+    Intensities: the window goes from half the 1st percentile of the brain
+    voxels (CSF dark) to their 99.9th percentile (white matter near white),
+    like OASIS's T1 slices. Background stays 0.
+    """
+    import nibabel as nib
+
+    path = _nilearn_data_folder() / MNI152_T1
+    if not path.is_file():
+        raise DataError(f"the MNI152 template is missing from the nilearn package: {path}")
+    volume = np.asarray(nib.as_closest_canonical(nib.load(path)).dataobj, dtype=np.float32)
+    brain = volume > 0
+    low = 0.5 * np.percentile(volume[brain], 1)
+    high = np.percentile(volume[brain], 99.9)
+    xs, ys = np.flatnonzero(brain.any(axis=(1, 2))), np.flatnonzero(brain.any(axis=(0, 2)))
+    cropped = volume[xs[0]:xs[-1] + 1, ys[0]:ys[-1] + 1, :]
+    return _scale_to_uint8(cropped, low, high)
+
+
+def _nilearn_data_folder() -> pathlib.Path:
+    """nilearn's bundled data folder, found without importing nilearn (slow)."""
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the nilearn package is needed for the demo data set: pip install -r requirements.txt")
+    return pathlib.Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+
+
+# ----------------------------------------------------------------------------- OASIS-1 converter
+
+
+def convert_oasis1(src, out, val_fraction: float = 0.1, test_fraction: float = 0.05, seed: int = 0) -> dict[str, int]:
+    """Convert the OASIS-1 cross-sectional release to PNG slices in the OASIS layout.
+
+    src: the extracted release; every ``*_t88_masked_gfc.hdr`` below it is used
+        (``OAS1_0001_MR1/PROCESSED/MPRAGE/T88_111/...``, any disc folders above).
+    out: the new folder (must not exist, or be empty); written atomically.
+
+    Split by subject (``OAS1_0001``, so a subject's MR1 and MR2 sessions stay
+    together), deterministically (`_split_keys` with `seed`), never by slice.
+    Each volume is scaled to 0..255 by its own 99.5th percentile of brain
+    voxels; near-empty axial slices are skipped; slices are centred on a
+    256x256 canvas, named ``OAS1_0001_MR1_slice_088.png``.
+
+    Orientation: Analyze headers carry no orientation, and nibabel reads them
+    as radiological storage (axes to Left, Anterior, Superior: 'LAS'). The
+    volume is turned to RAS with that assumption and cut along its third axis
+    (axial), then shown anterior up, patient's right on the left.
+
+    Returns {split: slices written}. A volume that cannot be read is skipped
+    with one warning; `DataError` when `src` is missing or nothing is usable.
+    """
+    src = _existing_folder(src)
+    volumes = sorted(src.rglob("*_t88_masked_gfc.hdr"), key=lambda p: p.name)
+    if not volumes:
+        raise DataError(f"no OASIS-1 volumes (*_t88_masked_gfc.hdr) under {src}")
+    copies = collections.Counter(_oasis_session(p) for p in volumes)
+    repeated = sorted(session for session, n in copies.items() if n > 1)
+    if repeated:  # their slices would overwrite each other
+        raise DataError(
+            f"{len(repeated)} session(s) found more than once under {src}, e.g. {repeated[0]}; keep one copy"
+        )
+    subjects = _split_keys(sorted({_oasis_subject(p) for p in volumes}), val_fraction, test_fraction, seed)
+    split_of = {subject: split for split, members in subjects.items() for subject in members}
+
+    def build(folder: pathlib.Path) -> dict:
+        counts, skipped = _write_oasis1_slices(folder, volumes, split_of)
+        if not counts["train"]:
+            raise DataError(f"no usable OASIS-1 volume for the training split under {src}")
+        return {
+            "source": f"OASIS-1 {src}",
+            "subjects": {split: len(members) for split, members in subjects.items()},
+            "slices": counts,
+            "skipped_volumes": skipped,
+        }
+
+    manifest = json.loads((_build_atomically(out, build) / MANIFEST).read_text())
+    if manifest["skipped_volumes"]:
+        skipped = manifest["skipped_volumes"]
+        warnings.warn(f"skipped {len(skipped)} unreadable or empty volume(s): {_some(skipped)}", stacklevel=2)
+    return manifest["slices"]
+
+
+def _write_oasis1_slices(
+    folder: pathlib.Path, volumes: list[pathlib.Path], split_of: dict[str, str]
+) -> tuple[dict[str, int], list[str]]:
+    """Write the slices of each volume into its subject's split folder under
+    `folder`; return ({split: slices written}, volumes skipped as unreadable)."""
+    folders = _make_split_folders(folder)
+    counts, skipped = dict.fromkeys(SPLITS, 0), []
+    for done, path in enumerate(volumes, start=1):
+        session = _oasis_session(path)
+        split = split_of[_oasis_subject(path)]
+        try:
+            slices = _brain_slices(_oasis1_uint8(path))
+        except ValueError:
+            skipped.append(str(path))
+            slices = []
+        for z, image in slices:
+            _write_png(_on_canvas(image), folders[split] / f"{session}_slice_{z:03d}.png")
+        counts[split] += len(slices)
+        _progress(done, len(volumes), "volumes converted")
+    return counts, skipped
+
+
+def _oasis_subject(path: pathlib.Path) -> str:
+    """'OAS1_0001' from '.../OAS1_0001_MR1_mpr_n4_anon_111_t88_masked_gfc.hdr'."""
+    return "_".join(path.name.split("_")[:2])
+
+
+def _oasis_session(path: pathlib.Path) -> str:
+    """'OAS1_0001_MR1' from '.../OAS1_0001_MR1_mpr_n4_anon_111_t88_masked_gfc.hdr'."""
+    return "_".join(path.name.split("_")[:3])
+
+
+def _oasis1_uint8(path: pathlib.Path) -> np.ndarray:
+    """An OASIS-1 Analyze volume as RAS uint8 (X, Y, Z), 0 outside the brain,
+    the 99.5th percentile of brain voxels -> 255. ValueError if it can't be read
+    or has no brain voxel."""
+    import nibabel as nib
+
+    try:
+        image = nib.as_closest_canonical(nib.load(path))
+        volume = np.asarray(image.dataobj, dtype=np.float32)
+    except Exception as err:  # nibabel raises OSError, ImageFileError, EOFError, ...
+        raise ValueError(f"{path}: {err}") from err
+    volume = volume.reshape(volume.shape[:3])  # drop a trailing time axis of length 1
+    brain = volume > 0
+    if not brain.any():
+        raise ValueError(f"{path}: no brain voxel")
+    return _scale_to_uint8(volume, 0.0, np.percentile(volume[brain], 99.5))
+
+
+def _progress(done: int, total: int, label: str) -> None:
+    """A counter on stderr, rewritten in place on a terminal; elsewhere (a log
+    file) only the final count is written."""
+    terminal = sys.stderr.isatty()
+    if terminal or done == total:
+        start = "\r" if terminal else ""
+        end = "\n" if done == total else ""
+        print(f"{start}{done}/{total} {label}", end=end, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv=None) -> int:
+    """The command line; returns the exit status (0 ok, 1 data error).
+    Warnings are printed as one "warning: ..." line each, after the command."""
+    args = _parser().parse_args(argv)
+    debug = args.debug or os.environ.get("OASIS_LDM_DEBUG", "") not in ("", "0")
+    with warnings.catch_warnings(record=True) as caught:
+        try:
+            status = args.command(args)
+        except (DataError, OSError) as err:
+            if debug:
+                raise
+            print(f"error: {err}", file=sys.stderr)
+            status = 1
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    return status
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dataset.py", description="Brain MRI PNG slices: make the demo set, convert OASIS-1, inspect a folder."
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks (or set OASIS_LDM_DEBUG=1)")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", parents=[common], help="make the demo data set (MNI152 template slices)")
+    demo.add_argument("--out", default="data/demo", help="output folder (default: %(default)s)")
+    demo.set_defaults(command=_demo_command)
+
+    convert = commands.add_parser(
+        "convert-oasis1", parents=[common], help="OASIS-1 Analyze volumes -> PNG slices, split by subject"
+    )
+    convert.add_argument("src", help="the extracted OASIS-1 release (disc folders or OAS1_*_MR1 folders)")
+    convert.add_argument("--out", required=True, help="new output folder")
+    convert.add_argument("--val", type=float, default=0.1, help="subjects' fraction for validation (default: %(default)s)")
+    convert.add_argument("--test", type=float, default=0.05, help="subjects' fraction for test (default: %(default)s)")
+    convert.add_argument("--seed", type=int, default=0, help="seed of the subject split (default: %(default)s)")
+    convert.set_defaults(command=_convert_command)
+
+    inspect = commands.add_parser("inspect", parents=[common], help="image counts, sizes and unreadable files")
+    inspect.add_argument("dir", help="an OASIS-layout folder or a flat folder of PNGs")
+    inspect.set_defaults(command=_inspect_command)
+    return parser
+
+
+def _demo_command(args) -> int:
+    out = ensure_demo_dataset(args.out)
+    counts = _count_pngs(out)
+    print(f"demo data set in {out}: " + ", ".join(f"{split} {n}" for split, n in counts.items()) + " slices")
+    return 0
+
+
+def _convert_command(args) -> int:
+    counts = convert_oasis1(args.src, args.out, args.val, args.test, args.seed)
+    print(f"wrote {args.out}: " + ", ".join(f"{split} {n}" for split, n in counts.items()) + " slices")
+    return 0
+
+
+def _inspect_command(args) -> int:
+    """Print per split: image count, sizes and modes seen, unreadable files.
+    Exit status 1 when no training image is usable."""
+    root = _existing_folder(args.dir)
+    layout = "OASIS layout" if (root / SPLIT_FOLDER.format("train")).is_dir() else "flat folder, split by file (seed 0)"
+    print(f"{root}: {layout}")
+    usable = {}
+    for split, paths in _split_candidates(root, 0.1, 0.05, 0).items():
+        sizes, modes, bad = collections.Counter(), collections.Counter(), []
+        for path in paths:
+            try:
+                (width, height), mode = describe_png(path)
+            except ValueError as err:
+                bad.append(f"{path}: {err}")
+                continue
+            sizes[f"{width}x{height}"] += 1
+            modes[mode] += 1
+        usable[split] = len(paths) - len(bad)
+        print(f"  {split:<9} {usable[split]:>6} images  sizes: {_tally(sizes)}  modes: {_tally(modes)}")
+        for line in bad:
+            print(f"    unreadable {line}")
+    segmentation = sorted(p.name for p in root.glob("keras_png_slices_seg_*") if p.is_dir())
+    if segmentation:
+        print(f"  ignored (segmentation masks): {', '.join(segmentation)}")
+    if not usable["train"]:
+        raise DataError(f"no usable training image in {root}")
+    return 0
+
+
+def _tally(counter: collections.Counter) -> str:
+    """'256x256 (120), 128x128 (3)', or '-' when empty."""
+    return ", ".join(f"{key} ({n})" for key, n in counter.most_common()) or "-"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,537 @@
+"""The networks of oasis-ldm: the image autoencoder and the latent denoising UNet.
+
+Everything here is a Keras 3 layer or model with a ``get_config``; nothing trains,
+loads data or knows about noise schedules (that lives in ``diffusion.py`` and
+``train.py``).
+
+Conventions (see DESIGN.md):
+
+* tensors are NHWC; images are float32 in [-1, 1]; timesteps are int32 of shape (B,);
+* every shape is read from the tensor (``x.shape`` for the static checks,
+  ``keras.ops.shape`` when a size may be unknown until run time);
+* mixed precision: layers compute in the global dtype policy's compute dtype
+  (e.g. bfloat16 under ``"mixed_bfloat16"``) with float32 variables; the attention
+  math and the networks' outputs are float32 whatever the policy.
+
+Models and how to build them
+----------------------------
+``AutoEncoder(image_channels=1, base_channels=64, channel_mults=(1, 2, 4), ...)``
+    ``encoder``: (B, H, W, image_channels) -> (B, H/f, W/f, latent_channels), float32,
+    ``decoder``: (B, H/f, W/f, latent_channels) -> (B, H, W, image_channels), float32
+    in [-1, 1] (tanh), with f = 2 ** (len(channel_mults) - 1). Both are functional
+    models, built (weights created) by the constructor: ``load_weights`` works at once.
+``UNet(dim=64, dim_mults=(1, 2, 4, 8), channels=1, ...)``
+    ``unet(x_t, t)`` -> predicted noise, float32 of x_t's shape. Subclassed, so its
+    weights exist after the first call: ``unet.build_for((h, w, c))`` (or any call on
+    zeros) builds it before ``load_weights``.
+"""
+from __future__ import annotations
+
+import math
+
+import keras
+from einops import rearrange
+from keras import ops
+
+PACKAGE = "oasis_ldm"
+
+AUTOENCODER_NORMS = ("batch", "group")
+AUTOENCODER_ACTIVATIONS = ("relu", "silu", "gelu", "elu", "leaky_relu")
+
+
+def _check_divisible(x, factor, what):
+    """Raise a ValueError when x's static height or width is not a multiple of factor.
+
+    Sizes unknown at trace time (None) are not checked: a wrong size then fails
+    later inside a concatenation with a less readable message.
+    """
+    for axis, name in ((1, "height"), (2, "width")):
+        size = x.shape[axis]
+        if size is not None and size % factor:
+            raise ValueError(
+                f"{what}: input {name} {size} is not divisible by {factor} "
+                f"(= 2**{int(math.log2(factor))}, one halving per level transition)"
+            )
+
+
+# --------------------------------------------------------------------------- #
+# UNet building blocks
+# --------------------------------------------------------------------------- #
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class SinusoidalTimeEmbedding(keras.layers.Layer):
+    """Transformer-style sinusoidal embedding of integer timesteps (no weights).
+
+    t (B,) int -> (B, dim) in the compute dtype, with half = dim // 2 and
+    freq_i = exp(-ln(10000) * i / (half - 1)), i = 0 .. half-1:
+    emb = [sin(t * freq_0..half-1), cos(t * freq_0..half-1)] (computed in float32).
+    """
+
+    def __init__(self, dim, **kwargs):
+        super().__init__(**kwargs)
+        if dim < 4 or dim % 2:
+            raise ValueError(f"time embedding dim must be even and >= 4, got {dim}")
+        self.dim = dim
+
+    def call(self, t):
+        half = self.dim // 2
+        freqs = ops.exp(ops.arange(half, dtype="float32") * (-math.log(10000.0) / (half - 1)))
+        args = ops.cast(ops.reshape(t, (-1, 1)), "float32") * freqs[None, :]
+        emb = ops.concatenate([ops.sin(args), ops.cos(args)], axis=-1)
+        return ops.cast(emb, self.compute_dtype)
+
+    def compute_output_shape(self, t_shape):
+        return (t_shape[0], self.dim)
+
+    def get_config(self):
+        return {**super().get_config(), "dim": self.dim}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ResnetBlock(keras.layers.Layer):
+    """Two conv-GroupNorm-SiLU blocks with a time-conditioned scale and shift, plus a skip.
+
+    x (B, h, w, in_channels), time_emb (B, T) -> (B, h, w, out_channels):
+
+        scale, shift = split(Dense(2 * out)(SiLU(time_emb)))
+        h = SiLU(GroupNorm(conv3x3(x)) * (1 + scale) + shift)
+        h = SiLU(GroupNorm(conv3x3(h)))
+        out = h + skip(x)        # skip = 1x1 conv when in != out channels, else identity
+
+    The 1 + scale form makes a zero time projection leave the features untouched.
+    """
+
+    def __init__(self, in_channels, out_channels, groups=8, **kwargs):
+        super().__init__(**kwargs)
+        for c in (in_channels, out_channels):
+            if c % groups:
+                raise ValueError(
+                    f"ResnetBlock: channel count {c} is not divisible by groups={groups}"
+                )
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.time_scale_shift = keras.layers.Dense(2 * out_channels, name="time_scale_shift")
+        self.conv1 = keras.layers.Conv2D(out_channels, 3, padding="same", name="conv1")
+        self.norm1 = keras.layers.GroupNormalization(groups, epsilon=1e-5, name="norm1")
+        self.conv2 = keras.layers.Conv2D(out_channels, 3, padding="same", name="conv2")
+        self.norm2 = keras.layers.GroupNormalization(groups, epsilon=1e-5, name="norm2")
+        self.skip = (
+            keras.layers.Conv2D(out_channels, 1, name="skip")
+            if in_channels != out_channels
+            else None
+        )
+
+    def call(self, x, time_emb):
+        scale_shift = self.time_scale_shift(ops.silu(time_emb))[:, None, None, :]
+        scale, shift = ops.split(scale_shift, 2, axis=-1)
+        h = self.norm1(self.conv1(x))
+        h = ops.silu(h * (1.0 + scale) + shift)
+        h = ops.silu(self.norm2(self.conv2(h)))
+        return h + (self.skip(x) if self.skip is not None else x)
+
+    def compute_output_shape(self, x_shape, time_emb_shape):
+        return (*x_shape[:-1], self.out_channels)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "groups": self.groups,
+        }
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class LinearAttention(keras.layers.Layer):
+    """Residual, pre-normalised linear ("efficient") attention; O(n) in the pixel count n.
+
+    x (B, h, w, C) -> (B, h, w, C). Per head, with q, k, v of shape (n, d) from a 1x1 conv:
+
+        q' = softmax over the feature axis d of q, times d ** -0.5
+        k' = softmax over the sequence axis n of k
+        context = k'^T v                      (d, d)
+        out     = q' context                  (n, d)
+
+    then heads are merged, a 1x1 conv + GroupNorm(1) map back to C, and x is added.
+    The attention math runs in float32.
+    """
+
+    def __init__(self, channels, heads=4, dim_head=32, **kwargs):
+        super().__init__(**kwargs)
+        self.channels, self.heads, self.dim_head = channels, heads, dim_head
+        hidden = heads * dim_head
+        self.pre_norm = keras.layers.GroupNormalization(1, epsilon=1e-5, name="pre_norm")
+        self.to_qkv = keras.layers.Conv2D(3 * hidden, 1, use_bias=False, name="to_qkv")
+        self.to_out = keras.layers.Conv2D(channels, 1, name="to_out")
+        self.out_norm = keras.layers.GroupNormalization(1, epsilon=1e-5, name="out_norm")
+
+    def call(self, x):
+        height, width = ops.shape(x)[1], ops.shape(x)[2]
+        qkv = ops.cast(self.to_qkv(self.pre_norm(x)), "float32")
+        q, k, v = (
+            rearrange(t, "b x y (h d) -> b h (x y) d", h=self.heads)
+            for t in ops.split(qkv, 3, axis=-1)
+        )
+        q = ops.softmax(q, axis=-1) * self.dim_head**-0.5
+        k = ops.softmax(k, axis=-2)
+        context = ops.einsum("bhnd,bhne->bhde", k, v)
+        out = ops.einsum("bhnd,bhde->bhne", q, context)
+        out = rearrange(out, "b h (x y) d -> b x y (h d)", x=height, y=width)
+        out = self.out_norm(self.to_out(ops.cast(out, self.compute_dtype)))
+        return x + out
+
+    def compute_output_shape(self, x_shape):
+        return x_shape
+
+    def get_config(self):
+        return {**super().get_config(), "channels": self.channels, "heads": self.heads,
+                "dim_head": self.dim_head}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class FullAttention(keras.layers.Layer):
+    """Residual, pre-normalised multi-head softmax self-attention over all pixels; O(n^2).
+
+    x (B, h, w, C) -> (B, h, w, C). Per head, with q, k, v of shape (n, d) from a 1x1 conv:
+
+        out = softmax(q k^T * d ** -0.5, over keys) v
+
+    The softmax subtracts the row MAXIMUM before exponentiating (the original port
+    subtracted the argmax index, which is not a stabiliser). Math in float32;
+    used only at the bottleneck, where n is small.
+    """
+
+    def __init__(self, channels, heads=4, dim_head=32, **kwargs):
+        super().__init__(**kwargs)
+        self.channels, self.heads, self.dim_head = channels, heads, dim_head
+        hidden = heads * dim_head
+        self.pre_norm = keras.layers.GroupNormalization(1, epsilon=1e-5, name="pre_norm")
+        self.to_qkv = keras.layers.Conv2D(3 * hidden, 1, use_bias=False, name="to_qkv")
+        self.to_out = keras.layers.Conv2D(channels, 1, name="to_out")
+
+    def call(self, x):
+        height, width = ops.shape(x)[1], ops.shape(x)[2]
+        qkv = ops.cast(self.to_qkv(self.pre_norm(x)), "float32")
+        q, k, v = (
+            rearrange(t, "b x y (h d) -> b h (x y) d", h=self.heads)
+            for t in ops.split(qkv, 3, axis=-1)
+        )
+        logits = ops.einsum("bhid,bhjd->bhij", q, k) * self.dim_head**-0.5
+        logits = logits - ops.stop_gradient(ops.max(logits, axis=-1, keepdims=True))
+        weights = ops.exp(logits)
+        weights = weights / ops.sum(weights, axis=-1, keepdims=True)
+        out = ops.einsum("bhij,bhjd->bhid", weights, v)
+        out = rearrange(out, "b h (x y) d -> b x y (h d)", x=height, y=width)
+        return x + self.to_out(ops.cast(out, self.compute_dtype))
+
+    def compute_output_shape(self, x_shape):
+        return x_shape
+
+    def get_config(self):
+        return {**super().get_config(), "channels": self.channels, "heads": self.heads,
+                "dim_head": self.dim_head}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class UNet(keras.Model):
+    """Denoising UNet (lucidrains-style) that predicts the noise eps in x_t.
+
+    ``unet(x_t, t)``: x_t (B, h, w, channels) float, t (B,) int32 -> eps (B, h, w,
+    channels) float32. h and w must be multiples of 2 ** (len(dim_mults) - 1).
+
+    Widths: dims = [dim] + [dim * m for m in dim_mults]; level i works at dims[i]
+    and hands dims[i + 1] to the next level. With dim=64, mults (1, 2, 4, 8):
+    64, 64, 128, 256 down, 512 at the bottleneck.
+
+        init    conv7x7 -> dim (kept as r for the final block)
+        time    sinusoid(t, dim) -> Dense(4 dim) -> GELU -> Dense(4 dim)
+        down i  ResnetBlock, ResnetBlock, LinearAttention (a skip saved after each
+                block), then stride-2 conv3x3 to dims[i+1]; the last level keeps
+                its resolution (conv3x3 to dims[i+1], stride 1)
+        middle  ResnetBlock, FullAttention, ResnetBlock at dims[-1]
+        up i    (reverse) concat skip -> ResnetBlock, concat skip -> ResnetBlock,
+                LinearAttention, then stride-2 Conv2DTranspose 4x4 to dims[i]; the
+                last (full-resolution) level uses a conv3x3 instead
+        final   concat r -> ResnetBlock(2 dim -> dim) -> conv1x1 -> channels (float32)
+
+    About 37.1 M parameters with the defaults (independent of the input size; the
+    original single-skip design had about 32 M).
+    """
+
+    def __init__(self, dim=64, dim_mults=(1, 2, 4, 8), channels=1, resnet_groups=8,
+                 attn_heads=4, attn_dim_head=32, **kwargs):
+        super().__init__(**kwargs)
+        self.dim, self.dim_mults, self.channels = dim, tuple(dim_mults), channels
+        self.resnet_groups = resnet_groups
+        self.attn_heads, self.attn_dim_head = attn_heads, attn_dim_head
+        if not self.dim_mults:
+            raise ValueError("UNet: dim_mults must not be empty")
+        self.downsample_factor = 2 ** (len(self.dim_mults) - 1)
+
+        dims = [dim] + [dim * m for m in self.dim_mults]
+        levels = list(zip(dims[:-1], dims[1:]))  # (width of the level, width it hands on)
+        n_levels = len(levels)
+        attn = dict(heads=attn_heads, dim_head=attn_dim_head)
+        block = dict(groups=resnet_groups)
+
+        self.init_conv = keras.layers.Conv2D(dim, 7, padding="same", name="init_conv")
+        self.time_embedding = SinusoidalTimeEmbedding(dim, name="time_sinusoid")
+        self.time_dense1 = keras.layers.Dense(4 * dim, activation="gelu", name="time_dense1")
+        self.time_dense2 = keras.layers.Dense(4 * dim, name="time_dense2")
+
+        self.down_levels = []
+        for i, (width, next_width) in enumerate(levels):
+            last = i == n_levels - 1
+            self.down_levels.append([
+                ResnetBlock(width, width, **block, name=f"down{i}_block1"),
+                ResnetBlock(width, width, **block, name=f"down{i}_block2"),
+                LinearAttention(width, **attn, name=f"down{i}_attn"),
+                keras.layers.Conv2D(next_width, 3, strides=1 if last else 2, padding="same",
+                                    name=f"down{i}_{'proj' if last else 'downsample'}"),
+            ])
+
+        mid = dims[-1]
+        self.mid_block1 = ResnetBlock(mid, mid, **block, name="mid_block1")
+        self.mid_attn = FullAttention(mid, **attn, name="mid_attn")
+        self.mid_block2 = ResnetBlock(mid, mid, **block, name="mid_block2")
+
+        self.up_levels = []
+        for i, (width, next_width) in reversed(list(enumerate(levels))):
+            first = i == 0  # full resolution: no upsampling
+            self.up_levels.append([
+                ResnetBlock(next_width + width, next_width, **block, name=f"up{i}_block1"),
+                ResnetBlock(next_width + width, next_width, **block, name=f"up{i}_block2"),
+                LinearAttention(next_width, **attn, name=f"up{i}_attn"),
+                keras.layers.Conv2D(width, 3, padding="same", name=f"up{i}_proj")
+                if first
+                else keras.layers.Conv2DTranspose(width, 4, strides=2, padding="same",
+                                                  name=f"up{i}_upsample"),
+            ])
+
+        self.final_block = ResnetBlock(2 * dim, dim, **block, name="final_block")
+        self.final_conv = keras.layers.Conv2D(channels, 1, dtype="float32", name="final_conv")
+
+    def call(self, x_t, t, training=None):
+        _check_divisible(x_t, self.downsample_factor, "UNet")
+        if x_t.shape[-1] is not None and x_t.shape[-1] != self.channels:
+            raise ValueError(f"UNet: expected {self.channels} input channels, got {x_t.shape[-1]}")
+        x = self.init_conv(ops.cast(x_t, self.compute_dtype))
+        residual = x
+        time_emb = self.time_dense2(self.time_dense1(self.time_embedding(t)))
+
+        skips = []
+        for block1, block2, attn, resample in self.down_levels:
+            x = block1(x, time_emb)
+            skips.append(x)
+            x = attn(block2(x, time_emb))
+            skips.append(x)
+            x = resample(x)
+
+        x = self.mid_block2(self.mid_attn(self.mid_block1(x, time_emb)), time_emb)
+
+        for block1, block2, attn, resample in self.up_levels:
+            x = block1(ops.concatenate([x, skips.pop()], axis=-1), time_emb)
+            x = block2(ops.concatenate([x, skips.pop()], axis=-1), time_emb)
+            x = resample(attn(x))
+
+        x = self.final_block(ops.concatenate([x, residual], axis=-1), time_emb)
+        return self.final_conv(x)
+
+    def build_for(self, latent_shape):
+        """Create the weights by one call on zeros of shape (1, *latent_shape); returns self."""
+        self(ops.zeros((1, *latent_shape)), ops.zeros((1,), dtype="int32"))
+        return self
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "dim": self.dim,
+            "dim_mults": list(self.dim_mults),
+            "channels": self.channels,
+            "resnet_groups": self.resnet_groups,
+            "attn_heads": self.attn_heads,
+            "attn_dim_head": self.attn_dim_head,
+        }
+
+
+# --------------------------------------------------------------------------- #
+# Autoencoder
+# --------------------------------------------------------------------------- #
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class DivisibilityCheck(keras.layers.Layer):
+    """Identity layer that raises a ValueError when H or W is not a multiple of ``factor``.
+
+    Checked on the static shape at call time (a functional model's symbolic build
+    has H = W = None and passes).
+    """
+
+    def __init__(self, factor, what="encoder", **kwargs):
+        super().__init__(**kwargs)
+        self.factor, self.what = factor, what
+        self._build_at_init()
+
+    def call(self, x):
+        _check_divisible(x, self.factor, self.what)
+        return x
+
+    def compute_output_shape(self, x_shape):
+        return x_shape
+
+    def get_config(self):
+        return {**super().get_config(), "factor": self.factor, "what": self.what}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ResidualBlock(keras.layers.Layer):
+    """Autoencoder residual block: (B, h, w, in) -> (B, h, w, out_channels).
+
+        h   = act(norm(conv3x3(x)))
+        h   = norm(conv3x3(h))
+        out = act(h + skip(x))     # skip = 1x1 conv when the channel count changes
+
+    ``norm`` is "batch" (BatchNormalization) or "group" (GroupNormalization with
+    gcd(8, out_channels) groups, so the groups always divide the channels).
+    The input channel count is read from the input at build time.
+    """
+
+    def __init__(self, out_channels, norm="batch", activation="relu", **kwargs):
+        super().__init__(**kwargs)
+        if norm not in AUTOENCODER_NORMS:
+            raise ValueError(f"unknown norm {norm!r}; expected one of {AUTOENCODER_NORMS}")
+        if activation not in AUTOENCODER_ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {activation!r}; expected one of {AUTOENCODER_ACTIVATIONS}"
+            )
+        self.out_channels, self.norm, self.activation = out_channels, norm, activation
+        self.conv1 = keras.layers.Conv2D(out_channels, 3, padding="same", name="conv1")
+        self.norm1 = self._make_norm("norm1")
+        self.conv2 = keras.layers.Conv2D(out_channels, 3, padding="same", name="conv2")
+        self.norm2 = self._make_norm("norm2")
+        self.act = keras.layers.Activation(activation, name="act")
+        self.skip = None  # created in build() when the input channel count differs
+
+    def _make_norm(self, name):
+        if self.norm == "batch":
+            return keras.layers.BatchNormalization(name=name)
+        return keras.layers.GroupNormalization(math.gcd(8, self.out_channels), name=name)
+
+    def build(self, input_shape):
+        in_channels = input_shape[-1]
+        if in_channels != self.out_channels:
+            self.skip = keras.layers.Conv2D(self.out_channels, 1, name="skip")
+            self.skip.build(input_shape)
+        mid_shape = (*input_shape[:-1], self.out_channels)
+        self.conv1.build(input_shape)
+        for layer in (self.norm1, self.conv2, self.norm2):
+            layer.build(mid_shape)
+
+    def call(self, x, training=None):
+        h = self.act(self.norm1(self.conv1(x), training=training))
+        h = self.norm2(self.conv2(h), training=training)
+        return self.act(h + (self.skip(x) if self.skip is not None else x))
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.out_channels)
+
+    def get_config(self):
+        return {**super().get_config(), "out_channels": self.out_channels, "norm": self.norm,
+                "activation": self.activation}
+
+
+def build_encoder(image_channels=1, base_channels=64, channel_mults=(1, 2, 4),
+                  blocks_per_level=1, latent_channels=1, norm="batch", activation="relu",
+                  name="encoder"):
+    """Functional encoder: (B, H, W, image_channels) -> (B, H/f, W/f, latent_channels).
+
+    f = 2 ** (len(channel_mults) - 1). conv3x3 stem to base_channels; per level
+    ``blocks_per_level`` residual blocks at base_channels * mult (the first one widens,
+    with a 1x1 skip) followed, except at the last level, by a stride-2 conv3x3; a
+    final conv3x3 to ``latent_channels`` with no activation (the latent is scaled by
+    1/std later). The latent is float32 under any dtype policy.
+    """
+    factor = 2 ** (len(channel_mults) - 1)
+    x_in = keras.Input((None, None, image_channels), name="image")
+    x = DivisibilityCheck(factor, "encoder", name="check_size")(x_in)
+    x = keras.layers.Conv2D(base_channels, 3, padding="same", name="stem")(x)
+    for level, mult in enumerate(channel_mults):
+        width = base_channels * mult
+        for b in range(blocks_per_level):
+            x = ResidualBlock(width, norm, activation, name=f"level{level}_block{b}")(x)
+        if level < len(channel_mults) - 1:
+            x = keras.layers.Conv2D(width, 3, strides=2, padding="same",
+                                    name=f"level{level}_downsample")(x)
+    latent = keras.layers.Conv2D(latent_channels, 3, padding="same", dtype="float32",
+                                 name="to_latent")(x)
+    return keras.Model(x_in, latent, name=name)
+
+
+def build_decoder(image_channels=1, base_channels=64, channel_mults=(1, 2, 4),
+                  blocks_per_level=1, latent_channels=1, norm="batch", activation="relu",
+                  name="decoder"):
+    """Functional decoder mirroring ``build_encoder``: latent -> (B, H, W, image_channels).
+
+    conv3x3 from the latent to the widest width; per level, widest first,
+    ``blocks_per_level`` residual blocks (the first narrows to the level's width)
+    followed, except at the last level, by a stride-2 Conv2DTranspose 4x4 (a kernel
+    divisible by the stride avoids checkerboard artefacts); conv3x3 to
+    ``image_channels`` and tanh. Output float32 in [-1, 1] under any dtype policy.
+    With the defaults the widths go 256 -> 128 -> 64 -> 1.
+    """
+    z_in = keras.Input((None, None, latent_channels), name="latent")
+    x = keras.layers.Conv2D(base_channels * channel_mults[-1], 3, padding="same",
+                            name="from_latent")(z_in)
+    levels = list(reversed(list(enumerate(channel_mults))))
+    for step, (level, mult) in enumerate(levels):
+        width = base_channels * mult
+        for b in range(blocks_per_level):
+            x = ResidualBlock(width, norm, activation, name=f"level{level}_block{b}")(x)
+        if step < len(levels) - 1:
+            x = keras.layers.Conv2DTranspose(width, 4, strides=2, padding="same",
+                                             name=f"level{level}_upsample")(x)
+    x = keras.layers.Conv2D(image_channels, 3, padding="same", dtype="float32",
+                            name="to_image")(x)
+    image = keras.layers.Activation("tanh", dtype="float32", name="tanh")(x)
+    return keras.Model(z_in, image, name=name)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class AutoEncoder(keras.Model):
+    """Residual convolutional autoencoder: image -> latent -> reconstruction.
+
+    ``encoder`` / ``decoder`` are the functional models of ``build_encoder`` /
+    ``build_decoder`` (see there for shapes); ``autoencoder(x)`` = decoder(encoder(x)),
+    (B, H, W, image_channels) -> same shape, float32 in [-1, 1]. H and W must be
+    multiples of ``downsample_factor`` = 2 ** (len(channel_mults) - 1) (4 by default).
+
+    Built by the constructor, so ``load_weights`` works at once, and ``compile(optimizer,
+    loss="mse"); fit(pairs)`` works on (x, x) pairs.
+    """
+
+    def __init__(self, image_channels=1, base_channels=64, channel_mults=(1, 2, 4),
+                 blocks_per_level=1, latent_channels=1, norm="batch", activation="relu",
+                 **kwargs):
+        super().__init__(**kwargs)
+        if not channel_mults:
+            raise ValueError("AutoEncoder: channel_mults must not be empty")
+        if norm not in AUTOENCODER_NORMS:
+            raise ValueError(f"unknown norm {norm!r}; expected one of {AUTOENCODER_NORMS}")
+        if activation not in AUTOENCODER_ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {activation!r}; expected one of {AUTOENCODER_ACTIVATIONS}"
+            )
+        self.arch = dict(image_channels=image_channels, base_channels=base_channels,
+                         channel_mults=tuple(channel_mults), blocks_per_level=blocks_per_level,
+                         latent_channels=latent_channels, norm=norm, activation=activation)
+        self.downsample_factor = 2 ** (len(channel_mults) - 1)
+        self.encoder = build_encoder(**self.arch)
+        self.decoder = build_decoder(**self.arch)
+        self.build((None, None, None, image_channels))
+
+    def build(self, input_shape):
+        """Nothing to create: the functional encoder and decoder are built already."""
+
+    def call(self, x, training=None):
+        return self.decoder(self.encoder(x, training=training), training=training)
+
+    def get_config(self):
+        return {"name": self.name, "trainable": self.trainable,
+                **self.arch, "channel_mults": list(self.arch["channel_mults"])}

@@ -1,0 +1,146 @@
+"""train.py end to end on tiny sizes: the run directory, resume, refusal to overwrite,
+bad flags, and a MirroredStrategy run on two logical CPU devices."""
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Tiny networks: 16×16 images → 4×4×2 latents → a two-level UNet of width 8.
+TINY = [
+    "--image-size", "16", "--ae-base-channels", "8", "--ae-channel-mults", "1", "2", "4",
+    "--latent-channels", "2", "--unet-dim", "8", "--unet-dim-mults", "1", "2", "--unet-groups", "4",
+    "--attn-heads", "2", "--attn-dim-head", "8", "--timesteps", "20", "--batch-size", "4",
+    "--ae-steps-per-epoch", "3", "--ldm-steps-per-epoch", "3", "--sample-every", "1",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """24 PNGs of bright ellipses of varying size on black, 32×32, in a flat folder."""
+    folder = tmp_path_factory.mktemp("pngs")
+    yy, xx = np.mgrid[:32, :32]
+    for i in range(24):
+        a, b = 6 + i % 5, 8 + i % 7
+        inside = ((xx - 16) / a) ** 2 + ((yy - 16) / b) ** 2 <= 1
+        Image.fromarray((inside * (120 + 5 * i)).astype(np.uint8)).save(folder / f"slice_{i:02d}.png")
+    return str(folder)
+
+
+def history_epochs(path):
+    with open(path, newline="") as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]
+
+
+def test_end_to_end_run_directory(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    code = train.main(TINY + ["--data", tiny_data, "--out", str(out), "--ae-epochs", "2", "--ldm-epochs", "2"])
+    assert code == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["scale_factor"] > 0 and saved["data"]["image_size"] == 16
+    for name in ["encoder", "decoder", "unet", "unet_ema"]:
+        assert (out / f"{name}.weights.h5").stat().st_size > 0
+    assert history_epochs(out / "history_autoencoder.csv") == [0, 1]
+    assert history_epochs(out / "history_diffusion.csv") == [0, 1]
+    with open(out / "history_autoencoder.csv") as f:
+        header = f.readline()
+    assert "val_ssim" in header and "val_psnr" in header
+    for figure in ["autoencoder_loss", "diffusion_loss", "reconstructions", "samples"]:
+        assert (out / "figures" / f"{figure}.png").stat().st_size > 1000
+    assert list((out / "logs" / "diffusion").rglob("events.out.tfevents.*"))
+    assert list((out / "logs" / "diffusion" / "samples").glob("events.out.tfevents.*"))
+    assert [p.name for p in sorted((out / "checkpoints" / "diffusion").iterdir())] == ["epoch-0001.weights.h5", "epoch-0002.weights.h5"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_continues_after_an_interruption(tiny_data, tmp_path, monkeypatch, capsys):
+    """Stop the diffusion stage right after its 2nd checkpoint; --resume runs epochs 3-4 only."""
+    out = str(tmp_path / "run")
+    argv = TINY + ["--data", tiny_data, "--out", out, "--ae-epochs", "1", "--ldm-epochs", "4"]
+    save_checkpoint = train.EpochCheckpoint.on_epoch_end
+
+    def save_then_die(self, epoch, logs=None):
+        save_checkpoint(self, epoch, logs)
+        if "diffusion" in self.directory and epoch == 1:
+            raise Interrupt("killed")
+
+    monkeypatch.setattr(train.EpochCheckpoint, "on_epoch_end", save_then_die)
+    with pytest.raises(Interrupt):
+        train.main(argv)
+    monkeypatch.undo()
+    interrupted = os.path.join(out, "checkpoints", "diffusion", "epoch-0002.weights.h5")
+    assert os.path.exists(interrupted)
+    assert not os.path.exists(os.path.join(out, "unet.weights.h5"))
+
+    capsys.readouterr()
+    assert train.main(argv + ["--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "autoencoder: trained, loaded" in printed
+    assert "resuming the diffusion model after epoch 2" in printed
+    assert history_epochs(os.path.join(out, "history_diffusion.csv")) == [0, 1, 2, 3]
+    assert history_epochs(os.path.join(out, "history_autoencoder.csv")) == [0]
+
+    # The resumed weights are the trained ones, not a fresh initialisation.
+    model = train.build_diffusion(train.cfg.load_config(os.path.join(out, "config.json")))
+    fresh = [w.copy() for w in model.network.get_weights()]
+    model.network.load_weights(os.path.join(out, "unet.weights.h5"))
+    assert any(not np.allclose(a, b) for a, b in zip(fresh, model.network.get_weights()))
+
+
+def test_existing_run_is_never_overwritten(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text('{"precious": true}')
+    code = train.main(TINY + ["--data", tiny_data, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err == [f"error: {out} already holds a run; add --resume to continue it, or choose another --out"]
+    assert (out / "config.json").read_text() == '{"precious": true}'
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--image-size", "20"], "--image-size 20 must be divisible by 8"),
+        (["--batch-size", "0"], "--batch-size must be positive"),
+        (["--data", "/no/such/folder"], "/no/such/folder"),
+    ],
+)
+def test_bad_flags_give_one_line(tiny_data, tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    code = train.main(TINY + ["--data", tiny_data, "--out", str(out)] + flags)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and message in err[0], err
+
+
+def test_unknown_preset_is_one_line(capsys):
+    assert train.main(["--preset", "huge"]) == 1
+    assert capsys.readouterr().err.strip() == "error: unknown preset 'huge'; choose one of demo, oasis, seed"
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_on_two_cpu_devices(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    script = textwrap.dedent(f"""
+        import sys, tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        import train
+        sys.exit(train.main({TINY + ["--data", tiny_data, "--out", str(out), "--ae-epochs", "1", "--ldm-epochs", "1", "--strategy", "mirrored"]!r}))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "replicas: 2" in result.stdout
+    assert (out / "unet_ema.weights.h5").exists()

@@ -1,0 +1,437 @@
+"""Train the latent diffusion model: stage 1 the autoencoder, stage 2 the latent DDPM.
+
+    python train.py                                   # demo preset, demo data set, CPU, minutes
+    python train.py --preset oasis --data data/oasis --out runs/oasis
+    python train.py --out runs/demo --resume          # continue a killed or finished run
+
+Reads top to bottom: parse flags → prepare the run directory → stage 1 (autoencoder
+fit, latent scale factor) → stage 2 (encode the training set once, LatentDiffusion fit
+with EMA) → final weights and figures.
+
+Run directory (runs/NAME/):
+    config.json                                   RunConfig, with the latent scale factor
+    encoder.weights.h5, decoder.weights.h5         stage 1 result
+    unet.weights.h5, unet_ema.weights.h5           stage 2 result (sampling uses the EMA)
+    checkpoints/{autoencoder,diffusion}/epoch-NNNN.weights.h5    model + optimizer state
+    history_autoencoder.csv, history_diffusion.csv
+    figures/*.png, logs/{autoencoder,diffusion}/  (TensorBoard)
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import math
+import os
+import re
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import config as cfg  # noqa: E402
+import dataset  # noqa: E402
+import figures  # noqa: E402
+from diffusion import LatentDiffusion, make_schedule  # noqa: E402
+from modules import AutoEncoder, UNet  # noqa: E402
+
+# Stage names: checkpoint folders, history files and log folders use them.
+AE, LDM = "autoencoder", "diffusion"
+# Latents of the whole training set are kept in memory below this size, else re-encoded per batch.
+LATENT_CACHE_BYTES = 4 * 2**30
+
+
+class UserError(Exception):
+    """A problem the user can fix (flags, paths, run directory): one line, exit code 1."""
+
+
+# ---------------------------------------------------------------------------- flags
+
+
+def parse_args(argv: list[str]) -> tuple[cfg.RunConfig, argparse.Namespace]:
+    """Two passes: `--preset` first, so that every other flag defaults to the preset's value."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="demo")
+    known, _ = pre.parse_known_args(argv)
+    try:
+        defaults = cfg.preset(known.preset)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="demo", choices=sorted(cfg.PRESETS), help="starting point for every default below")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    cfg.add_config_arguments(parser, defaults)
+    args = parser.parse_args(argv)
+    return cfg.config_from_args(args, known.preset), args
+
+
+def prepare_run(config: cfg.RunConfig, args: argparse.Namespace, argv: list[str]) -> cfg.RunConfig:
+    """Create the run directory, or reopen it for --resume / --stage ldm.
+
+    A fresh run refuses an --out that already holds a run. Reopening takes the saved
+    config.json and applies only the flags typed on this command line that do not change
+    the models (epochs, steps, learning rates, precision, ...).
+    """
+    run_dir = config.train.out
+    config_path = os.path.join(run_dir, "config.json")
+    reopen = args.resume or config.train.stage == "ldm"
+    if not reopen:
+        if os.path.exists(config_path):
+            raise UserError(f"{run_dir} already holds a run; add --resume to continue it, or choose another --out")
+        validate(config)
+        os.makedirs(os.path.join(run_dir, "figures"), exist_ok=True)
+        check_writable(run_dir)
+        cfg.save_config(config, config_path)
+        return config
+
+    if not os.path.exists(config_path):
+        raise UserError(f"{run_dir} holds no run (no config.json) to resume")
+    saved = cfg.load_config(config_path)
+    for name in cfg.explicit_flags(argv) & RESUMABLE_FLAGS:
+        setattr(saved.train, name, getattr(config.train, name))
+    saved.train.stage = config.train.stage
+    validate(saved)
+    check_writable(run_dir)
+    cfg.save_config(saved, config_path)
+    return saved
+
+
+# Flags that may change when a run is resumed: they do not change the shape of any model.
+RESUMABLE_FLAGS = {
+    "ae_epochs", "ae_steps_per_epoch", "ae_lr", "ldm_epochs", "ldm_steps_per_epoch", "lr",
+    "batch_size", "precision", "xla", "strategy", "sample_every", "keep_checkpoints",
+}
+
+
+def validate(config: cfg.RunConfig) -> None:
+    try:
+        config.validate()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def check_writable(run_dir: str) -> None:
+    """Fail before training, not after an hour, when the run directory can't be written."""
+    probe = os.path.join(run_dir, ".write-test")
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 2**20)  # 1 MiB: catches a full disk too
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to {run_dir}: {e.strerror}") from None
+
+
+def make_strategy(name: str) -> tf.distribute.Strategy:
+    """auto: MirroredStrategy over all GPUs when there are several, else the default strategy.
+
+    `mirrored` without GPUs mirrors over the logical CPU devices (that is how the tests run
+    it); `multiworker` reads the cluster from the TF_CONFIG environment variable.
+    """
+    gpus = tf.config.list_logical_devices("GPU")
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "mirrored" or (name == "auto" and len(gpus) > 1):
+        devices = gpus or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([d.name for d in devices])
+    return tf.distribute.get_strategy()
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Save model + optimizer state after every epoch as `epoch-NNNN.weights.h5`, atomically.
+
+    Keras's BackupAndRestore writes its weights and its epoch counter as two files in place,
+    so a kill between the two leaves a mismatched pair; here the epoch is part of the file
+    name and the file is renamed into place once complete. The newest `keep` are kept.
+    """
+
+    def __init__(self, directory: str, keep: int):
+        super().__init__()
+        self.directory, self.keep = directory, max(1, keep)
+
+    def on_epoch_end(self, epoch, logs=None):
+        os.makedirs(self.directory, exist_ok=True)
+        final = os.path.join(self.directory, f"epoch-{epoch + 1:04d}.weights.h5")
+        tmp = os.path.join(self.directory, f"partial-epoch-{epoch + 1:04d}.weights.h5")
+        self.model.save_weights(tmp)
+        os.replace(tmp, final)
+        for old in list_checkpoints(self.directory)[: -self.keep]:
+            os.remove(old)
+
+
+def list_checkpoints(directory: str) -> list[str]:
+    """Complete checkpoints, oldest first (partial ones never match the pattern)."""
+    return sorted(glob.glob(os.path.join(directory, "epoch-[0-9][0-9][0-9][0-9].weights.h5")))
+
+
+def restore_latest(model: keras.Model, directory: str) -> int:
+    """Load the newest checkpoint into a built, compiled `model`; returns its epoch (0 if none)."""
+    checkpoints = list_checkpoints(directory)
+    if not checkpoints:
+        return 0
+    model.optimizer.build(model.trainable_variables)
+    model.load_weights(checkpoints[-1])
+    return int(re.search(r"epoch-(\d+)", os.path.basename(checkpoints[-1])).group(1))
+
+
+def truncate_history(csv_path: str, epochs_done: int) -> None:
+    """Drop CSV rows of epochs after the restored checkpoint, so each epoch appears once."""
+    if not os.path.exists(csv_path):
+        return
+    with open(csv_path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) < epochs_done]
+    tmp = csv_path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows(kept)
+    os.replace(tmp, csv_path)
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Like keras' TerminateOnNaN, but raises at once instead of letting the epoch end.
+
+    TerminateOnNaN only sets `stop_training`, after which Keras still runs the epoch-end
+    callbacks, and the checkpoint would save NaN weights over the last good state.
+    """
+
+    def __init__(self, stage: str):
+        super().__init__()
+        self.stage, self.epoch = stage, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise NonFiniteLoss(
+                f"{self.stage} loss became {float(loss)} in epoch {self.epoch + 1} (batch {batch + 1}); "
+                f"stopped, the last good checkpoint is kept: lower the learning rate or check the data"
+            )
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+def stage_callbacks(run_dir: str, stage: str, config: cfg.RunConfig, resumed: bool) -> list[keras.callbacks.Callback]:
+    """The callbacks both stages share. Order matters: the NaN check runs first, and the CSV
+    row is written before the checkpoint, so a kill in between repeats the row (truncated
+    on resume) rather than losing it."""
+    return [
+        StopOnNonFiniteLoss(stage),
+        keras.callbacks.CSVLogger(os.path.join(run_dir, f"history_{stage}.csv"), append=resumed),
+        EpochCheckpoint(os.path.join(run_dir, "checkpoints", stage), config.train.keep_checkpoints),
+        keras.callbacks.TensorBoard(os.path.join(run_dir, "logs", stage), profile_batch=0),
+    ]
+
+
+# ---------------------------------------------------------------------------- stage 1
+
+
+def ssim(y_true, y_pred):
+    """Mean SSIM of images in [-1, 1] (dynamic range 2)."""
+    return tf.reduce_mean(tf.image.ssim(tf.cast(y_true, tf.float32), tf.cast(y_pred, tf.float32), max_val=2.0))
+
+
+def psnr(y_true, y_pred):
+    """Mean PSNR in dB of images in [-1, 1] (dynamic range 2)."""
+    return tf.reduce_mean(tf.image.psnr(tf.cast(y_true, tf.float32), tf.cast(y_pred, tf.float32), max_val=2.0))
+
+
+def build_autoencoder(config: cfg.RunConfig) -> AutoEncoder:
+    """The autoencoder of `config`, built (its constructor creates the weights)."""
+    return AutoEncoder(**config.autoencoder_kwargs())
+
+
+def train_autoencoder(config: cfg.RunConfig, splits: dict, strategy, resumed: bool) -> AutoEncoder:
+    """Fit the autoencoder on (x, x) with MSE; validation SSIM and PSNR each epoch."""
+    run_dir, t = config.train.out, config.train
+    size = config.data.image_size
+    steps = t.ae_steps_per_epoch or None
+    train_ds = dataset.make_dataset(
+        splits["train"], size, t.batch_size, flip=config.data.flip, seed=t.seed, repeat=bool(steps), drop_remainder=bool(steps)
+    ).map(lambda x: (x, x))
+    val_ds = None
+    if splits["validate"]:
+        val_ds = dataset.make_dataset(splits["validate"], size, t.batch_size, shuffle=False).map(lambda x: (x, x))
+
+    with strategy.scope():
+        autoencoder = build_autoencoder(config)
+        autoencoder.compile(optimizer=keras.optimizers.Adam(t.ae_lr), loss="mse", metrics=[ssim, psnr], jit_compile=t.xla)
+        initial_epoch = restore_latest(autoencoder, os.path.join(run_dir, "checkpoints", AE)) if resumed else 0
+    history_csv = os.path.join(run_dir, f"history_{AE}.csv")
+    truncate_history(history_csv, initial_epoch)
+    if initial_epoch:
+        print(f"resuming the autoencoder after epoch {initial_epoch}")
+    autoencoder.fit(
+        train_ds,
+        validation_data=val_ds,
+        # ignore_errors() hides the dataset's length from Keras, which would warn at its end
+        validation_steps=-(-len(splits["validate"]) // t.batch_size) if val_ds else None,
+        epochs=t.ae_epochs,
+        initial_epoch=initial_epoch,
+        steps_per_epoch=steps,
+        callbacks=stage_callbacks(run_dir, AE, config, resumed=initial_epoch > 0),
+        shuffle=False,  # the tf.data pipeline shuffles; Keras would only warn
+        verbose=2,
+    )
+    save_weights(autoencoder.encoder, os.path.join(run_dir, "encoder.weights.h5"))
+    save_weights(autoencoder.decoder, os.path.join(run_dir, "decoder.weights.h5"))
+    figures.loss_curves(history_csv, os.path.join(run_dir, "figures", "autoencoder_loss.png"), "autoencoder (MSE)")
+    if splits["validate"]:
+        originals = next(iter(dataset.make_dataset(splits["validate"][::max(1, len(splits["validate"]) // 8)], size, 8, shuffle=False)))
+        latents = autoencoder.encoder(originals, training=False)
+        recons = autoencoder.decoder(latents, training=False)
+        figures.reconstructions(originals.numpy(), latents.numpy(), recons.numpy(), os.path.join(run_dir, "figures", "reconstructions.png"))
+    return autoencoder
+
+
+def save_weights(model: keras.Model, path: str) -> None:
+    """`model.save_weights` through a temporary file renamed into place."""
+    tmp = path.replace(".weights.h5", ".partial.weights.h5")
+    model.save_weights(tmp)
+    os.replace(tmp, path)
+
+
+def encode_training_set(encoder: keras.Model, config: cfg.RunConfig, paths: list[str]) -> np.ndarray:
+    """Unscaled latents (N, h, w, C) float32 of every training image, plus their mirror
+    images when `flip` is on (the diffusion stage's augmentation, computed once)."""
+    images = dataset.make_dataset(paths, config.data.image_size, config.train.batch_size, shuffle=False)
+    if config.data.flip:
+        images = images.concatenate(images.map(lambda x: tf.reverse(x, axis=[2])))
+    return np.concatenate([encoder(x, training=False).numpy() for x in images])
+
+
+# ---------------------------------------------------------------------------- stage 2
+
+
+def build_diffusion(config: cfg.RunConfig) -> LatentDiffusion:
+    """UNet + noise schedule + EMA copy, built for the run's latent shape."""
+    d = config.diffusion
+    schedule = make_schedule(d.schedule, d.timesteps, d.beta_start, d.beta_end)
+    model = LatentDiffusion(UNet(**config.unet_kwargs()), schedule, ema_decay=d.ema_decay, seed=config.train.seed)
+    h, c = config.latent_size, config.autoencoder.latent_channels
+    model.build((None, h, h, c))
+    return model
+
+
+class TensorBoardSamples(keras.callbacks.Callback):
+    """Every `every` epochs, decode a few EMA samples and log them as TensorBoard images."""
+
+    def __init__(self, decoder, config: cfg.RunConfig, log_dir: str, every: int, n: int = 8):
+        super().__init__()
+        self.decoder, self.config, self.every, self.n = decoder, config, every, n
+        self.writer = tf.summary.create_file_writer(log_dir)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.every or (epoch + 1) % self.every:
+            return
+        images = decode_samples(self.model, self.decoder, self.config, self.n, seed=0)
+        with self.writer.as_default():
+            tf.summary.image("samples", (images + 1.0) / 2.0, step=epoch + 1, max_outputs=self.n)
+
+
+def decode_samples(model: LatentDiffusion, decoder, config: cfg.RunConfig, n: int, seed: int, steps: int = 50) -> np.ndarray:
+    """n images (n, H, W, 1) in [-1, 1]: DDIM latents from the EMA UNet, ÷ scale factor, decoded."""
+    h, c = config.latent_size, config.autoencoder.latent_channels
+    steps = min(steps, config.diffusion.timesteps)
+    latents = model.sample(n, (h, h, c), sampler="ddim", steps=steps, seed=seed)
+    return decoder(latents / config.scale_factor, training=False).numpy()
+
+
+def train_diffusion(config: cfg.RunConfig, autoencoder: AutoEncoder, splits: dict, strategy, resumed: bool) -> LatentDiffusion:
+    """Fit the UNet on the frozen encoder's scaled latents; EMA weights are kept for sampling."""
+    run_dir, t = config.train.out, config.train
+    latents = encode_training_set(autoencoder.encoder, config, splits["train"]) * config.scale_factor
+    steps = t.ldm_steps_per_epoch or max(1, len(latents) // t.batch_size)
+    print(f"diffusion: {len(latents)} latents of shape {latents.shape[1:]}, {steps} steps per epoch")
+    latent_ds = (
+        tf.data.Dataset.from_tensor_slices(latents)
+        .shuffle(len(latents), seed=t.seed)
+        .repeat()
+        .batch(t.batch_size, drop_remainder=True)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    with strategy.scope():
+        model = build_diffusion(config)
+        model.compile(optimizer=keras.optimizers.Adam(t.lr), jit_compile=t.xla)
+        initial_epoch = restore_latest(model, os.path.join(run_dir, "checkpoints", LDM)) if resumed else 0
+    history_csv = os.path.join(run_dir, f"history_{LDM}.csv")
+    truncate_history(history_csv, initial_epoch)
+    if initial_epoch:
+        print(f"resuming the diffusion model after epoch {initial_epoch}")
+    callbacks = stage_callbacks(run_dir, LDM, config, resumed=initial_epoch > 0)
+    callbacks.append(TensorBoardSamples(autoencoder.decoder, config, os.path.join(run_dir, "logs", LDM, "samples"), t.sample_every))
+    model.fit(latent_ds, epochs=t.ldm_epochs, initial_epoch=initial_epoch, steps_per_epoch=steps, callbacks=callbacks,
+              shuffle=False, verbose=2)
+
+    save_weights(model.network, os.path.join(run_dir, "unet.weights.h5"))
+    save_weights(model.ema_network, os.path.join(run_dir, "unet_ema.weights.h5"))
+    figures.loss_curves(history_csv, os.path.join(run_dir, "figures", "diffusion_loss.png"), "latent diffusion (ε MSE)")
+    samples = decode_samples(model, autoencoder.decoder, config, 16, seed=t.seed)
+    figures.image_grid(samples, os.path.join(run_dir, "figures", "samples.png"), title="samples (EMA UNet, DDIM 50 steps)")
+    return model
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def run(argv: list[str]) -> None:
+    config, args = parse_args(argv)
+    strategy = make_strategy(config.train.strategy)  # first: MultiWorker needs to start before other ops
+    config = prepare_run(config, args, argv)
+    keras.config.set_dtype_policy(config.train.precision)
+    keras.utils.set_random_seed(config.train.seed)
+    print(cfg.describe(config), flush=True)
+    print(f"strategy: {type(strategy).__name__}, replicas: {strategy.num_replicas_in_sync}", flush=True)
+
+    run_dir = config.train.out
+    splits = dataset.find_splits(dataset.resolve_data_dir(config.data.data), seed=config.train.seed)
+    print(f"data: {', '.join(f'{k} {len(v)}' for k, v in splits.items())} images", flush=True)
+    if not splits["train"]:
+        raise UserError("no training images found")
+
+    ae_done = config.scale_factor is not None and os.path.exists(os.path.join(run_dir, "decoder.weights.h5"))
+    if config.train.stage == "ldm" and not ae_done:
+        raise UserError(f"--stage ldm needs a trained autoencoder in {run_dir}; run --stage ae first")
+
+    if ae_done:
+        with strategy.scope():
+            autoencoder = build_autoencoder(config)
+        autoencoder.encoder.load_weights(os.path.join(run_dir, "encoder.weights.h5"))
+        autoencoder.decoder.load_weights(os.path.join(run_dir, "decoder.weights.h5"))
+        print("autoencoder: trained, loaded from the run directory")
+    else:
+        autoencoder = train_autoencoder(config, splits, strategy, resumed=args.resume)
+        latents = encode_training_set(autoencoder.encoder, config, splits["train"])
+        config.scale_factor = float(1.0 / latents.std())
+        cfg.save_config(config, os.path.join(run_dir, "config.json"))
+        print(f"latent scale factor: {config.scale_factor:.4f} (1 / std of {latents.size} latent values)")
+
+    if config.train.stage in ("all", "ldm"):
+        train_diffusion(config, autoencoder, splits, strategy, resumed=args.resume or config.train.stage == "ldm")
+    print(f"done: {run_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        run(argv)
+    except (UserError, dataset.DataError) as e:
+        if "--debug" in argv or os.environ.get("OASIS_LDM_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
