@@ -24,7 +24,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 STAGES = ("all", "ae", "ldm")
 
@@ -83,7 +83,9 @@ class TrainConfig:
     ldm_steps_per_epoch: int = _opt(0, "diffusion steps per epoch (0: one pass over the latents)")
     lr: float = _opt(1e-4, "diffusion learning rate (Adam)")
     batch_size: int = _opt(32, "global batch size (split across devices)")
-    precision: str = _opt("float32", "compute precision; variables stay float32", choices=PRECISIONS)
+    precision: str = _opt(
+        "auto", "compute precision, variables stay float32; auto: mixed_bfloat16 on a CPU with native bf16 "
+        "(AVX512-BF16/AMX), else float32", choices=PRECISIONS)
     xla: bool = _opt(False, "compile train steps with XLA (jit_compile)")
     strategy: str = _opt("auto", "tf.distribute: auto (mirrored if >1 GPU), default, mirrored, multiworker (TF_CONFIG)", choices=STRATEGIES)
     sample_every: int = _opt(5, "log a few samples to TensorBoard every N diffusion epochs (0: never)")

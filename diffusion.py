@@ -190,6 +190,7 @@ def q_sample(schedule: NoiseSchedule, x0: tf.Tensor, t: tf.Tensor, noise: tf.Ten
     Returns:
         x_t, same shape and dtype as x0.
     """
+    x0, t = tf.convert_to_tensor(x0), tf.convert_to_tensor(t, tf.int32)
     return (_per_example(schedule.sqrt_alphas_cumprod, t, x0) * x0
             + _per_example(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * tf.cast(noise, x0.dtype))
 
@@ -209,6 +210,7 @@ def epsilon_mse(network, schedule: NoiseSchedule, x0: tf.Tensor, t: tf.Tensor, n
     Returns:
         A float32 scalar: the mean over this batch (no cross-replica scaling).
     """
+    t = tf.convert_to_tensor(t, tf.int32)
     x_t = q_sample(schedule, x0, t, noise)
     eps_hat = tf.cast(network(x_t, t, training=training), tf.float32)
     return tf.reduce_mean(tf.square(tf.cast(noise, tf.float32) - eps_hat))
@@ -275,7 +277,8 @@ class Sampler:
     repeated calls (any seed) with the same settings do not retrace. Keep one ``Sampler``
     per network to profit from that (``LatentDiffusion.sample`` does).
 
-    Randomness: the initial noise x_T uses ``fold_in(seed, 0)`` and loop step j
+    Randomness: the initial noise x_T uses ``fold_in(seed, 0)`` (unless ``initial_noise``
+    is given) and loop step j
     (j = 0 is the noisiest) uses ``fold_in(seed, j + 1)``, all stateless Philox: the same
     seed gives the same latents on every call with the same ``jit_compile`` (XLA draws
     other numbers from a seed than TF's kernels do).
@@ -292,7 +295,8 @@ class Sampler:
         self._ddpm_fn = tf.function(self._ddpm_graph, jit_compile=jit_compile)
         self._ddim_fn = tf.function(self._ddim_graph, jit_compile=jit_compile)
 
-    def ddpm(self, shape, seed: int = 0, num_intermediates: int = 0, clip_x0: float | None = None):
+    def ddpm(self, shape, seed: int = 0, num_intermediates: int = 0, clip_x0: float | None = None,
+             initial_noise=None):
         """Ancestral DDPM sampling over all T steps (Ho et al. 2020, algorithm 2).
 
         For t = T-1, ..., 0:
@@ -307,6 +311,10 @@ class Sampler:
                 initial noise to the final sample (both included).
             clip_x0: if set, clip x0_hat to [-clip_x0, clip_x0] before forming the mean.
                 Off by default: latents are scaled to unit std, not to a fixed range.
+            initial_noise: x_T to start from, float (B, h, w, c) matching ``shape``; None
+                (default) draws it from ``seed``. The seed still draws the per-step noise,
+                so with a deterministic sampler (DDIM, eta = 0) the result depends on
+                ``initial_noise`` alone (e.g. to interpolate between two noises).
 
         Returns:
             ``latents``: float32 (B, h, w, c) if K = 0; otherwise the tuple
@@ -315,10 +323,10 @@ class Sampler:
             noising steps of each state (T for the initial noise, 0 for the final sample).
         """
         return self._run(self._ddpm_fn, shape, np.arange(self.schedule.timesteps, dtype=np.int32),
-                         seed, num_intermediates, clip_x0=clip_x0)
+                         seed, num_intermediates, clip_x0=clip_x0, initial_noise=initial_noise)
 
     def ddim(self, shape, steps: int = 50, eta: float = 0.0, seed: int = 0, num_intermediates: int = 0,
-             clip_x0: float | None = None):
+             clip_x0: float | None = None, initial_noise=None):
         """DDIM sampling (Song et al. 2021, eq. 12) over S = ``steps`` evenly spaced indices.
 
         From index t to the previous visited index p (alpha_bar_p = 1 after the last step):
@@ -334,7 +342,7 @@ class Sampler:
             steps: S in [1, T].
             eta: >= 0, the amount of fresh noise (0 deterministic, 1 DDPM-like; values
                 above 1 are allowed but leave the DDIM family).
-            seed, num_intermediates, clip_x0: as in ``ddpm`` (K up to S + 1).
+            seed, num_intermediates, clip_x0, initial_noise: as in ``ddpm`` (K up to S + 1).
 
         Returns:
             As ``ddpm``; timesteps are the noising steps of each state, T for the
@@ -343,19 +351,23 @@ class Sampler:
         if eta < 0:
             raise ValueError(f"DDIM eta must be >= 0, got {eta}")
         return self._run(self._ddim_fn, shape, ddim_timesteps(self.schedule.timesteps, steps),
-                         seed, num_intermediates, clip_x0=clip_x0, eta=float(eta))
+                         seed, num_intermediates, clip_x0=clip_x0, initial_noise=initial_noise, eta=float(eta))
 
     # The two graphs share the loop; only the update rule differs.
 
-    def _run(self, fn, shape, visited, seed, num_intermediates, clip_x0, **options):
+    def _run(self, fn, shape, visited, seed, num_intermediates, clip_x0, initial_noise, **options):
         """Validate, call the compiled ``fn`` (Python arguments are its trace key), label states."""
         shape = tuple(int(d) for d in shape)
         if len(shape) != 4 or min(shape) < 1:
             raise ValueError(f"sampler shape must be (B, h, w, c) of positive ints, got {shape}")
+        if initial_noise is not None:
+            initial_noise = tf.cast(initial_noise, tf.float32)
+            if tuple(initial_noise.shape) != shape:
+                raise ValueError(f"initial_noise must have the sample shape {shape}, got {tuple(initial_noise.shape)}")
         record = _recorded_states(len(visited), num_intermediates)
         _ensure_built(self.network, shape)
         clip = None if clip_x0 is None else float(clip_x0)
-        latents, intermediates = fn(_seed_tensor(seed), shape=shape, visited=tuple(visited.tolist()),
+        latents, intermediates = fn(_seed_tensor(seed), initial_noise, shape=shape, visited=tuple(visited.tolist()),
                                     record=tuple(record.tolist()), clip_x0=clip, **options)
         if not len(record):
             return latents
@@ -363,7 +375,7 @@ class Sampler:
         labels = np.concatenate([visited[::-1] + 1, [0]])[record]
         return latents, intermediates, labels
 
-    def _ddpm_graph(self, seed, shape, visited, record, clip_x0):
+    def _ddpm_graph(self, seed, initial_noise, shape, visited, record, clip_x0):
         s = self.schedule
 
         def update(i, t, x, eps_hat, z):
@@ -375,9 +387,9 @@ class Sampler:
             std = tf.where(t > 0, tf.sqrt(s.posterior_variance[t]), 0.0)
             return mean + std * z
 
-        return self._loop(seed, shape, visited, record, update)
+        return self._loop(seed, initial_noise, shape, visited, record, update)
 
-    def _ddim_graph(self, seed, shape, visited, record, eta, clip_x0):
+    def _ddim_graph(self, seed, initial_noise, shape, visited, record, eta, clip_x0):
         s = self.schedule
         # alpha_bar of the index visited after visited[i] (visited[i - 1]); 1 after the last step.
         earlier = tf.constant(visited[:-1], tf.int32, shape=[len(visited) - 1])
@@ -393,10 +405,11 @@ class Sampler:
             direction = tf.sqrt(tf.maximum(1.0 - ab_prev - sigma**2, 0.0)) * eps_hat
             return tf.sqrt(ab_prev) * x0_hat + direction + sigma * z
 
-        return self._loop(seed, shape, visited, record, update)
+        return self._loop(seed, initial_noise, shape, visited, record, update)
 
-    def _loop(self, seed, shape, visited, record, update):
-        """Run ``update`` from fresh noise over ``visited`` (noisiest first); return (x, intermediates)."""
+    def _loop(self, seed, initial_noise, shape, visited, record, update):
+        """Run ``update`` from ``initial_noise`` (None: fresh noise from ``seed``) over ``visited``
+        (noisiest first); return (x, intermediates)."""
         batch, n = shape[0], len(visited)
         visited_t = tf.constant(visited, tf.int32)
         record_t = tf.constant(record, tf.int32)
@@ -405,7 +418,7 @@ class Sampler:
             hit = tf.reshape(tf.equal(record_t, state_index), [-1, 1, 1, 1, 1])
             return tf.where(hit, x[None], inter)
 
-        x = _normal(shape, _fold(seed, 0))
+        x = _normal(shape, _fold(seed, 0)) if initial_noise is None else initial_noise
         inter = tf.zeros((len(record),) + shape, tf.float32)
         if record:
             inter = remember(inter, 0, x)
@@ -497,7 +510,7 @@ class LatentDiffusion(keras.Model):
         schedule: the ``NoiseSchedule`` to train with.
         ema_decay: d in [0, 1).
         ema_warmup: use d_eff = min(d, (1 + n) / (10 + n)) with n the optimizer's update
-            count after the step (0.18 at the first update, d after ~10 / (1 - d) updates),
+            count after the step (0.18 at the first update, d after ~9 / (1 - d) updates),
             so the EMA forgets the random init quickly. False: d_eff = d.
         seed: initial seed of the training draws; None lets Keras pick one (set
             ``keras.utils.set_random_seed`` for reproducibility).
@@ -668,14 +681,15 @@ class LatentDiffusion(keras.Model):
 
     def sample(self, n: int, latent_shape, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
                seed: int = 0, num_intermediates: int = 0, clip_x0: float | None = None,
-               use_ema: bool = True):
+               use_ema: bool = True, initial_noise=None):
         """Generate ``n`` latents of ``latent_shape`` (h, w, c) with the EMA (or online) network.
 
         Args:
             n: batch size B.
             latent_shape: (h, w, c).
             sampler: "ddim" (``steps``, ``eta`` apply) or "ddpm" (all T steps).
-            steps, eta, seed, num_intermediates, clip_x0: see ``Sampler.ddim``/``Sampler.ddpm``.
+            steps, eta, seed, num_intermediates, clip_x0, initial_noise: see
+                ``Sampler.ddim``/``Sampler.ddpm`` (initial_noise: x_T, (n, h, w, c), or None).
             use_ema: sample with ``ema_network`` (default) or ``network``.
 
         Returns:
@@ -690,7 +704,8 @@ class LatentDiffusion(keras.Model):
         shape = (int(n), *latent_shape)
         if sampler == "ddim":
             return s.ddim(shape, steps=steps, eta=eta, seed=seed, num_intermediates=num_intermediates,
-                          clip_x0=clip_x0)
+                          clip_x0=clip_x0, initial_noise=initial_noise)
         if sampler == "ddpm":
-            return s.ddpm(shape, seed=seed, num_intermediates=num_intermediates, clip_x0=clip_x0)
+            return s.ddpm(shape, seed=seed, num_intermediates=num_intermediates, clip_x0=clip_x0,
+                          initial_noise=initial_noise)
         raise ValueError(f"LatentDiffusion.sample: sampler must be 'ddim' or 'ddpm', got {sampler!r}")

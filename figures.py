@@ -109,3 +109,52 @@ def reconstructions(originals: np.ndarray, latents: np.ndarray, recons: np.ndarr
             ax.set_yticks([])
         axes[r, 0].set_ylabel(label)
     save_figure(fig, path)
+
+
+# Scaled latents have unit standard deviation (train.py divides by their std), so ±3σ
+# covers them; a fixed range keeps the noise → sample columns of a figure comparable.
+LATENT_LIMITS = (-3.0, 3.0)
+
+
+def denoising(latents: np.ndarray, images: np.ndarray, timesteps, path: str | os.PathLike, title: str = "") -> None:
+    """The reverse process of a few samples: columns are states from noise (left) to sample (right).
+
+    latents: (K, S, h, w, C) scaled latents x_t of S samples at K states (first channel
+        shown, limits `LATENT_LIMITS`); images: (K, S, H, W, 1) in [-1, 1], those latents
+        decoded; timesteps: (K,) the number of noising steps of each state (T … 0), used
+        as column titles. Two rows per sample: its latent, then its decoded image.
+    """
+    latents, images = np.asarray(latents), np.asarray(images)
+    k, s = latents.shape[:2]
+    fig = Figure(figsize=(1.5 * k + 0.8, 1.5 * 2 * s + (0.4 if title else 0)))
+    axes = fig.subplots(2 * s, k, squeeze=False)
+    low, high = LATENT_LIMITS
+    for j in range(k):
+        axes[0, j].set_title(f"t = {int(timesteps[j])}")
+        for i in range(s):
+            axes[2 * i, j].imshow(latents[j, i, :, :, 0], cmap="viridis", vmin=low, vmax=high)
+            axes[2 * i + 1, j].imshow(images[j, i, :, :, 0], cmap="gray", vmin=-1, vmax=1)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for i in range(s):
+        axes[2 * i, 0].set_ylabel(f"#{i} latent")
+        axes[2 * i + 1, 0].set_ylabel(f"#{i} decoded")
+    if title:
+        fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def image_strip(images: np.ndarray, labels, path: str | os.PathLike, title: str = "") -> None:
+    """One row of images (N, H, W, 1) in [-1, 1], each titled with its label (e.g. an interpolation)."""
+    images = np.asarray(images, dtype=np.float32)
+    n = len(images)
+    fig = Figure(figsize=(1.5 * n, 1.9 + (0.4 if title else 0)))
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    for ax, image, label in zip(axes, images, labels):
+        ax.imshow(image[:, :, 0], cmap="gray", vmin=-1, vmax=1)
+        ax.set_title(str(label), fontsize=9)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    save_figure(fig, path)

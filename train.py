@@ -126,6 +126,22 @@ def check_writable(run_dir: str) -> None:
         raise UserError(f"cannot write to {run_dir}: {e.strerror}") from None
 
 
+def resolve_precision(precision: str) -> str:
+    """`auto` → mixed_bfloat16 on a CPU-only machine whose CPU computes bf16 natively
+    (bench.py measured it ~1.5× faster there for both networks), float32 everywhere else:
+    on a GPU, choose mixed_float16 / mixed_bfloat16 explicitly."""
+    if precision != "auto":
+        return precision
+    if tf.config.list_physical_devices("GPU"):
+        return "float32"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return "float32"
+    return "mixed_bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
 def make_strategy(name: str) -> tf.distribute.Strategy:
     """auto: MirroredStrategy over all GPUs when there are several, else the default strategy.
 
@@ -388,10 +404,11 @@ def run(argv: list[str]) -> None:
     config, args = parse_args(argv)
     strategy = make_strategy(config.train.strategy)  # first: MultiWorker needs to start before other ops
     config = prepare_run(config, args, argv)
-    keras.config.set_dtype_policy(config.train.precision)
+    precision = resolve_precision(config.train.precision)
+    keras.config.set_dtype_policy(precision)
     keras.utils.set_random_seed(config.train.seed)
     print(cfg.describe(config), flush=True)
-    print(f"strategy: {type(strategy).__name__}, replicas: {strategy.num_replicas_in_sync}", flush=True)
+    print(f"strategy: {type(strategy).__name__}, replicas: {strategy.num_replicas_in_sync}, precision: {precision}", flush=True)
 
     run_dir = config.train.out
     splits = dataset.find_splits(dataset.resolve_data_dir(config.data.data), seed=config.train.seed)

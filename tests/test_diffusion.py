@@ -1,0 +1,518 @@
+"""Tests of diffusion.py: the schedule, q(x_t | x_0), the samplers and LatentDiffusion training.
+
+The networks are tiny ``modules.UNet``s on 8x8x2 latents, or two analytic stand-ins
+whose exact sampler outputs are known (``ZeroNoise``, ``Oracle``). The tf.distribute
+check runs in a subprocess because logical CPU devices must be configured before
+TensorFlow initialises its devices.
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `pytest` (unlike `python -m pytest`) does not add the repo root
+    sys.path.insert(0, str(ROOT))
+
+import diffusion as D  # noqa: E402
+import modules  # noqa: E402
+
+LATENT = (8, 8, 2)
+UNET_KW = dict(dim=8, dim_mults=(1, 2), channels=2, resnet_groups=4, attn_heads=2, attn_dim_head=8)
+# One level (no down/upsampling): about half the layers, so building and compiling a train
+# step cost less. Used by the training tests; the sampler tests use the two-level UNet.
+FLAT_UNET_KW = dict(UNET_KW, dim_mults=(1,))
+
+
+def tiny_unet(**overrides):
+    return modules.UNet(**dict(UNET_KW, **overrides))
+
+
+def make_model(schedule, seed=1, ema_decay=0.999, **unet_overrides):
+    model = D.LatentDiffusion(tiny_unet(**unet_overrides), schedule, ema_decay=ema_decay, seed=seed)
+    model.build((None, *LATENT))
+    return model
+
+
+def fit_steps(model, data, steps):
+    """Run ``steps`` train steps on the same batch ``data``; returns the epoch's mean loss."""
+    dataset = tf.data.Dataset.from_tensors(data).repeat()
+    return model.fit(dataset, epochs=1, steps_per_epoch=steps, shuffle=False, verbose=0).history["loss"][0]
+
+
+def weights(layer):
+    return [w.numpy() for w in layer.weights]
+
+
+def max_abs_diff(a, b):
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
+
+
+class ZeroNoise(keras.layers.Layer):
+    """Predicts eps_hat = 0, so x0_hat = x_t / sqrt(alpha_bar_t) and the samplers are closed-form."""
+
+    def call(self, x_t, t, training=None):
+        return tf.zeros_like(x_t)
+
+
+class Oracle(keras.layers.Layer):
+    """The exact noise for a data set of one known x0: eps = (x_t - sqrt(ab_t) x0) / sqrt(1 - ab_t)."""
+
+    def __init__(self, schedule, x0, **kwargs):
+        super().__init__(**kwargs)
+        self.schedule, self.x0 = schedule, tf.constant(x0)
+
+    def call(self, x_t, t, training=None):
+        a = tf.reshape(tf.gather(self.schedule.sqrt_alphas_cumprod, t), [-1, 1, 1, 1])
+        b = tf.reshape(tf.gather(self.schedule.sqrt_one_minus_alphas_cumprod, t), [-1, 1, 1, 1])
+        return (x_t - a * self.x0) / b
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def test_linear_schedule_closed_form_has_no_off_by_one():
+    T, b0, b1 = 200, 1e-4, 0.02
+    s = D.make_schedule("linear", T, beta_start=b0, beta_end=b1)
+    betas = np.linspace(b0, b1, T)
+    np.testing.assert_allclose(s.betas.numpy(), betas, rtol=1e-6)
+    assert s.betas.numpy()[0] == pytest.approx(b0, rel=1e-6)
+    assert s.betas.numpy()[-1] == pytest.approx(b1, rel=1e-6)
+    np.testing.assert_allclose(s.alphas_cumprod.numpy(), np.cumprod(1.0 - betas), rtol=1e-5)
+    # Index 0 is one noising step: alpha_bar_0 = 1 - beta_0 (the original had 1 here).
+    assert s.alphas_cumprod.numpy()[0] == pytest.approx(1.0 - b0, abs=1e-7)
+    assert s.alphas_cumprod_prev.numpy()[0] == 1.0
+    np.testing.assert_array_equal(s.alphas_cumprod_prev.numpy()[1:], s.alphas_cumprod.numpy()[:-1])
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_schedule_invariants(kind):
+    T = 1000
+    s = D.make_schedule(kind, T)
+    assert (s.kind, s.timesteps) == (kind, T)
+    for field in dataclasses.fields(s):
+        value = getattr(s, field.name)
+        if isinstance(value, tf.Tensor):
+            assert value.dtype == tf.float32 and value.shape == (T,), field.name
+    n = {f.name: getattr(s, f.name).numpy().astype(np.float64)
+         for f in dataclasses.fields(s) if f.name not in ("kind", "timesteps")}
+    ab = n["alphas_cumprod"]
+    assert np.all(np.diff(ab) < 0) and ab[0] <= 1.0 and ab[-1] > 0.0
+    assert np.all((n["betas"] > 0) & (n["betas"] < 1))
+    np.testing.assert_allclose(n["sqrt_alphas_cumprod"] ** 2 + n["sqrt_one_minus_alphas_cumprod"] ** 2, 1.0,
+                               atol=1e-6)
+    # Posterior q(x_{t-1} | x_t, x_0): no variance at t = 0, positive and <= beta_t after.
+    var = n["posterior_variance"]
+    assert var[0] == 0.0 and np.all(var[1:] > 0) and np.all(var <= n["betas"] * (1 + 1e-6))
+    assert n["posterior_mean_coef1"][0] == pytest.approx(1.0) and n["posterior_mean_coef2"][0] == 0.0
+    # Noise-free x_t = sqrt(ab_t) x0 must have posterior mean sqrt(ab_{t-1}) x0.
+    np.testing.assert_allclose(n["posterior_mean_coef1"] + n["posterior_mean_coef2"] * n["sqrt_alphas_cumprod"],
+                               np.sqrt(n["alphas_cumprod_prev"]), rtol=1e-5, atol=1e-6)
+
+
+def test_cosine_schedule_follows_cos_squared():
+    T, s_off = 1000, 0.008
+    s = D.make_schedule("cosine", T)
+    f = lambda u: np.cos((u / T + s_off) / (1 + s_off) * np.pi / 2) ** 2  # noqa: E731
+    t = np.arange(T)
+    # Index t has had t + 1 steps; only the very last beta is clipped (to 0.999).
+    np.testing.assert_allclose(s.alphas_cumprod.numpy()[:-1], (f(t + 1) / f(0))[:-1], rtol=1e-5)
+    assert s.betas.numpy()[-1] == pytest.approx(0.999)
+    assert np.all(s.betas.numpy()[:-1] < 0.999)
+
+
+@pytest.mark.parametrize("kwargs", [dict(kind="quadratic"), dict(timesteps=0),
+                                    dict(beta_start=0.02, beta_end=1e-4), dict(beta_end=1.0)])
+def test_make_schedule_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        D.make_schedule(**kwargs)
+
+
+def test_q_sample_uses_each_examples_own_t():
+    s = D.make_schedule("linear", 50)
+    t = tf.constant([0, 17, 49])
+    out = D.q_sample(s, 2.0 * tf.ones((3, 4, 4, 2)), t, -tf.ones((3, 4, 4, 2))).numpy()
+    expected = 2.0 * s.sqrt_alphas_cumprod.numpy()[[0, 17, 49]] - s.sqrt_one_minus_alphas_cumprod.numpy()[[0, 17, 49]]
+    np.testing.assert_allclose(out, np.broadcast_to(expected[:, None, None, None], out.shape), rtol=1e-6)
+
+
+def test_q_sample_statistics():
+    s = D.make_schedule("linear", 50)
+    steps, n = [0, 25, 49], 20000
+    x0_one = np.array([[1.5, -0.5], [0.0, 2.0]], np.float32).reshape(1, 2, 2, 1)
+    x0 = tf.constant(np.repeat(x0_one, n * len(steps), 0))
+    t = tf.constant(np.repeat(steps, n), tf.int32)
+    noise = tf.random.stateless_normal(x0.shape, seed=[1, 2])
+    x_t = D.q_sample(s, x0, t, noise).numpy().reshape(len(steps), n, 2, 2, 1)
+    for i, step in enumerate(steps):
+        mean_ab, std = s.sqrt_alphas_cumprod.numpy()[step], s.sqrt_one_minus_alphas_cumprod.numpy()[step]
+        np.testing.assert_allclose(x_t[i].mean(0), mean_ab * x0_one[0], atol=5 * std / np.sqrt(n))
+        np.testing.assert_allclose(x_t[i].std(0), std, rtol=0.03)
+
+
+def test_epsilon_mse_is_zero_for_the_exact_noise():
+    s = D.make_schedule("linear", 20, 1e-3, 0.3)
+    x0 = np.random.default_rng(0).standard_normal((4, *LATENT)).astype(np.float32)
+    t = tf.constant([0, 5, 12, 19])
+    noise = tf.random.stateless_normal(x0.shape, seed=[3, 4])
+    assert float(D.epsilon_mse(Oracle(s, x0), s, x0, t, noise)) < 1e-8
+    assert float(D.epsilon_mse(ZeroNoise(), s, x0, t, noise)) == pytest.approx(
+        float(tf.reduce_mean(noise**2)), rel=1e-6)
+
+
+# --------------------------------------------------------------------------- samplers
+
+
+@pytest.fixture(scope="module")
+def unet():
+    keras.utils.set_random_seed(1)
+    return tiny_unet().build_for(LATENT)
+
+
+@pytest.fixture(scope="module")
+def sampler(unet):
+    return D.Sampler(unet, D.make_schedule("linear", 20))
+
+
+SAMPLERS = {
+    "ddpm": lambda s, **kw: s.ddpm((2, *LATENT), **kw),
+    "ddim-eta0": lambda s, **kw: s.ddim((2, *LATENT), steps=5, eta=0.0, **kw),
+    "ddim-eta1": lambda s, **kw: s.ddim((2, *LATENT), steps=5, eta=1.0, **kw),
+}
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_sampler_is_seeded(sampler, name):
+    run = SAMPLERS[name]
+    a, b, c = run(sampler, seed=3), run(sampler, seed=3), run(sampler, seed=4)
+    assert a.shape == (2, *LATENT) and a.dtype == tf.float32
+    assert np.all(np.isfinite(a.numpy()))
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert max_abs_diff([a.numpy()], [c.numpy()]) > 0.1
+
+
+def test_sampler_reuses_its_trace_across_seeds(unet):
+    s = D.Sampler(unet, D.make_schedule("linear", 20))
+    s.ddim((2, *LATENT), steps=3, seed=0)
+    s.ddim((2, *LATENT), steps=3, seed=1)
+    assert s._ddim_fn.experimental_get_tracing_count() == 1
+    s.ddim((2, *LATENT), steps=4, seed=1)  # a new setting is a new trace
+    assert s._ddim_fn.experimental_get_tracing_count() == 2
+
+
+def test_ddpm_equals_ddim_with_every_step_and_eta_one(sampler):
+    ddpm = sampler.ddpm((2, *LATENT), seed=7).numpy()
+    ddim = sampler.ddim((2, *LATENT), steps=20, eta=1.0, seed=7).numpy()
+    np.testing.assert_allclose(ddim, ddpm, atol=1e-4 * np.abs(ddpm).max())
+    deterministic = sampler.ddim((2, *LATENT), steps=20, eta=0.0, seed=7).numpy()
+    assert max_abs_diff([deterministic], [ddpm]) > 0.1
+
+
+@pytest.mark.parametrize("run", [
+    lambda s: s.ddpm((3, *LATENT), seed=1),
+    lambda s: s.ddim((3, *LATENT), steps=4, eta=0.0, seed=1),
+    lambda s: s.ddim((3, *LATENT), steps=4, eta=1.0, seed=1),
+    lambda s: s.ddim((3, *LATENT), steps=1, seed=1),
+], ids=["ddpm", "ddim-eta0", "ddim-eta1", "ddim-1step"])
+def test_samplers_return_x0_given_the_exact_noise(run):
+    # With the exact eps every x0_hat is x0, and the last step returns x0_hat without noise.
+    schedule = D.make_schedule("linear", 20, 1e-3, 0.3)
+    x0 = np.random.default_rng(1).standard_normal((3, *LATENT)).astype(np.float32)
+    np.testing.assert_allclose(run(D.Sampler(Oracle(schedule, x0), schedule)).numpy(), x0, atol=1e-4)
+
+
+def test_ddpm_last_step_is_the_posterior_mean_without_noise():
+    T = 5
+    s = D.make_schedule("linear", T, 0.1, 0.5)  # large betas: any added noise is visible
+    final, states, labels = D.ddpm_sample(ZeroNoise(), s, (4, *LATENT), seed=2, num_intermediates=T + 1)
+    final, states = final.numpy(), states.numpy()
+    assert states.shape == (T + 1, 4, *LATENT)
+    np.testing.assert_array_equal(labels, [5, 4, 3, 2, 1, 0])
+    np.testing.assert_array_equal(states[-1], final)
+    c1, c2 = s.posterior_mean_coef1.numpy(), s.posterior_mean_coef2.numpy()
+    sqrt_ab, post_std = s.sqrt_alphas_cumprod.numpy(), np.sqrt(s.posterior_variance.numpy())
+    for k, t in enumerate(range(T - 1, -1, -1)):  # state k -> k + 1 is the step at index t
+        mean = c1[t] * states[k] / sqrt_ab[t] + c2[t] * states[k]  # eps_hat = 0
+        residual = states[k + 1] - mean
+        if t == 0:
+            np.testing.assert_allclose(final, mean, rtol=1e-6, atol=1e-6)
+        else:  # the earlier steps do add noise of std sqrt(beta~_t)
+            assert residual.std() == pytest.approx(post_std[t], rel=0.15)
+
+
+def test_ddim_eta0_with_zero_noise_rescales_the_initial_noise():
+    # eps_hat = 0 and eta = 0: each step multiplies by sqrt(ab_prev / ab), so the result is x_T / sqrt(ab_{T-1}).
+    s = D.make_schedule("linear", 20, 1e-3, 0.3)
+    final, states, labels = D.ddim_sample(ZeroNoise(), s, (2, *LATENT), steps=4, seed=5, num_intermediates=5)
+    np.testing.assert_array_equal(labels, [20, 14, 7, 1, 0])  # indices 19, 13, 6, 0 visited
+    np.testing.assert_allclose(final.numpy(), states[0].numpy() / s.sqrt_alphas_cumprod.numpy()[-1], rtol=1e-5)
+
+
+def test_intermediates_count_shape_and_order(sampler):
+    final, states, labels = sampler.ddim((2, *LATENT), steps=4, seed=3, num_intermediates=3)
+    assert states.shape == (3, 2, *LATENT) and states.dtype == tf.float32
+    np.testing.assert_array_equal(labels, [20, 7, 0])
+    np.testing.assert_array_equal(states[-1].numpy(), final.numpy())
+    assert np.std(states[0].numpy()) == pytest.approx(1.0, abs=0.2)  # pure N(0, I) noise
+    np.testing.assert_array_equal(sampler.ddim((2, *LATENT), steps=4, seed=3).numpy(), final.numpy())
+    for bad in (1, 6):
+        with pytest.raises(ValueError):
+            sampler.ddim((2, *LATENT), steps=4, num_intermediates=bad)
+    for bad in (0, 21):
+        with pytest.raises(ValueError):
+            sampler.ddim((2, *LATENT), steps=bad)
+
+
+def test_initial_noise_replaces_the_seeded_x_T(sampler):
+    final, states, _ = sampler.ddim((2, *LATENT), steps=4, seed=3, num_intermediates=3)
+    # eta = 0: the per-step noise is unused, so x_T alone decides the result, whatever the seed.
+    again = sampler.ddim((2, *LATENT), steps=4, seed=11, initial_noise=states[0])
+    np.testing.assert_allclose(again.numpy(), final.numpy(), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError):
+        sampler.ddim((2, *LATENT), steps=4, initial_noise=states[0][:1])
+
+
+def test_ddim_timesteps():
+    np.testing.assert_array_equal(D.ddim_timesteps(20, 20), np.arange(20))
+    np.testing.assert_array_equal(D.ddim_timesteps(20, 4), [0, 6, 13, 19])
+    np.testing.assert_array_equal(D.ddim_timesteps(20, 1), [19])
+    for steps in range(2, 51):
+        ts = D.ddim_timesteps(50, steps)
+        assert len(ts) == steps and ts[0] == 0 and ts[-1] == 49 and np.all(np.diff(ts) > 0)
+
+
+# --------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """(~20 s) A tiny model fitted with fit() for 200 steps on one fixed batch.
+
+    The batch is one latent x0 repeated, with fixed t spread over [0, T) and fixed eps.
+
+    Fixing t and eps makes the objective a deterministic function of the weights, so the
+    loss curve does not depend on which t were drawn (small t are much harder than large).
+    """
+    keras.utils.set_random_seed(0)
+    T, batch_size = 50, 8
+    schedule = D.make_schedule("linear", T)
+    model = make_model(schedule, ema_decay=0.99, **FLAT_UNET_KW)
+    ema_at_start = weights(model.ema_network)
+    model.compile(optimizer=keras.optimizers.Adam(4e-3))
+    rng = np.random.default_rng(0)
+    batch = {
+        "latents": np.repeat(rng.standard_normal((1, *LATENT)), batch_size, 0).astype(np.float32),
+        "t": np.round(np.linspace(0, T - 1, batch_size)).astype(np.int32),
+        "noise": rng.standard_normal((batch_size, *LATENT)).astype(np.float32),
+    }
+    history = model.fit(tf.data.Dataset.from_tensors(batch).repeat(), epochs=10, steps_per_epoch=20, shuffle=False,
+                        verbose=0)
+    return dict(model=model, losses=history.history["loss"], ema_at_start=ema_at_start)
+
+
+@pytest.mark.slow
+def test_fit_lowers_the_loss_tenfold(trained):
+    losses = trained["losses"]
+    assert np.all(np.isfinite(losses))
+    assert losses[0] / losses[-1] >= 10, losses
+
+
+@pytest.mark.slow  # (the fixture)
+def test_ema_lags_the_trained_network(trained):
+    model = trained["model"]
+    assert max_abs_diff(weights(model.ema_network), weights(model.network)) > 1e-3
+    assert max_abs_diff(weights(model.ema_network), trained["ema_at_start"]) > 1e-3
+
+
+@pytest.mark.slow  # (the fixture)
+def test_model_sample_uses_the_ema_network(trained):
+    model = trained["model"]
+    ema = model.sample(2, LATENT, steps=4, seed=9)
+    assert ema.shape == (2, *LATENT) and np.all(np.isfinite(ema.numpy()))
+    direct = D.Sampler(model.ema_network, model.schedule).ddim((2, *LATENT), steps=4, seed=9)
+    np.testing.assert_array_equal(ema.numpy(), direct.numpy())
+    online = model.sample(2, LATENT, steps=4, seed=9, use_ema=False)
+    assert max_abs_diff([ema.numpy()], [online.numpy()]) > 1e-3
+    final, states, labels = model.sample(2, LATENT, sampler="ddpm", seed=9, num_intermediates=4)
+    assert states.shape == (4, 2, *LATENT) and labels[0] == 50 and labels[-1] == 0
+
+
+def test_ema_starts_as_a_copy_then_follows_the_warmup_decay():
+    schedule = D.make_schedule("linear", 20)
+    model = make_model(schedule, seed=3, ema_decay=0.999)
+    w0, e0 = weights(model.network), weights(model.ema_network)
+    np.testing.assert_array_equal(np.concatenate([w.ravel() for w in e0]), np.concatenate([w.ravel() for w in w0]))
+    model.compile(optimizer=keras.optimizers.SGD(0.05), run_eagerly=True)
+    latents = np.random.default_rng(0).standard_normal((4, *LATENT)).astype(np.float32)
+    fit_steps(model, latents, 1)
+    w1, e1 = weights(model.network), weights(model.ema_network)
+    assert max_abs_diff(w1, w0) > 1e-4
+    d = min(0.999, (1 + 1) / (10 + 1))  # warm-up after update n = 1
+    for ema, before, after in zip(e1, w0, w1):
+        np.testing.assert_allclose(ema, d * before + (1 - d) * after, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(model.train_seed.numpy(), [3, 1])
+
+    # evaluate(): the EMA network's loss, no update, training draws untouched.
+    batch = {"latents": latents, "t": np.array([0, 5, 12, 19], np.int32),
+             "noise": np.random.default_rng(1).standard_normal((4, *LATENT)).astype(np.float32)}
+    loss = model.evaluate(tf.data.Dataset.from_tensors(batch), verbose=0)
+    expected = D.epsilon_mse(model.ema_network, schedule, batch["latents"], batch["t"], batch["noise"])
+    assert loss == pytest.approx(float(expected), rel=1e-5)
+    assert max_abs_diff(weights(model.ema_network), e1) == 0.0
+    np.testing.assert_array_equal(model.train_seed.numpy(), [3, 1])
+
+
+def test_save_load_restores_everything_and_resumes_exactly(tmp_path):
+    schedule = D.make_schedule("linear", 20)
+    latents = np.random.default_rng(0).standard_normal((4, *LATENT)).astype(np.float32)
+    x = tf.constant(np.random.default_rng(1).standard_normal((2, *LATENT)), tf.float32)
+    t = tf.constant([3, 17])
+
+    a = make_model(schedule, seed=1, **FLAT_UNET_KW)
+    a.compile(optimizer=keras.optimizers.Adam(1e-3), run_eagerly=True)
+    fit_steps(a, latents, 2)
+    a.save_weights(tmp_path / "state.weights.h5")
+    a.ema_network.save_weights(tmp_path / "ema.weights.h5")
+
+    keras.utils.set_random_seed(123)  # a different init, overwritten by the load
+    b = make_model(schedule, seed=99, **FLAT_UNET_KW)
+    b.compile(optimizer=keras.optimizers.Adam(1e-3), run_eagerly=True)
+    b.optimizer.build(b.trainable_variables)  # optimizer state loads only into a built optimizer
+    b.load_weights(tmp_path / "state.weights.h5")
+    assert max_abs_diff(weights(b.network), weights(a.network)) == 0.0
+    assert max_abs_diff(weights(b.ema_network), weights(a.ema_network)) == 0.0
+    assert max_abs_diff([v.numpy() for v in b.optimizer.variables], [v.numpy() for v in a.optimizer.variables]) == 0
+    assert int(b.optimizer.iterations) == 2
+    np.testing.assert_array_equal(b.train_seed.numpy(), a.train_seed.numpy())
+    np.testing.assert_array_equal(b.network(x, t).numpy(), a.network(x, t).numpy())
+    np.testing.assert_array_equal(b.ema_network(x, t).numpy(), a.ema_network(x, t).numpy())
+
+    ema_only = tiny_unet(**FLAT_UNET_KW).build_for(LATENT)  # what predict.py needs
+    ema_only.load_weights(tmp_path / "ema.weights.h5")
+    np.testing.assert_array_equal(ema_only(x, t).numpy(), a.ema_network(x, t).numpy())
+
+    # Same state + same data = same next steps (weights, Adam moments, EMA and the t/eps draws).
+    fit_steps(a, latents, 2)
+    fit_steps(b, latents, 2)
+    assert max_abs_diff(weights(b), weights(a)) == 0.0
+
+
+# bfloat16 runs compiled, as in training; float16 runs eagerly (same numerics, and it saves
+# a ~15 s compile on CPU). Float16 convolutions do run on CPU, slowly.
+@pytest.mark.parametrize("policy", [pytest.param("mixed_bfloat16", marks=pytest.mark.slow), "mixed_float16"])
+def test_mixed_precision_training(policy):
+    keras.config.set_dtype_policy(policy)  # conftest restores float32 afterwards
+    model = make_model(D.make_schedule("linear", 20), **FLAT_UNET_KW)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), run_eagerly=policy == "mixed_float16")
+    if policy == "mixed_float16":
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert model.network.compute_dtype == policy.split("_")[1]
+    latents = np.random.default_rng(0).standard_normal((4, *LATENT)).astype(np.float32)
+    w0 = weights(model.network)
+    loss = fit_steps(model, latents, 4)
+    assert np.isfinite(loss)
+    assert all(w.dtype == "float32" for w in model.network.weights + model.ema_network.weights)
+    # float16 skips steps whose scaled gradients overflow while the loss scale settles.
+    assert int(model.optimizer.iterations) >= 1 and max_abs_diff(weights(model.network), w0) > 0
+    assert all(np.all(np.isfinite(w)) for w in weights(model.network) + weights(model.ema_network))
+    sample = model.sample(2, LATENT, steps=3)
+    assert sample.dtype == tf.float32 and np.all(np.isfinite(sample.numpy()))
+
+
+@pytest.mark.slow
+def test_train_step_and_sampler_under_xla():
+    model = make_model(D.make_schedule("linear", 20), seed=4, **FLAT_UNET_KW)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=True)
+    latents = np.random.default_rng(0).standard_normal((4, *LATENT)).astype(np.float32)
+    assert np.isfinite(fit_steps(model, latents, 3))
+    assert int(model.optimizer.iterations) == 3
+    np.testing.assert_array_equal(model.train_seed.numpy(), [4, 3])
+    assert max_abs_diff(weights(model.ema_network), weights(model.network)) > 0
+    xla = D.Sampler(model.ema_network, model.schedule, jit_compile=True)
+    a, b = xla.ddim((2, *LATENT), steps=3, eta=1.0, seed=1), xla.ddim((2, *LATENT), steps=3, eta=1.0, seed=1)
+    assert np.all(np.isfinite(a.numpy()))
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+DISTRIBUTED_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    import diffusion as D
+    import modules
+
+    unet_kw = json.loads(sys.argv[1])
+    schedule = D.make_schedule("linear", 20)
+
+    def make(strategy):
+        with strategy.scope():
+            model = D.LatentDiffusion(modules.UNet(**unet_kw), schedule, ema_decay=0.9, seed=1)
+            model.build((None, 8, 8, 2))
+            model.compile(optimizer=keras.optimizers.SGD(0.01))  # the update is the gradient itself
+        return model
+
+    keras.utils.set_random_seed(0)
+    one = make(tf.distribute.get_strategy())
+    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    two = make(mirrored)
+    two.set_weights(one.get_weights())
+    start = [w.numpy() for w in one.network.weights]
+
+    rng = np.random.default_rng(0)
+    batch = {"latents": rng.standard_normal((4, 8, 8, 2)).astype(np.float32),
+             "t": np.array([0, 6, 13, 19], np.int32),
+             "noise": rng.standard_normal((4, 8, 8, 2)).astype(np.float32)}
+    losses = []
+    for model in (one, two):
+        history = model.fit(tf.data.Dataset.from_tensors(batch).repeat(), epochs=1, steps_per_epoch=2, verbose=0)
+        losses.append(history.history["loss"][0])
+
+    def diff(a, b):
+        return max(float(np.max(np.abs(x.numpy() - y.numpy()))) for x, y in zip(a, b))
+
+    result = {
+        "replicas": mirrored.num_replicas_in_sync,
+        "losses": losses,
+        "weights_diff": diff(one.network.weights, two.network.weights),
+        "ema_diff": diff(one.ema_network.weights, two.ema_network.weights),
+        "moved": max(float(np.max(np.abs(w.numpy() - s))) for w, s in zip(one.network.weights, start)),
+    }
+    # Random draws: replicas must not share noise, and one step advances the counter once.
+    draws = mirrored.run(tf.function(lambda: two._draws(tf.zeros((2, 8, 8, 2)), two.train_seed)[2]))
+    replica0, replica1 = mirrored.experimental_local_results(draws)
+    result["replica_noise_diff"] = float(tf.reduce_max(tf.abs(replica0 - replica1)))
+    result["train_seed"] = two.train_seed.numpy().tolist()
+    print("RESULT " + json.dumps(result))
+""")
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_matches_one_device():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, "-c", DISTRIBUTED_SCRIPT, json.dumps(FLAT_UNET_KW)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    r = json.loads(line[len("RESULT "):])
+    assert r["replicas"] == 2
+    # Same batch, same t and eps: the global-batch mean loss and its gradient match one device.
+    assert r["losses"][1] == pytest.approx(r["losses"][0], rel=1e-5)
+    # A wrong scaling (e.g. a per-replica mean not divided by the replica count) moves the
+    # weights by a multiple of the update, far beyond the tolerance.
+    assert r["moved"] > 1e-3
+    assert r["weights_diff"] < 1e-3 * r["moved"] and r["ema_diff"] < 1e-3 * r["moved"]
+    assert r["replica_noise_diff"] > 0.1
+    assert r["train_seed"] == [1, 1]
