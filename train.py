@@ -187,13 +187,18 @@ def list_checkpoints(directory: str) -> list[str]:
     return sorted(glob.glob(os.path.join(directory, "epoch-[0-9][0-9][0-9][0-9].weights.h5")))
 
 
-def restore_latest(model: keras.Model, directory: str) -> int:
-    """Load the newest checkpoint into a built, compiled `model`; returns its epoch (0 if none)."""
+def restore_latest(model: keras.Model, directory: str, learning_rate: float) -> int:
+    """Load the newest checkpoint into a built, compiled `model`; returns its epoch (0 if none).
+
+    The optimizer must be built first, or Keras skips its state without a word. The
+    checkpoint also holds the old learning rate: the one asked for now wins.
+    """
     checkpoints = list_checkpoints(directory)
     if not checkpoints:
         return 0
     model.optimizer.build(model.trainable_variables)
     model.load_weights(checkpoints[-1])
+    model.optimizer.learning_rate = learning_rate
     return int(re.search(r"epoch-(\d+)", os.path.basename(checkpoints[-1])).group(1))
 
 
@@ -282,7 +287,7 @@ def train_autoencoder(config: cfg.RunConfig, splits: dict, strategy, resumed: bo
     with strategy.scope():
         autoencoder = build_autoencoder(config)
         autoencoder.compile(optimizer=keras.optimizers.Adam(t.ae_lr), loss="mse", metrics=[ssim, psnr], jit_compile=t.xla)
-        initial_epoch = restore_latest(autoencoder, os.path.join(run_dir, "checkpoints", AE)) if resumed else 0
+        initial_epoch = restore_latest(autoencoder, os.path.join(run_dir, "checkpoints", AE), t.ae_lr) if resumed else 0
     history_csv = os.path.join(run_dir, f"history_{AE}.csv")
     truncate_history(history_csv, initial_epoch)
     if initial_epoch:
@@ -379,7 +384,7 @@ def train_diffusion(config: cfg.RunConfig, autoencoder: AutoEncoder, splits: dic
     with strategy.scope():
         model = build_diffusion(config)
         model.compile(optimizer=keras.optimizers.Adam(t.lr), jit_compile=t.xla)
-        initial_epoch = restore_latest(model, os.path.join(run_dir, "checkpoints", LDM)) if resumed else 0
+        initial_epoch = restore_latest(model, os.path.join(run_dir, "checkpoints", LDM), t.lr) if resumed else 0
     history_csv = os.path.join(run_dir, f"history_{LDM}.csv")
     truncate_history(history_csv, initial_epoch)
     if initial_epoch:

@@ -19,12 +19,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `pytest` (unlike `python -m pytest`) does not add the repo root
-    sys.path.insert(0, str(ROOT))
+import diffusion as D
+import modules
 
-import diffusion as D  # noqa: E402
-import modules  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 LATENT = (8, 8, 2)
 UNET_KW = dict(dim=8, dim_mults=(1, 2), channels=2, resnet_groups=4, attn_heads=2, attn_dim_head=8)

@@ -20,7 +20,7 @@ TINY = [
     "--image-size", "16", "--ae-base-channels", "8", "--ae-channel-mults", "1", "2", "4",
     "--latent-channels", "2", "--unet-dim", "8", "--unet-dim-mults", "1", "2", "--unet-groups", "4",
     "--attn-heads", "2", "--attn-dim-head", "8", "--timesteps", "20", "--batch-size", "4",
-    "--ae-steps-per-epoch", "3", "--ldm-steps-per-epoch", "3", "--sample-every", "1",
+    "--ae-steps-per-epoch", "3", "--ldm-steps-per-epoch", "3", "--sample-every", "1", "--precision", "float32",
 ]
 
 
@@ -97,6 +97,26 @@ def test_resume_continues_after_an_interruption(tiny_data, tmp_path, monkeypatch
     fresh = [w.copy() for w in model.network.get_weights()]
     model.network.load_weights(os.path.join(out, "unet.weights.h5"))
     assert any(not np.allclose(a, b) for a, b in zip(fresh, model.network.get_weights()))
+
+
+def test_non_finite_loss_stops_with_one_line_and_keeps_the_good_checkpoint(tiny_data, tmp_path, capsys):
+    """An absurd diffusion learning rate blows the loss up in epoch 2: exit 1, one clear
+    line naming the stage and epoch, epoch 1's checkpoint still loadable and finite."""
+    out = tmp_path / "run"
+    argv = TINY + ["--data", tiny_data, "--out", str(out), "--ae-epochs", "1", "--ldm-epochs", "3"]
+    assert train.main(argv + ["--stage", "ae"]) == 0
+    # Epoch 1 at a sane rate, then resume with a rate that overflows the weights.
+    assert train.main(argv + ["--stage", "ldm", "--ldm-epochs", "1"]) == 0
+    capsys.readouterr()
+    code = train.main(argv + ["--stage", "ldm", "--lr", "1e30"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(err) == 1 and err[0].startswith("error: diffusion loss became") and "in epoch 2" in err[0], err
+    checkpoints = sorted(p.name for p in (out / "checkpoints" / "diffusion").iterdir())
+    assert checkpoints == ["epoch-0001.weights.h5"]
+    model = train.build_diffusion(train.cfg.load_config(out / "config.json"))
+    model.load_weights(out / "checkpoints" / "diffusion" / "epoch-0001.weights.h5")
+    assert all(np.isfinite(w).all() for w in model.network.get_weights())
 
 
 def test_existing_run_is_never_overwritten(tiny_data, tmp_path, capsys):
