@@ -14,9 +14,11 @@ $(STAMP): requirements.txt
 
 install: $(STAMP)
 
+# The main job: demo data set (once), train the demo preset (resumed if runs/demo exists), render samples.
 demo: $(STAMP)
 	$(PY) dataset.py demo
-	$(PY) dataset.py inspect data/demo
+	$(PY) train.py --out runs/demo $(if $(wildcard runs/demo/config.json),--resume)
+	$(PY) predict.py --run runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest

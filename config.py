@@ -245,16 +245,21 @@ def from_dict(raw: dict) -> RunConfig:
     return RunConfig(**sections, **raw)
 
 
-def save_config(config: RunConfig, path: str | os.PathLike) -> None:
-    """Write JSON atomically: a temporary file renamed over the old one."""
+def write_json_atomic(data: dict, path: str | os.PathLike) -> None:
+    """JSON (indent 2) through a temporary file renamed over `path`: a kill never leaves half
+    a file. NaN/inf are refused (they are not JSON)."""
     path = os.fspath(path)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(to_dict(config), f, indent=2)
+        json.dump(data, f, indent=2, allow_nan=False)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save_config(config: RunConfig, path: str | os.PathLike) -> None:
+    write_json_atomic(to_dict(config), path)
 
 
 def load_config(path: str | os.PathLike) -> RunConfig:

@@ -443,16 +443,30 @@ def run(argv: list[str]) -> None:
     print(f"done: {run_dir}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def cli(run_fn, argv: list[str] | None) -> int:
+    """Call `run_fn(argv)` for a command-line entry point (train, predict, evaluate).
+
+    A UserError or DataError becomes one `error: ...` line on stderr and exit status 1,
+    unless --debug is in argv or OASIS_LDM_DEBUG is set (then the traceback shows).
+    The global Keras dtype policy is restored afterwards, so a caller in the same
+    process (a test, a notebook) does not inherit mixed precision.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
+    policy = keras.config.dtype_policy()
     try:
-        run(argv)
+        run_fn(argv)
     except (UserError, dataset.DataError) as e:
         if "--debug" in argv or os.environ.get("OASIS_LDM_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        keras.config.set_dtype_policy(policy)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(run, argv)
 
 
 if __name__ == "__main__":

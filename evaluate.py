@@ -1,0 +1,449 @@
+"""Measure a trained run and write RUN/metrics.json.
+
+    python evaluate.py                                # the newest run under runs/, 64 DDIM samples
+    python evaluate.py --run runs/demo --n 256 --steps 100
+    python evaluate.py --run runs/oasis --inception-weights ~/inception_v3_notop.h5
+
+Options: --run RUN (a folder, or a name under runs/; default: the newest run), --n 64
+samples, --sampler ddim|ddpm, --steps 50 (at most T), --eta 0.0, --seed 0, --batch-size 16,
+--max-train N (compare with at most N training images in the nearest-neighbour search,
+evenly spaced; default 0 = all), --inception-weights PATH (InceptionV3 "notop" weights
+for FID/KID), --debug.
+
+Metrics (images in [-1, 1]; SSIM with max_val = 2, filter 11, as tf.image.ssim):
+    ae_ssim, ae_psnr            autoencoder reconstruction of every validation image (mean)
+    sample_nn_ssim_median       per sample, the highest SSIM to any training image; median
+    sample_nn_ssim_max          ... and the largest: near 1 means a memorised training image
+    real_nn_ssim_median         the same for validation images, the yardstick for the above
+    sample_msssim_diversity     mean MS-SSIM over all pairs of samples (lower = more diverse)
+    real_msssim_diversity       the same over the real images
+    fid, kid                    Fréchet and kernel Inception distances, samples vs real images
+
+"Real images" are up to n validation images, evenly spaced over the sorted split (the
+data folder and split are the run's: config.data.data, find_splits with the run's seed).
+
+MS-SSIM needs 2^(scales-1) × 11 pixels for the 11-px filter at its coarsest scale, so it
+uses as many of the standard five scales as the image size allows (3 at 64 px, 4 at
+128 px, 1 = plain SSIM at 16 px) with the standard weights of those scales renormalised
+to sum to 1; metrics.json records the count (`msssim_scales`). Compare only equal counts.
+
+FID and KID use keras.applications.InceptionV3(include_top=False, pooling="avg")
+features (2048-d) of the images resized to 299×299 and repeated to 3 channels. The
+ImageNet weights are never downloaded: they are read from --inception-weights or from
+Keras' cache (~/.keras/models/, or $KERAS_HOME/models/); without them fid and kid are
+null and `fid_note` says why. FID from a few dozen images is biased upward: compare
+values only at the same n. KID (unbiased MMD², kernel (x·y/d + 1)³) is unbiased at any n.
+
+metrics.json also records n, the sampler, steps, seed, the run, TensorFlow and Keras
+versions and the device, so that no number is quoted without its conditions.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import config as cfg  # noqa: E402
+import dataset  # noqa: E402
+import predict  # noqa: E402
+import train  # noqa: E402
+
+# Standard MS-SSIM weights of the five scales (Wang et al. 2003), finest first.
+MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+SSIM_FILTER = 11  # tf.image.ssim's default filter size
+# Elements of one broadcast image tensor in the pairwise SSIM (a few such live at once).
+PAIRWISE_BUDGET = 2**23
+INCEPTION_SIZE = 299
+INCEPTION_NOTOP = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"  # Keras' cache name
+
+
+# ---------------------------------------------------------------------------- SSIM-based metrics
+
+
+@tf.function(reduce_retracing=True)
+def pairwise_ssim(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    """SSIM of every pair: a (n, H, W, 1), b (m, H, W, 1) in [-1, 1] → (n, m).
+
+    One broadcast tf.image.ssim call on (n, 1, ...) against (1, m, ...): no Python loop.
+    """
+    return tf.image.ssim(a[:, None], b[None], max_val=2.0)
+
+
+def nearest_ssim(queries: np.ndarray, references) -> np.ndarray:
+    """For each query image, the highest SSIM to any reference image.
+
+    queries: (n, H, W, 1) in [-1, 1]; references: an iterable of (m_i, H, W, 1) batches
+    (e.g. a tf.data.Dataset, so the training set never has to fit in memory), or one
+    array. Returns float64 (n,) in [-1, 1]; each query against itself gives 1.
+    """
+    if isinstance(references, np.ndarray):
+        references = [references]
+    queries = tf.constant(queries, tf.float32)
+    best = np.full(len(queries), -np.inf)
+    per_chunk = max(1, PAIRWISE_BUDGET // int(np.prod(queries.shape)))
+    for batch in references:
+        for start in range(0, len(batch), per_chunk):
+            scores = pairwise_ssim(queries, tf.cast(batch[start:start + per_chunk], tf.float32))
+            best = np.maximum(best, tf.reduce_max(scores, axis=1).numpy())
+    return best
+
+
+def msssim_scales(image_size: int) -> int:
+    """How many of the five MS-SSIM scales fit: the coarsest, image_size / 2^(k-1), must be ≥ 11."""
+    return max(1, min(len(MSSSIM_WEIGHTS), 1 + int(math.floor(math.log2(image_size / SSIM_FILTER)))))
+
+
+def msssim_diversity(images: np.ndarray) -> tuple[float | None, int]:
+    """Mean MS-SSIM over all n(n-1)/2 pairs of images (n, H, W, 1) in [-1, 1], and the scale count.
+
+    Identical images give 1; lower means more diverse. Uses `msssim_scales(H)` scales with
+    renormalised weights (see the module docstring). None for fewer than 2 images.
+    """
+    n, size = len(images), images.shape[1]
+    scales = msssim_scales(size)
+    if n < 2:
+        return None, scales
+    weights = np.array(MSSSIM_WEIGHTS[:scales]) / np.sum(MSSSIM_WEIGHTS[:scales])
+    i, j = np.triu_indices(n, k=1)
+    per_chunk = max(1, PAIRWISE_BUDGET // int(np.prod(images.shape[1:])))
+    images = tf.constant(images, tf.float32)
+    total = 0.0
+    for start in range(0, len(i), per_chunk):
+        a = tf.gather(images, i[start:start + per_chunk])
+        b = tf.gather(images, j[start:start + per_chunk])
+        total += float(tf.reduce_sum(tf.image.ssim_multiscale(a, b, max_val=2.0, power_factors=tuple(weights))))
+    return total / len(i), scales
+
+
+# ---------------------------------------------------------------------------- FID and KID
+
+
+def _sqrt_psd(s: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a symmetric PSD matrix, by eigendecomposition
+    (negative round-off eigenvalues clipped to 0)."""
+    w, v = np.linalg.eigh((s + s.T) / 2.0)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
+    """Fréchet (2-Wasserstein²) distance of N(mu1, s1) and N(mu2, s2):
+
+        ||mu1 - mu2||² + Tr(s1) + Tr(s2) - 2 Tr(sqrt(s1 s2)).
+
+    Tr(sqrt(s1 s2)) = Σ sqrt(λ_i) over the eigenvalues λ_i of sqrt(s1) s2 sqrt(s1), which
+    is symmetric PSD and similar to s1 s2: no general matrix square root (scipy) needed.
+    mu: (d,), s: (d, d) symmetric PSD. Returns a float ≥ 0 (round-off below 0 is clipped).
+    """
+    mu1, mu2, s1, s2 = (np.asarray(x, np.float64) for x in (mu1, mu2, s1, s2))
+    root = _sqrt_psd(s1)
+    inner = root @ s2 @ root
+    trace_sqrt = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2.0), 0.0, None)))
+    return max(0.0, float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2.0 * trace_sqrt))
+
+
+def fid(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """FID of two feature sets (n, d) and (m, d): the Fréchet distance of their Gaussian fits
+    (mean, covariance with ddof = 1). Needs n, m ≥ 2."""
+    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+
+def kid(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """KID: the unbiased estimate of MMD² with the kernel k(x, y) = (x·y / d + 1)³ (Bińkowski et al. 2018).
+
+        Σ_{i≠j} k(x_i, x_j) / (n(n-1)) + Σ_{i≠j} k(y_i, y_j) / (m(m-1)) - 2 Σ_{i,j} k(x_i, y_j) / (nm)
+
+    over all of both sets (no subsets). Zero in expectation when both sets come from the
+    same distribution, so it can be slightly negative. Needs n, m ≥ 2.
+    """
+    x, y = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    d, n, m = x.shape[1], len(x), len(y)
+
+    def kernel(p, q):
+        return (p @ q.T / d + 1.0) ** 3
+
+    kxx, kyy = kernel(x, x), kernel(y, y)
+    return float((kxx.sum() - np.trace(kxx)) / (n * (n - 1))
+                 + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+                 - 2.0 * kernel(x, y).mean())
+
+
+def find_inception_weights(path: str | None) -> tuple[str | None, str]:
+    """(weights file, "") or (None, why not). Only looks at files: nothing is downloaded.
+
+    `path` (--inception-weights) wins; else the file Keras would have cached (see
+    `keras_cache_folders`).
+    """
+    if path:
+        path = os.path.expanduser(path)
+        return (path, "") if os.path.isfile(path) else (None, f"--inception-weights {path}: no such file")
+    folders = keras_cache_folders()
+    for folder in folders:
+        candidate = os.path.join(folder, INCEPTION_NOTOP)
+        if os.path.isfile(candidate):
+            return candidate, ""
+    return None, (f"InceptionV3 ImageNet weights not found ({INCEPTION_NOTOP} in "
+                  f"{' or '.join(folders)}); pass --inception-weights PATH")
+
+
+def keras_cache_folders() -> list[str]:
+    """Where keras.utils.get_file keeps downloaded models: $KERAS_HOME/models or ~/.keras/models,
+    and /tmp/.keras/models (its fallback when the home folder is not writable)."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return [os.path.join(home, "models"), os.path.join("/tmp", ".keras", "models")]
+
+
+def inception_model(weights_path: str) -> keras.Model:
+    """InceptionV3 without its classifier, global-average pooled: (B, 299, 299, 3) in [-1, 1] → (B, 2048).
+
+    Built with weights=None and loaded from `weights_path`, so Keras never tries to download;
+    UserError when the file is unreadable or holds other weights.
+    """
+    with predict.dtype_policy("float32"):
+        model = keras.applications.InceptionV3(include_top=False, weights=None, pooling="avg",
+                                               input_shape=(INCEPTION_SIZE, INCEPTION_SIZE, 3))
+    predict.load_weights(model, weights_path, built_from="InceptionV3(include_top=False)")
+    return model
+
+
+def inception_features(model: keras.Model, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """Features (N, 2048) of images (N, H, W, 1) in [-1, 1]: bilinear resize to 299×299, gray
+    repeated to 3 channels; [-1, 1] is already InceptionV3's input range (preprocess_input "tf")."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = tf.image.resize(tf.constant(images[start:start + batch_size], tf.float32), (INCEPTION_SIZE, INCEPTION_SIZE))
+        out.append(model(tf.clip_by_value(tf.repeat(x, 3, axis=-1), -1.0, 1.0), training=False).numpy())
+    return np.concatenate(out)
+
+
+def inception_scores(samples: np.ndarray, real: np.ndarray, weights: str | None, batch_size: int) -> dict:
+    """{"fid", "kid", "fid_note"}: null scores and the reason whenever they cannot be computed."""
+    path, reason = find_inception_weights(weights)
+    if path is None:
+        return {"fid": None, "kid": None, "fid_note": reason}
+    if len(samples) < 2 or len(real) < 2:
+        return {"fid": None, "kid": None, "fid_note": f"needs at least 2 samples and 2 real images, got {len(samples)} and {len(real)}"}
+    try:
+        model = inception_model(path)
+    except train.UserError as e:
+        return {"fid": None, "kid": None, "fid_note": str(e)}
+    fa, fb = inception_features(model, samples, batch_size), inception_features(model, real, batch_size)
+    return {"fid": fid(fa, fb), "kid": kid(fa, fb),
+            "fid_note": f"InceptionV3 ({path}) pool features of {len(samples)} samples vs {len(real)} real images; "
+                        f"FID is biased at small n: compare at equal n"}
+
+
+# ---------------------------------------------------------------------------- the run's data
+
+
+def load_images(paths: list[str], image_size: int, batch_size: int) -> np.ndarray:
+    """Images (N, size, size, 1) in [-1, 1], in the order of `paths` (empty (0, size, size, 1) if none)."""
+    if not paths:
+        return np.zeros((0, image_size, image_size, 1), np.float32)
+    return np.concatenate(list(dataset.make_dataset(paths, image_size, batch_size, shuffle=False).as_numpy_iterator()))
+
+
+def evenly_spaced(paths: list[str], k: int) -> list[str]:
+    """At most k of `paths`, evenly spaced over the list (all of them when k ≤ 0 or k ≥ len)."""
+    if k <= 0 or k >= len(paths):
+        return list(paths)
+    return [paths[i] for i in np.linspace(0, len(paths) - 1, k).round().astype(int)]
+
+
+def autoencoder_scores(run: predict.Run, paths: list[str], batch_size: int) -> tuple[float | None, float | None]:
+    """Mean SSIM and PSNR (dB) of decoder(encoder(x)) against x over the images of `paths` (train.ssim / train.psnr)."""
+    if not paths:
+        return None, None
+    total_ssim = total_psnr = count = 0.0
+    for x in dataset.make_dataset(paths, run.config.data.image_size, batch_size, shuffle=False):
+        recon = run.autoencoder.decoder(run.autoencoder.encoder(x, training=False), training=False)
+        k = int(x.shape[0])
+        total_ssim += float(train.ssim(x, recon)) * k
+        total_psnr += float(train.psnr(x, recon)) * k
+        count += k
+    return total_ssim / count, total_psnr / count
+
+
+def device_name() -> str:
+    """The GPU's name (first GPU) or the CPU's model and core count, for metrics.json."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        return f"{details.get('device_name', 'GPU')} (×{len(gpus)})" if len(gpus) > 1 else details.get("device_name", "GPU")
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"CPU {model}, {os.cpu_count()} cores"
+
+
+# ---------------------------------------------------------------------------- metrics.json
+
+
+def _number(x) -> float | None:
+    """A finite float, or None (JSON null) for None/NaN/inf."""
+    return None if x is None or not math.isfinite(float(x)) else float(x)
+
+
+DESCRIPTIONS = {
+    "ae_ssim": "autoencoder reconstruction SSIM, validation",
+    "ae_psnr": "autoencoder reconstruction PSNR (dB), validation",
+    "sample_nn_ssim_median": "samples: median SSIM to the nearest training image",
+    "sample_nn_ssim_max": "samples: max of that (≈1 = memorised image)",
+    "real_nn_ssim_median": "validation: median SSIM to the nearest training image",
+    "sample_msssim_diversity": "samples: mean pairwise MS-SSIM (lower = more diverse)",
+    "real_msssim_diversity": "real: mean pairwise MS-SSIM",
+    "fid": "Fréchet Inception distance, samples vs real",
+    "kid": "kernel Inception distance, samples vs real",
+}
+
+
+def format_table(metrics: dict) -> str:
+    """The metrics as an aligned text table, with the conditions above and notes below."""
+    head = (f"run {metrics['run']}: n = {metrics['n']} samples ({metrics['sampler_label']}, seed {metrics['seed']}), "
+            f"{metrics['n_real']} real (validation) images, {metrics['nn_reference_images']} training images; "
+            f"MS-SSIM {metrics['msssim_scales']} scale(s); {metrics['device']}, TF {metrics['tensorflow']}")
+    rows = [head, "", f"{'metric':<26}{'value':>10}  meaning"]
+    for key, meaning in DESCRIPTIONS.items():
+        value = metrics.get(key)
+        shown = "null" if value is None else f"{value:.4g}"
+        rows.append(f"{key:<26}{shown:>10}  {meaning}")
+    rows.append("")
+    rows.append(f"fid_note: {metrics['fid_note']}")
+    rows += [f"note: {note}" for note in metrics["notes"]]
+    return "\n".join(rows)
+
+
+def run_splits(config) -> tuple[str, dict[str, list[str]]]:
+    """The run's data folder and its split, exactly as train.py made it (DataError if missing)."""
+    data_dir = dataset.resolve_data_dir(config.data.data)
+    return os.path.abspath(data_dir), dataset.find_splits(data_dir, seed=config.train.seed)
+
+
+def evaluate(run: predict.Run, data_dir: str, splits: dict[str, list[str]], n: int, sampler: str, steps: int,
+             eta: float, seed: int, batch_size: int, max_train: int, inception_weights: str | None) -> dict:
+    """Every metric of the module docstring for `run`, with its conditions, as a JSON-ready dict.
+
+    data_dir, splits: the run's data folder and {"train", "validate", "test": image paths} (`run_splits`).
+    """
+    started = time.time()
+    config = run.config
+    size = config.data.image_size
+    real_paths = evenly_spaced(splits["validate"], n)
+    train_paths = evenly_spaced(splits["train"], max_train)
+    notes = []
+    if not splits["validate"]:
+        notes.append("no validation images: ae_* and real_* metrics are null")
+
+    print(f"sampling {n} images ({predict.sampler_label(sampler, steps, eta, config)})", flush=True)
+    samples = predict.generate(run, n, sampler, steps, eta, seed, batch_size).images
+    real = load_images(real_paths, size, batch_size)
+
+    print(f"autoencoder on {len(splits['validate'])} validation images", flush=True)
+    ae_ssim, ae_psnr = autoencoder_scores(run, splits["validate"], batch_size)
+
+    print(f"nearest training image (SSIM) of {len(samples)} samples and {len(real)} real images "
+          f"among {len(train_paths)} training images", flush=True)
+    references = dataset.make_dataset(train_paths, size, batch_size, shuffle=False).as_numpy_iterator()
+    nearest = nearest_ssim(np.concatenate([samples, real]), references)
+    sample_nn, real_nn = nearest[:len(samples)], nearest[len(samples):]
+
+    print("MS-SSIM diversity", flush=True)
+    sample_div, scales = msssim_diversity(samples)
+    real_div, _ = msssim_diversity(real)
+
+    print("FID / KID", flush=True)
+    inception = inception_scores(samples, real, inception_weights, batch_size)
+    if len(train_paths) < len(splits["train"]):
+        notes.append(f"nearest neighbours among {len(train_paths)} of {len(splits['train'])} training images (--max-train)")
+
+    return {
+        "run": run.name,
+        "run_dir": os.path.abspath(run.directory),
+        "n": n,
+        "sampler": sampler,
+        "steps": steps if sampler == "ddim" else config.diffusion.timesteps,
+        "eta": eta if sampler == "ddim" else None,
+        "seed": seed,
+        "sampler_label": predict.sampler_label(sampler, steps, eta, config),
+        "image_size": size,
+        "data": data_dir,
+        "n_train": len(splits["train"]),
+        "n_validation": len(splits["validate"]),
+        "n_real": len(real),
+        "nn_reference_images": len(train_paths),
+        "msssim_scales": scales,
+        "ae_ssim": _number(ae_ssim),
+        "ae_psnr": _number(ae_psnr),
+        "sample_nn_ssim_median": _number(np.median(sample_nn)),
+        "sample_nn_ssim_max": _number(np.max(sample_nn)),
+        "real_nn_ssim_median": _number(np.median(real_nn)) if len(real_nn) else None,
+        "sample_msssim_diversity": _number(sample_div),
+        "real_msssim_diversity": _number(real_div),
+        "fid": _number(inception["fid"]),
+        "kid": _number(inception["kid"]),
+        "fid_note": inception["fid_note"],
+        "notes": notes,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "device": device_name(),
+        "seconds": round(time.time() - started, 1),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", help=f"run folder, or a name under {predict.RUNS_ROOT}/ (default: the newest run)")
+    parser.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
+    parser.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="default: ddim")
+    parser.add_argument("--steps", type=int, help=f"DDIM steps, in [1, T] (default: {predict.DEFAULT_STEPS}, or T if smaller)")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default: 16)")
+    parser.add_argument("--max-train", type=int, default=0,
+                        help="nearest-neighbour search among at most this many training images (default: 0 = all)")
+    parser.add_argument("--inception-weights", help="InceptionV3 notop .h5 weights for FID/KID (default: Keras' cache)")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    return parser.parse_args(argv)
+
+
+def run(argv: list[str]) -> None:
+    args = parse_args(argv)
+    run_dir = predict.resolve_run(args.run)
+    config = predict.read_config(run_dir)
+    args.steps = predict.choose_steps(config, args.steps)
+    predict.check_sampling_args(config, args.n, args.sampler, args.steps, args.eta, args.seed, args.batch_size)
+    data_dir, splits = run_splits(config)  # before the models: a missing data folder fails at once
+    loaded = predict.load_run(run_dir, encoder=True)
+    train.check_writable(run_dir)  # metrics.json goes there: fail now, not after the work
+    metrics = evaluate(loaded, data_dir, splits, args.n, args.sampler, args.steps, args.eta, args.seed,
+                       args.batch_size, args.max_train, args.inception_weights)
+    path = os.path.join(loaded.directory, "metrics.json")
+    cfg.write_json_atomic(metrics, path)
+    print()
+    print(format_table(metrics))
+    print(f"\nwrote {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return train.cli(run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

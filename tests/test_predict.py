@@ -1,0 +1,266 @@
+"""predict.py on one tiny trained run: the files it writes, determinism under a seed,
+the interpolation (and the `initial_noise` argument of the samplers it relies on),
+choosing the run, and the one-line errors that leave the run untouched."""
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+import config as cfg
+import predict
+import train
+from test_train import ROOT, TINY, tiny_data  # noqa: F401  (tiny_data is a fixture used below)
+
+
+# A one-level UNet and a ×2 autoencoder: fewer layers to trace than TINY alone, same code paths.
+RUN_FLAGS = TINY + ["--unet-dim-mults", "1", "--ae-channel-mults", "1", "2", "--ae-epochs", "1", "--ldm-epochs", "1",
+                    "--sample-every", "0"]
+
+
+def make_run(data_dir: str, out: str) -> str:
+    """Train a tiny run into `out` with train.py: 16×16 images → 8×8×2 latents, T = 20, one
+    epoch of 3 steps per stage."""
+    assert train.main(RUN_FLAGS + ["--data", data_dir, "--out", out]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data, tmp_path_factory):  # noqa: F811
+    return make_run(tiny_data, str(tmp_path_factory.mktemp("runs") / "tiny"))
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_run):
+    return predict.load_run(tiny_run)
+
+
+def copy_run(run_dir, dest, without=()):
+    """The files a run needs (no checkpoints, logs), minus `without`."""
+    os.makedirs(dest)
+    for name in ["config.json", "encoder.weights.h5", "decoder.weights.h5", "unet_ema.weights.h5"]:
+        if name not in without:
+            shutil.copy2(os.path.join(run_dir, name), dest)
+    return str(dest)
+
+
+def snapshot(folder):
+    """{relative path: sha256} of every file under `folder`."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+FAST = ["--n", "4", "--steps", "4", "--batch-size", "4"]
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+def test_writes_every_file_and_the_same_seed_gives_the_same_bytes(tiny_run, loaded, tmp_path, capsys):
+    assert predict.main(["--run", tiny_run, "--seed", "7"] + FAST) == 0
+    out = os.path.join(tiny_run, "predictions")
+    assert f"wrote {out}" in capsys.readouterr().out
+    names = sorted(os.listdir(out))
+    assert names == ["denoising.png", "interpolation.png", "sample_000.png", "sample_001.png", "sample_002.png",
+                     "sample_003.png", "samples.png"]
+    for figure in ["denoising.png", "interpolation.png", "samples.png"]:
+        assert os.path.getsize(os.path.join(out, figure)) > 2000
+    # The PNGs are exactly the sampler's images at the run's size, converted by round((x + 1) * 127.5).
+    expected = predict.to_uint8(predict.generate(loaded, 4, steps=4, seed=7, batch_size=4, progress=False).images)
+    assert expected.shape == (4, 16, 16, 1) and expected.std() > 0
+    for i in range(4):
+        with Image.open(os.path.join(out, f"sample_{i:03d}.png")) as png:
+            assert png.size == (16, 16) and png.mode == "L"
+            np.testing.assert_array_equal(np.asarray(png), expected[i, :, :, 0])
+
+    # A second process-like call (models rebuilt from the files) with the same seed: the same bytes.
+    assert predict.main(["--run", tiny_run, "--seed", "7", "--out", str(tmp_path / "again")] + FAST) == 0
+    assert snapshot(tmp_path / "again") == snapshot(out)
+
+
+@pytest.mark.slow
+def test_the_command_in_a_fresh_process_writes_the_same_bytes(tiny_run, tmp_path):
+    """`python predict.py` in its own process (fresh TensorFlow state) against an in-process call."""
+    assert predict.main(["--run", tiny_run, "--seed", "7", "--out", str(tmp_path / "here")] + FAST) == 0
+    command = [sys.executable, "predict.py", "--run", tiny_run, "--seed", "7", "--out", str(tmp_path / "there")] + FAST
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert snapshot(tmp_path / "there") == snapshot(tmp_path / "here")
+
+
+def test_models_compute_in_float32_whatever_the_global_policy(tiny_run, loaded):
+    """train.py leaves e.g. mixed_bfloat16 set; a run loaded afterwards must still sample in float32."""
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    run = predict.load_run(tiny_run)
+    assert keras.config.dtype_policy().name == "mixed_bfloat16"  # restored
+    for model in (run.autoencoder.decoder, run.diffusion.ema_network):
+        assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
+    a, b = (predict.generate(r, 2, steps=4, seed=7, batch_size=2, progress=False).images for r in (run, loaded))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_another_seed_gives_other_images(loaded):
+    a, b = (predict.generate(loaded, 4, steps=4, seed=seed, batch_size=4, progress=False).images for seed in (7, 8))
+    assert all(np.abs(a[i] - b[i]).max() > 1e-2 for i in range(4))
+
+
+def test_batches_use_distinct_seeds(loaded):
+    images = predict.generate(loaded, 4, steps=4, seed=7, batch_size=2, progress=False).images
+    assert np.abs(images[:2] - images[2:]).max() > 1e-2  # batch 1 is not a copy of batch 0
+
+
+def test_save_pngs_removes_older_samples_only(tmp_path):
+    images = np.linspace(-1, 1, 5 * 16 * 16).reshape(5, 16, 16, 1)
+    (tmp_path / "sample_notes.png").write_bytes(b"not ours")
+    assert len(predict.save_pngs(images, str(tmp_path))) == 5
+    paths = predict.save_pngs(images[:2], str(tmp_path))
+    assert [os.path.basename(p) for p in paths] == ["sample_000.png", "sample_001.png"]
+    assert sorted(os.listdir(tmp_path)) == ["sample_000.png", "sample_001.png", "sample_notes.png"]
+
+
+def test_ddpm_sampler_and_denoising_states(loaded):
+    samples = predict.generate(loaded, 2, sampler="ddpm", seed=1, batch_size=2, num_states=6, progress=False)
+    assert samples.images.shape == (2, 16, 16, 1) and samples.latents.shape == (2, 8, 8, 2)
+    assert samples.states.shape == (6, 2, 8, 8, 2)
+    np.testing.assert_array_equal(samples.timesteps, [20, 16, 12, 8, 4, 0])  # T = 20 steps, evenly recorded
+    np.testing.assert_array_equal(samples.states[-1], samples.latents)
+    assert np.all(np.abs(samples.images) <= 1.0)
+
+
+# ---------------------------------------------------------------------------- interpolation, initial_noise
+
+
+def test_interpolation_ends_are_the_samples_of_its_two_noises(loaded):
+    samples = predict.generate(loaded, 2, steps=4, seed=3, batch_size=2, num_states=2, progress=False)
+    images = predict.interpolate(loaded, samples.states[0, 0], samples.states[0, 1], 5, "ddim", 4, 0.0, seed=3)
+    assert images.shape == (5, 16, 16, 1)
+    np.testing.assert_allclose(images[0], samples.images[0], atol=1e-5)
+    np.testing.assert_allclose(images[-1], samples.images[1], atol=1e-5)
+    assert np.abs(images[2] - images[0]).max() > 1e-3 and np.abs(images[2] - images[-1]).max() > 1e-3
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_model_sample_passes_initial_noise_to_both_samplers(loaded, sampler):
+    """LatentDiffusion.sample(initial_noise=...) (test_diffusion.py covers Sampler.ddim itself)."""
+    model, shape = loaded.diffusion, loaded.latent_shape
+    seeded, states, _ = model.sample(3, shape, sampler=sampler, steps=4, seed=5, num_intermediates=2)
+    # The seed's own x_T, passed explicitly: the same latents (the seed still draws DDPM's per-step noise).
+    given = model.sample(3, shape, sampler=sampler, steps=4, seed=5, initial_noise=states[0])
+    np.testing.assert_array_equal(given.numpy(), seeded.numpy())
+    # Another seed with the same x_T: DDIM (eta = 0) depends on x_T only, DDPM does not.
+    other = model.sample(3, shape, sampler=sampler, steps=4, seed=6, initial_noise=states[0]).numpy()
+    if sampler == "ddim":
+        np.testing.assert_array_equal(other, seeded.numpy())
+    else:
+        assert np.abs(other - seeded.numpy()).max() > 1e-3
+
+
+def test_slerp_known_values():
+    a, b = np.zeros((2, 2)), np.zeros((2, 2))
+    a[0, 0], b[1, 1] = 2.0, 2.0  # orthogonal, both of norm 2
+    out = predict.slerp(a, b, [0.0, 0.5, 1.0])
+    assert out.shape == (3, 2, 2) and out.dtype == np.float32
+    np.testing.assert_allclose(out[0], a)
+    np.testing.assert_allclose(out[2], b)
+    np.testing.assert_allclose(out[1], (a + b) / np.sqrt(2), rtol=1e-6)  # sin(π/4) / sin(π/2) each
+    # Two random noises of equal norm: the norm stays the same all along the path.
+    x, y = np.random.default_rng(0).standard_normal((2, 4, 4, 2))
+    y *= np.linalg.norm(x) / np.linalg.norm(y)
+    path = predict.slerp(x, y, np.linspace(0, 1, 7))
+    np.testing.assert_allclose(np.linalg.norm(path.reshape(7, -1), axis=1), np.linalg.norm(x), rtol=1e-5)
+    # Parallel inputs (angle 0): the formula's 0/0 is replaced by the linear mix.
+    np.testing.assert_allclose(predict.slerp(x, 2 * x, [0.5])[0], 1.5 * x, rtol=1e-6)
+
+
+def test_default_steps_are_capped_at_t():
+    config = cfg.preset("demo")
+    assert (config.diffusion.timesteps, predict.choose_steps(config, None), predict.choose_steps(config, 7)) == (1000, 50, 7)
+    config.diffusion.timesteps = 20
+    assert predict.choose_steps(config, None) == 20
+
+
+def test_to_uint8_and_batch_seeds():
+    x = np.array([-1.0, 0.0, 1.0, -3.0, 3.0, 0.5, -0.999])
+    np.testing.assert_array_equal(predict.to_uint8(x), [0, 128, 255, 0, 255, 191, 0])
+    seeds = {predict.batch_seed(s, b) for s in range(4) for b in range(4)}
+    assert len(seeds) == 16 and all(0 <= s < 2**31 for s in seeds)
+    assert predict.batch_seed(3, 2) == predict.batch_seed(3, 2)
+
+
+# ---------------------------------------------------------------------------- choosing the run
+
+
+def test_resolve_run_picks_the_newest_config(tmp_path, monkeypatch):
+    for i, name in enumerate(["old", "new", "middle"]):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "config.json").write_text("{}")
+        os.utime(tmp_path / "runs" / name / "config.json", (1000 + 100 * [0, 2, 1][i],) * 2)
+    (tmp_path / "runs" / "no-config").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert predict.resolve_run(None) == os.path.join("runs", "new")
+    assert predict.resolve_run("old") == os.path.join("runs", "old")
+    assert predict.resolve_run(str(tmp_path / "runs" / "middle")) == str(tmp_path / "runs" / "middle")
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def edit_config(run_dir, **unet):
+    config = cfg.load_config(os.path.join(run_dir, "config.json"))
+    for key, value in unet.items():
+        setattr(config.unet, key, value)
+    cfg.save_config(config, os.path.join(run_dir, "config.json"))
+
+
+ERRORS = {
+    "no runs": (None, None, "error: no runs under runs/: train one first"),
+    "missing run": ("missing", None, "error: run not found: {tmp}/missing"),
+    "not trained": ("run", dict(without=["unet_ema.weights.h5"]),
+                    "error: {tmp}/run is not fully trained yet (unet_ema.weights.h5); finish it with: python train.py --out {tmp}/run --resume"),
+    "other config": ("run", dict(unet_dim=16),
+                     "error: weights in {tmp}/run/unet_ema.weights.h5 do not match config.json (A total of"),
+    "bad config": ("run", dict(config_text="{not json"), "error: {tmp}/run/config.json is not a valid run config: "),
+    "steps > T": ("run", dict(argv=["--steps", "21"]), "error: --steps must be in [1, 20] (the run's T), got 21"),
+    "out is a file": ("run", dict(argv=["--out", "{tmp}/run/config.json"]),
+                      "error: cannot write to {tmp}/run/config.json: File exists"),
+}
+
+
+@pytest.mark.parametrize("case", ERRORS)
+def test_errors_are_one_line_and_change_nothing(case, tiny_run, tmp_path, monkeypatch, capsys):
+    run_name, change, message = ERRORS[case]
+    change = dict(change or {})
+    monkeypatch.chdir(tmp_path)  # an empty folder: no runs/ here
+    argv = [arg.format(tmp=tmp_path) for arg in change.pop("argv", [])]
+    if run_name:
+        argv = ["--run", str(tmp_path / run_name)] + argv
+    if run_name == "run":
+        copy_run(tiny_run, tmp_path / "run", without=change.pop("without", ()))
+        if "config_text" in change:
+            (tmp_path / "run" / "config.json").write_text(change.pop("config_text"))
+        if change:
+            edit_config(tmp_path / "run", **change)
+    before = snapshot(tmp_path)
+    assert predict.main(["--n", "2", "--steps", "4"] + argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message.format(tmp=tmp_path)), err
+    assert snapshot(tmp_path) == before
+
+
+def test_debug_shows_the_exception(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(train.UserError, match="run not found"):
+        predict.main(["--run", "nowhere", "--debug"])
+    monkeypatch.setenv("OASIS_LDM_DEBUG", "1")
+    with pytest.raises(train.UserError, match="no runs under runs/"):
+        predict.main([])
