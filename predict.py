@@ -20,12 +20,12 @@ Writes to --out:
 
 Sampling uses the EMA UNet (unet_ema.weights.h5) and the decoder (decoder.weights.h5) of
 the run, rebuilt from its config.json, in float32 whatever precision the run trained in
-(its weights are float32; bf16 compute would give slightly other images). Batch b is sampled with a seed derived from
-(--seed, b), so the same --seed and --batch-size give byte-identical files.
+(its weights are float32; bf16 compute would give slightly other images). Batch b is
+sampled with a seed derived from (--seed, b), so the same --seed and --batch-size give
+byte-identical files.
 
 This module also holds what evaluate.py shares: finding and loading a run
-(`resolve_run`, `load_run`), batched sampling (`generate`) and the one-line-error
-command-line wrapper (`cli`).
+(`resolve_run`, `load_run`) and batched sampling (`generate`).
 """
 from __future__ import annotations
 

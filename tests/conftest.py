@@ -1,10 +1,28 @@
-"""Shared pytest set-up: quiet TensorFlow logs and make every test reproducible."""
+"""Shared pytest set-up: quiet TensorFlow logs, a fresh Keras state per test, and the tiny
+data set and tiny trained run that the train, predict and evaluate tests share."""
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Tiny networks: 16×16 images → 4×4×2 latents → a two-level UNet of width 8, T = 20.
+TINY = [
+    "--image-size", "16", "--ae-base-channels", "8", "--ae-channel-mults", "1", "2", "4",
+    "--latent-channels", "2", "--unet-dim", "8", "--unet-dim-mults", "1", "2", "--unet-groups", "4",
+    "--attn-heads", "2", "--attn-dim-head", "8", "--timesteps", "20", "--batch-size", "4",
+    "--ae-steps-per-epoch", "3", "--ldm-steps-per-epoch", "3", "--sample-every", "1", "--precision", "float32",
+]
+
+# A one-level UNet and a ×2 autoencoder (8×8×2 latents): fewer layers to trace than TINY
+# alone, same code paths. One epoch of 3 steps per stage.
+RUN_FLAGS = TINY + ["--unet-dim-mults", "1", "--ae-channel-mults", "1", "2", "--ae-epochs", "1", "--ldm-epochs", "1",
+                    "--sample-every", "0"]
 
 
 @pytest.fixture(autouse=True)
@@ -14,3 +32,29 @@ def _fresh_keras_state():
     keras.utils.set_random_seed(0)
     yield
     keras.config.set_dtype_policy("float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """24 PNGs of bright ellipses of varying size on black, 32×32, in a flat folder."""
+    folder = tmp_path_factory.mktemp("pngs")
+    yy, xx = np.mgrid[:32, :32]
+    for i in range(24):
+        a, b = 6 + i % 5, 8 + i % 7
+        inside = ((xx - 16) / a) ** 2 + ((yy - 16) / b) ** 2 <= 1
+        Image.fromarray((inside * (120 + 5 * i)).astype(np.uint8)).save(folder / f"slice_{i:02d}.png")
+    return str(folder)
+
+
+def make_run(data_dir: str, out: str) -> str:
+    """Train a tiny run (RUN_FLAGS) into `out` with train.py; returns `out`."""
+    import train
+
+    assert train.main(RUN_FLAGS + ["--data", data_dir, "--out", out]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory):
+    """One tiny trained run shared by the predict and evaluate tests: copy it before changing it."""
+    return make_run(tiny_data, str(tmp_path_factory.mktemp("runs") / "tiny"))

@@ -10,13 +10,7 @@ import tensorflow as tf
 
 import evaluate
 import predict
-from test_predict import copy_run, make_run, snapshot
-from test_train import tiny_data  # noqa: F401  (a fixture)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_data, tmp_path_factory):  # noqa: F811
-    return make_run(tiny_data, str(tmp_path_factory.mktemp("runs") / "tiny"))
+from test_predict import copy_run, snapshot
 
 
 @pytest.fixture

@@ -15,24 +15,7 @@ from PIL import Image
 import config as cfg
 import predict
 import train
-from test_train import ROOT, TINY, tiny_data  # noqa: F401  (tiny_data is a fixture used below)
-
-
-# A one-level UNet and a ×2 autoencoder: fewer layers to trace than TINY alone, same code paths.
-RUN_FLAGS = TINY + ["--unet-dim-mults", "1", "--ae-channel-mults", "1", "2", "--ae-epochs", "1", "--ldm-epochs", "1",
-                    "--sample-every", "0"]
-
-
-def make_run(data_dir: str, out: str) -> str:
-    """Train a tiny run into `out` with train.py: 16×16 images → 8×8×2 latents, T = 20, one
-    epoch of 3 steps per stage."""
-    assert train.main(RUN_FLAGS + ["--data", data_dir, "--out", out]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_data, tmp_path_factory):  # noqa: F811
-    return make_run(tiny_data, str(tmp_path_factory.mktemp("runs") / "tiny"))
+from conftest import ROOT
 
 
 @pytest.fixture(scope="module")

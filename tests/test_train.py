@@ -9,32 +9,9 @@ import textwrap
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# Tiny networks: 16×16 images → 4×4×2 latents → a two-level UNet of width 8.
-TINY = [
-    "--image-size", "16", "--ae-base-channels", "8", "--ae-channel-mults", "1", "2", "4",
-    "--latent-channels", "2", "--unet-dim", "8", "--unet-dim-mults", "1", "2", "--unet-groups", "4",
-    "--attn-heads", "2", "--attn-dim-head", "8", "--timesteps", "20", "--batch-size", "4",
-    "--ae-steps-per-epoch", "3", "--ldm-steps-per-epoch", "3", "--sample-every", "1", "--precision", "float32",
-]
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """24 PNGs of bright ellipses of varying size on black, 32×32, in a flat folder."""
-    folder = tmp_path_factory.mktemp("pngs")
-    yy, xx = np.mgrid[:32, :32]
-    for i in range(24):
-        a, b = 6 + i % 5, 8 + i % 7
-        inside = ((xx - 16) / a) ** 2 + ((yy - 16) / b) ** 2 <= 1
-        Image.fromarray((inside * (120 + 5 * i)).astype(np.uint8)).save(folder / f"slice_{i:02d}.png")
-    return str(folder)
-
+from conftest import ROOT, TINY
 
 def history_epochs(path):
     with open(path, newline="") as f:
