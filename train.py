@@ -95,6 +95,7 @@ def prepare_run(config: cfg.RunConfig, args: argparse.Namespace, argv: list[str]
     for name in cfg.explicit_flags(argv) & RESUMABLE_FLAGS:
         setattr(saved.train, name, getattr(config.train, name))
     saved.train.stage = config.train.stage
+    saved.train.out = run_dir  # the run may have been moved or copied since it was made
     validate(saved)
     check_writable(run_dir)
     cfg.save_config(saved, config_path)

@@ -1,6 +1,7 @@
 """Shared pytest set-up: quiet TensorFlow logs, a fresh Keras state per test, and the tiny
 data set and tiny trained run that the train, predict and evaluate tests share."""
 import os
+import shutil
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -46,15 +47,28 @@ def tiny_data(tmp_path_factory):
     return str(folder)
 
 
-def make_run(data_dir: str, out: str) -> str:
-    """Train a tiny run (RUN_FLAGS) into `out` with train.py; returns `out`."""
+@pytest.fixture(scope="session")
+def tiny_ae_run(tiny_data, tmp_path_factory):
+    """A RUN_FLAGS run whose autoencoder stage is done (train.py --stage ae): copy it first."""
     import train
 
-    assert train.main(RUN_FLAGS + ["--data", data_dir, "--out", out]) == 0
+    out = str(tmp_path_factory.mktemp("runs") / "tiny_ae")
+    assert train.main(RUN_FLAGS + ["--data", tiny_data, "--out", out, "--stage", "ae"]) == 0
     return out
 
 
+def copy_of(run_dir: str, dest) -> str:
+    """A copy of a whole run directory at `dest` (which must not exist)."""
+    shutil.copytree(run_dir, dest)
+    return str(dest)
+
+
 @pytest.fixture(scope="session")
-def tiny_run(tiny_data, tmp_path_factory):
-    """One tiny trained run shared by the predict and evaluate tests: copy it before changing it."""
-    return make_run(tiny_data, str(tmp_path_factory.mktemp("runs") / "tiny"))
+def tiny_run(tiny_ae_run, tiny_data, tmp_path_factory):
+    """A fully trained RUN_FLAGS run (the diffusion stage on a copy of `tiny_ae_run`), shared
+    by the predict and evaluate tests: copy it before changing it."""
+    import train
+
+    out = copy_of(tiny_ae_run, tmp_path_factory.mktemp("runs") / "tiny")
+    assert train.main(RUN_FLAGS + ["--data", tiny_data, "--out", out, "--stage", "ldm"]) == 0
+    return out
