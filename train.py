@@ -371,10 +371,9 @@ def decode_samples(model: LatentDiffusion, decoder, config: cfg.RunConfig, n: in
     return decoder(latents / config.scale_factor, training=False).numpy()
 
 
-def train_diffusion(config: cfg.RunConfig, autoencoder: AutoEncoder, splits: dict, strategy, resumed: bool) -> LatentDiffusion:
-    """Fit the UNet on the frozen encoder's scaled latents; EMA weights are kept for sampling."""
+def train_diffusion(config: cfg.RunConfig, autoencoder: AutoEncoder, latents: np.ndarray, strategy, resumed: bool) -> LatentDiffusion:
+    """Fit the UNet on `latents` (N, h, w, C), already × scale factor; EMA weights are kept for sampling."""
     run_dir, t = config.train.out, config.train
-    latents = encode_training_set(autoencoder.encoder, config, splits["train"]) * config.scale_factor
     steps = t.ldm_steps_per_epoch or max(1, len(latents) // t.batch_size)
     print(f"diffusion: {len(latents)} latents of shape {latents.shape[1:]}, {steps} steps per epoch")
     latent_ds = (
@@ -436,13 +435,19 @@ def run(argv: list[str]) -> None:
         print("autoencoder: trained, loaded from the run directory")
     else:
         autoencoder = train_autoencoder(config, splits, strategy, resumed=args.resume)
+
+    train_diffusion_now = config.train.stage in ("all", "ldm")
+    if config.scale_factor is None or train_diffusion_now:
+        # Encoded once, for both the scale factor and stage 2 (with the mirror images if --flip).
         latents = encode_training_set(autoencoder.encoder, config, splits["train"])
+    if config.scale_factor is None:
         config.scale_factor = float(1.0 / latents.std())
         cfg.save_config(config, os.path.join(run_dir, "config.json"))
         print(f"latent scale factor: {config.scale_factor:.4f} (1 / std of {latents.size} latent values)")
 
-    if config.train.stage in ("all", "ldm"):
-        train_diffusion(config, autoencoder, splits, strategy, resumed=args.resume or config.train.stage == "ldm")
+    if train_diffusion_now:
+        resumed = args.resume or config.train.stage == "ldm"
+        train_diffusion(config, autoencoder, latents * config.scale_factor, strategy, resumed=resumed)
     print(f"done: {run_dir}")
 
 
