@@ -92,6 +92,9 @@ class TrainConfig:
     sample_every: int = _opt(5, "log a few samples to TensorBoard every N diffusion epochs (0: never)")
     keep_checkpoints: int = _opt(3, "how many of the newest checkpoints to keep")
     seed: int = _opt(0, "random seed for data order, initialisation, t and ε")
+    deterministic: bool = _opt(
+        False, "TensorFlow op determinism: the same seed gives the same weights bit for bit, interrupted and "
+        "resumed or not (slower; exact on CPU)")
 
 
 SECTIONS = {
@@ -280,37 +283,44 @@ def _field_type(cls, f: dataclasses.Field):
     return hints[f.name]
 
 
+def add_dataclass_arguments(group, cls, defaults) -> None:
+    """Add one flag per field of the dataclass `cls` to `group` (a parser or argument group),
+    defaulting to the field's value in the instance `defaults`; help from the field's metadata."""
+    for f in dataclasses.fields(cls):
+        default = getattr(defaults, f.name)
+        kind = _field_type(cls, f)
+        help_text = f"{f.metadata['help']} (default: {default})"
+        if kind is bool:
+            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif typing.get_origin(kind) is tuple:
+            inner = typing.get_args(kind)[0]
+            group.add_argument(_flag(f.name), type=inner, nargs="+", default=default, help=help_text)
+        else:
+            if typing.get_origin(kind) in (typing.Union, types.UnionType):  # `str | None`
+                kind = next(a for a in typing.get_args(kind) if a is not type(None))
+            group.add_argument(
+                _flag(f.name), type=kind, default=default, help=help_text, choices=f.metadata.get("choices")
+            )
+
+
+def dataclass_from_args(cls, args: argparse.Namespace):
+    """An instance of the dataclass `cls` from parsed flags (every field is present in `args`)."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name)
+        values[f.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**values)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, defaults: RunConfig) -> None:
     """Add one flag per config field, with the preset's value as default."""
     for section_name, cls in SECTIONS.items():
-        group = parser.add_argument_group(section_name)
-        section = getattr(defaults, section_name)
-        for f in dataclasses.fields(cls):
-            default = getattr(section, f.name)
-            kind = _field_type(cls, f)
-            help_text = f"{f.metadata['help']} (default: {default})"
-            if kind is bool:
-                group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
-            elif typing.get_origin(kind) is tuple:
-                inner = typing.get_args(kind)[0]
-                group.add_argument(_flag(f.name), type=inner, nargs="+", default=default, help=help_text)
-            else:
-                if typing.get_origin(kind) in (typing.Union, types.UnionType):  # `str | None`
-                    kind = next(a for a in typing.get_args(kind) if a is not type(None))
-                group.add_argument(
-                    _flag(f.name), type=kind, default=default, help=help_text, choices=f.metadata.get("choices")
-                )
+        add_dataclass_arguments(parser.add_argument_group(section_name), cls, getattr(defaults, section_name))
 
 
 def config_from_args(args: argparse.Namespace, preset_name: str) -> RunConfig:
     """Build a `RunConfig` from parsed flags (every field is present in `args`)."""
-    sections = {}
-    for section_name, cls in SECTIONS.items():
-        values = {}
-        for f in dataclasses.fields(cls):
-            value = getattr(args, f.name)
-            values[f.name] = tuple(value) if isinstance(value, list) else value
-        sections[section_name] = cls(**values)
+    sections = {name: dataclass_from_args(cls, args) for name, cls in SECTIONS.items()}
     return RunConfig(preset=preset_name, **sections)
 
 

@@ -114,14 +114,14 @@ def find_splits(root, val_fraction: float = 0.1, test_fraction: float = 0.05, se
     for split, paths in candidates.items():
         splits[split], bad_here = check_images(paths)
         bad += bad_here
+    if not splits["train"]:  # before the warning: one line for the user, not two
+        raise DataError(f"no usable training image in {root}: all {len(candidates['train'])} PNG files are unreadable")
     if bad:
         warnings.warn(
             f"skipping {len(bad)} unreadable PNG file(s) under {root}: {_some(bad)} "
             f"(`python dataset.py inspect {root}` lists them all)",
             stacklevel=2,
         )
-    if not splits["train"]:
-        raise DataError(f"no usable training image in {root}: all {len(candidates['train'])} PNG files are unreadable")
     return splits
 
 
@@ -263,24 +263,24 @@ def make_dataset(
     *,
     shuffle: bool = True,
     flip: bool = False,
-    cache: bool = False,
     seed: int | None = None,
     drop_remainder: bool = False,
     repeat: bool = False,
+    skip: int = 0,
 ) -> tf.data.Dataset:
     """A streaming dataset of image batches, float32 (B, image_size, image_size, 1) in [-1, 1].
 
     paths: PNG files, best checked first (`find_splits` does).
-    shuffle: a new order every epoch. Without `cache` the file names are
-        shuffled (all of them: strings are cheap) before decoding, so no image
-        buffer is needed; with `cache` the decoded images are shuffled in a
-        buffer of min(len(paths), 1000) images.
+    shuffle: a new order every epoch: the file names (all of them: strings are
+        cheap) are shuffled before decoding, so no image buffer is needed.
     flip: mirror each image left-right with probability 1/2, anew each epoch.
-    cache: keep the decoded images in memory after the first epoch; this does
-        grow with the number of files, so use it for small sets only.
     seed: the same seed gives the same order and flips; None: random.
     drop_remainder: drop the last, smaller batch.
     repeat: repeat forever (then give `fit` a `steps_per_epoch`).
+    skip: images of the stream to pass over before the first batch, without
+        decoding them. With a seed, ``skip = k · batch_size`` starts the stream
+        exactly at batch k of the unskipped one (order and flips alike): a
+        resumed run goes on where it stopped.
 
     A file that still fails to decode (changed since it was checked) is skipped
     with a logged warning rather than stopping training.
@@ -290,37 +290,27 @@ def make_dataset(
     paths = [str(p) for p in paths]
     if not paths:
         raise DataError("no image files to make a dataset from")
-    dataset = tf.data.Dataset.from_tensor_slices(paths)
-    if shuffle and not cache:
-        dataset = dataset.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.map(lambda path: load_image(path, image_size), num_parallel_calls=tf.data.AUTOTUNE)
-    dataset = dataset.ignore_errors(log_warning=True)
-    if cache:
-        dataset = dataset.cache()
-        if shuffle:
-            dataset = dataset.shuffle(min(len(paths), 1000), seed=seed, reshuffle_each_iteration=True)
+    names = tf.data.Dataset.from_tensor_slices(paths)
+    if shuffle:
+        names = names.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+    # One coin per file, drawn with the names (a random op in the parallel map below
+    # would not be reproducible), so that `skip` skips coins and names together.
     if flip:
-        dataset = _random_flip(dataset, seed)
+        coins = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    else:
+        coins = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).repeat()  # never heads
+    stream = tf.data.Dataset.zip(names, coins)
     if repeat:
-        dataset = dataset.repeat()
-    return dataset.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+        stream = stream.repeat()
+    if skip:
+        stream = stream.skip(skip)
 
-
-def _random_flip(dataset: tf.data.Dataset, seed: int | None) -> tf.data.Dataset:
-    """Each (H, W, 1) image mirrored left-right with probability 1/2.
-
-    The coin flips come from a seeded random stream zipped with the images (a
-    random op inside a parallel map would not be reproducible); the stream
-    changes every epoch.
-    """
-    import tensorflow as tf
-
-    coins = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-
-    def maybe_flip(image, coin):
+    def decode(path, coin):
+        image = load_image(path, image_size)
         return tf.where(coin % 2 == 1, tf.reverse(image, axis=[1]), image)
 
-    return tf.data.Dataset.zip(dataset, coins).map(maybe_flip, num_parallel_calls=tf.data.AUTOTUNE)
+    images = stream.map(decode, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
+    return images.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
 
 
 def load_image(path, image_size: int) -> tf.Tensor:

@@ -408,7 +408,7 @@ def evaluate(run: predict.Run, data_dir: str, splits: dict[str, list[str]], n: i
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = train.FlagParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", help=f"run folder, or a name under {predict.RUNS_ROOT}/ (default: the newest run)")
     parser.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
     parser.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="default: ddim")

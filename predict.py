@@ -363,7 +363,7 @@ def write_predictions(run: Run, out_dir: str, n: int, sampler: str, steps: int, 
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = train.FlagParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", help=f"run folder, or a name under {RUNS_ROOT}/ (default: the newest run)")
     parser.add_argument("--n", type=int, default=16, help="number of samples (default: 16)")
     parser.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="default: ddim")

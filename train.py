@@ -24,6 +24,7 @@ import glob
 import math
 import os
 import re
+import shutil
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -46,12 +47,20 @@ class UserError(Exception):
     """A problem the user can fix (flags, paths, run directory): one line, exit code 1."""
 
 
+class FlagParser(argparse.ArgumentParser):
+    """argparse whose errors (unknown flag, bad value, invalid choice) raise UserError, so that
+    `cli` prints them as one line, instead of a usage block and exit status 2."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see python {self.prog} --help)")
+
+
 # ---------------------------------------------------------------------------- flags
 
 
 def parse_args(argv: list[str]) -> tuple[cfg.RunConfig, argparse.Namespace]:
     """Two passes: `--preset` first, so that every other flag defaults to the preset's value."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = FlagParser(add_help=False)
     pre.add_argument("--preset", default="demo")
     known, _ = pre.parse_known_args(argv)
     try:
@@ -59,7 +68,7 @@ def parse_args(argv: list[str]) -> tuple[cfg.RunConfig, argparse.Namespace]:
     except ValueError as e:
         raise UserError(str(e)) from None
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="demo", choices=sorted(cfg.PRESETS), help="starting point for every default below")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
@@ -68,23 +77,19 @@ def parse_args(argv: list[str]) -> tuple[cfg.RunConfig, argparse.Namespace]:
     return cfg.config_from_args(args, known.preset), args
 
 
-def prepare_run(config: cfg.RunConfig, args: argparse.Namespace, argv: list[str]) -> cfg.RunConfig:
-    """Create the run directory, or reopen it for --resume / --stage ldm.
+def resolve_config(config: cfg.RunConfig, args: argparse.Namespace, argv: list[str]) -> cfg.RunConfig:
+    """The configuration to train with; reads the run directory, writes nothing.
 
-    A fresh run refuses an --out that already holds a run. Reopening takes the saved
-    config.json and applies only the flags typed on this command line that do not change
-    the models (epochs, steps, learning rates, precision, ...).
+    A fresh run refuses an --out that already holds a run. Reopening one (--resume,
+    --stage ldm) takes its saved config.json and applies only the flags typed on this
+    command line that do not change the models (epochs, steps, learning rates, precision, ...).
     """
     run_dir = config.train.out
     config_path = os.path.join(run_dir, "config.json")
-    reopen = args.resume or config.train.stage == "ldm"
-    if not reopen:
+    if not (args.resume or config.train.stage == "ldm"):
         if os.path.exists(config_path):
             raise UserError(f"{run_dir} already holds a run; add --resume to continue it, or choose another --out")
         validate(config)
-        os.makedirs(os.path.join(run_dir, "figures"), exist_ok=True)
-        check_writable(run_dir)
-        cfg.save_config(config, config_path)
         return config
 
     if not os.path.exists(config_path):
@@ -95,15 +100,30 @@ def prepare_run(config: cfg.RunConfig, args: argparse.Namespace, argv: list[str]
     saved.train.stage = config.train.stage
     saved.train.out = run_dir  # the run may have been moved or copied since it was made
     validate(saved)
-    check_writable(run_dir)
-    cfg.save_config(saved, config_path)
     return saved
+
+
+def start_run_dir(config: cfg.RunConfig) -> None:
+    """Create the run directory (or reopen it), check that it takes files, save config.json."""
+    run_dir = config.train.out
+    created = not os.path.exists(run_dir)
+    try:
+        os.makedirs(os.path.join(run_dir, "figures"), exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {run_dir}: {e.strerror}") from None
+    try:
+        check_writable(run_dir)
+    except UserError:
+        if created:  # leave no empty run folder behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    cfg.save_config(config, os.path.join(run_dir, "config.json"))
 
 
 # Flags that may change when a run is resumed: they do not change the shape of any model.
 RESUMABLE_FLAGS = {
     "ae_epochs", "ae_steps_per_epoch", "ae_lr", "ldm_epochs", "ldm_steps_per_epoch", "lr",
-    "batch_size", "precision", "xla", "strategy", "sample_every", "keep_checkpoints",
+    "batch_size", "precision", "xla", "strategy", "sample_every", "keep_checkpoints", "deterministic",
 }
 
 
@@ -207,7 +227,8 @@ def truncate_history(csv_path: str, epochs_done: int) -> None:
         return
     with open(csv_path, newline="") as f:
         rows = list(csv.reader(f))
-    kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) < epochs_done]
+    # A kill while CSVLogger wrote a row can leave it cut short: complete rows only.
+    kept = rows[:1] + [r for r in rows[1:] if len(r) == len(rows[0]) and int(r[0]) < epochs_done]
     tmp = csv_path + ".tmp"
     with open(tmp, "w", newline="") as f:
         csv.writer(f).writerows(kept)
@@ -271,22 +292,34 @@ def build_autoencoder(config: cfg.RunConfig) -> AutoEncoder:
     return AutoEncoder(**config.autoencoder_kwargs())
 
 
+def compile_autoencoder(autoencoder: AutoEncoder, config: cfg.RunConfig) -> None:
+    """Adam on the pixel MSE, SSIM and PSNR as metrics, XLA if --xla (bench.py times this step)."""
+    autoencoder.compile(optimizer=keras.optimizers.Adam(config.train.ae_lr), loss="mse", metrics=[ssim, psnr],
+                        jit_compile=config.train.xla)
+
+
 def train_autoencoder(config: cfg.RunConfig, splits: dict, strategy, resumed: bool) -> AutoEncoder:
-    """Fit the autoencoder on (x, x) with MSE; validation SSIM and PSNR each epoch."""
+    """Fit the autoencoder on (x, x) with MSE; validation SSIM and PSNR each epoch.
+
+    The training images are one endless seeded stream (an epoch is `ae_steps_per_epoch`
+    batches, or one pass); a resumed run skips the images of the epochs already done,
+    so it sees exactly the batches an uninterrupted run would.
+    """
     run_dir, t = config.train.out, config.train
     size = config.data.image_size
-    steps = t.ae_steps_per_epoch or None
+    steps = t.ae_steps_per_epoch or max(1, len(splits["train"]) // t.batch_size)
+    with strategy.scope():
+        autoencoder = build_autoencoder(config)
+        compile_autoencoder(autoencoder, config)
+        initial_epoch = restore_latest(autoencoder, os.path.join(run_dir, "checkpoints", AE), t.ae_lr) if resumed else 0
+
     train_ds = dataset.make_dataset(
-        splits["train"], size, t.batch_size, flip=config.data.flip, seed=t.seed, repeat=bool(steps), drop_remainder=bool(steps)
+        splits["train"], size, t.batch_size, flip=config.data.flip, seed=t.seed, repeat=True, drop_remainder=True,
+        skip=initial_epoch * steps * t.batch_size,
     ).map(lambda x: (x, x))
     val_ds = None
     if splits["validate"]:
         val_ds = dataset.make_dataset(splits["validate"], size, t.batch_size, shuffle=False).map(lambda x: (x, x))
-
-    with strategy.scope():
-        autoencoder = build_autoencoder(config)
-        autoencoder.compile(optimizer=keras.optimizers.Adam(t.ae_lr), loss="mse", metrics=[ssim, psnr], jit_compile=t.xla)
-        initial_epoch = restore_latest(autoencoder, os.path.join(run_dir, "checkpoints", AE), t.ae_lr) if resumed else 0
     history_csv = os.path.join(run_dir, f"history_{AE}.csv")
     truncate_history(history_csv, initial_epoch)
     if initial_epoch:
@@ -347,6 +380,11 @@ def build_diffusion(config: cfg.RunConfig) -> LatentDiffusion:
     return model
 
 
+def compile_diffusion(model: LatentDiffusion, config: cfg.RunConfig) -> None:
+    """Adam at --lr, XLA if --xla (bench.py times this step)."""
+    model.compile(optimizer=keras.optimizers.Adam(config.train.lr), jit_compile=config.train.xla)
+
+
 class TensorBoardSamples(keras.callbacks.Callback):
     """Every `every` epochs, decode a few EMA samples and log them as TensorBoard images."""
 
@@ -371,22 +409,35 @@ def decode_samples(model: LatentDiffusion, decoder, config: cfg.RunConfig, n: in
     return decoder(latents / config.scale_factor, training=False).numpy()
 
 
+def latent_batches(latents: np.ndarray, batch_size: int, seed: int, skip: int = 0) -> tf.data.Dataset:
+    """Endless batches (B, h, w, C) of `latents`, in a seeded order that changes every pass.
+
+    The shuffle and `skip` act on indices, so skipping the latents that the done epochs
+    used (a resumed run) costs no copying: with the same seed, skip = k·B starts exactly
+    at batch k of the unskipped stream.
+    """
+    latents = tf.constant(latents)
+    return (
+        tf.data.Dataset.range(len(latents))
+        .shuffle(len(latents), seed=seed, reshuffle_each_iteration=True)
+        .repeat()
+        .skip(skip)
+        .batch(batch_size, drop_remainder=True)
+        .map(lambda index: tf.gather(latents, index), num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
 def train_diffusion(config: cfg.RunConfig, autoencoder: AutoEncoder, latents: np.ndarray, strategy, resumed: bool) -> LatentDiffusion:
     """Fit the UNet on `latents` (N, h, w, C), already × scale factor; EMA weights are kept for sampling."""
     run_dir, t = config.train.out, config.train
     steps = t.ldm_steps_per_epoch or max(1, len(latents) // t.batch_size)
     print(f"diffusion: {len(latents)} latents of shape {latents.shape[1:]}, {steps} steps per epoch")
-    latent_ds = (
-        tf.data.Dataset.from_tensor_slices(latents)
-        .shuffle(len(latents), seed=t.seed)
-        .repeat()
-        .batch(t.batch_size, drop_remainder=True)
-        .prefetch(tf.data.AUTOTUNE)
-    )
     with strategy.scope():
         model = build_diffusion(config)
-        model.compile(optimizer=keras.optimizers.Adam(t.lr), jit_compile=t.xla)
+        compile_diffusion(model, config)
         initial_epoch = restore_latest(model, os.path.join(run_dir, "checkpoints", LDM), t.lr) if resumed else 0
+    latent_ds = latent_batches(latents, t.batch_size, t.seed, skip=initial_epoch * steps * t.batch_size)
     history_csv = os.path.join(run_dir, f"history_{LDM}.csv")
     truncate_history(history_csv, initial_epoch)
     if initial_epoch:
@@ -410,18 +461,20 @@ def train_diffusion(config: cfg.RunConfig, autoencoder: AutoEncoder, latents: np
 def run(argv: list[str]) -> None:
     config, args = parse_args(argv)
     strategy = make_strategy(config.train.strategy)  # first: MultiWorker needs to start before other ops
-    config = prepare_run(config, args, argv)
+    config = resolve_config(config, args, argv)
+    # Find the data before anything is written: a bad --data leaves no run directory behind.
+    splits = dataset.find_splits(dataset.resolve_data_dir(config.data.data), seed=config.train.seed)
+    start_run_dir(config)
     precision = resolve_precision(config.train.precision)
     keras.config.set_dtype_policy(precision)
     keras.utils.set_random_seed(config.train.seed)
+    if config.train.deterministic:
+        tf.config.experimental.enable_op_determinism()  # for the rest of the process: TF has no off switch
     print(cfg.describe(config), flush=True)
     print(f"strategy: {type(strategy).__name__}, replicas: {strategy.num_replicas_in_sync}, precision: {precision}", flush=True)
 
     run_dir = config.train.out
-    splits = dataset.find_splits(dataset.resolve_data_dir(config.data.data), seed=config.train.seed)
     print(f"data: {', '.join(f'{k} {len(v)}' for k, v in splits.items())} images", flush=True)
-    if not splits["train"]:
-        raise UserError("no training images found")
 
     ae_done = config.scale_factor is not None and os.path.exists(os.path.join(run_dir, "decoder.weights.h5"))
     if config.train.stage == "ldm" and not ae_done:

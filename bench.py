@@ -1,0 +1,593 @@
+"""Speed and memory of oasis-ldm, each against a re-implementation of the original design's approach.
+
+    python bench.py            # the original's sizes, median of 3 repeats: ~25 min on 2 CPU cores
+    python bench.py --quick    # demo-size networks, 2 repeats, no XLA: a sanity check in under 5 minutes
+
+Writes BENCHMARKS.md (tables) and bench.json (the same figures). Every figure is a ratio
+against a baseline measured in the same process (or, for memory, the same run), so a
+noisy shared machine moves both sides alike. Warm-up calls (tracing, compilation) are
+excluded; each time is the median of the repeats, with min and max.
+
+What is measured (the original design's approach → ours):
+
+1. UNet training throughput, images/s, on random latents. Baseline `original_unet_step`:
+   an eager `GradientTape` step with t and ε drawn in NumPy, float32. Ours: the compiled
+   `LatentDiffusion.train_step` that train.py runs (EMA update included) in float32 and in
+   mixed precision (bf16 on a CPU, fp16 on a GPU), each with XLA off and on.
+2. Autoencoder training throughput, images/s, on random images: the same comparison
+   (`original_autoencoder_step` against train.py's compiled fit step, metrics included).
+3. Seconds to 16 decoded samples. Baseline `original_sampler`: one image at a time,
+   eagerly, T DDPM steps with NumPy arithmetic between UNet calls. Ours: what predict.py
+   runs, the compiled batched DDPM (T steps) and DDIM (50 steps) samplers, then one decoder
+   call, float32. The baseline's images are independent and identical in cost, so it times
+   one image and multiplies by 16 (--quick also times only some of the T steps).
+4. Data: images/s and peak resident memory over one epoch of N PNG slices (copies of the
+   demo set, in a temporary folder), each approach in its own subprocess: our streaming
+   `dataset.make_dataset` against `original_load_all` (decode every file into one NumPy
+   array, then batch from it).
+
+The baselines share the project's networks, noise schedule and loss, so only the method
+differs. Networks are untrained: speed does not depend on the weights.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import glob
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import config as cfg  # noqa: E402
+import dataset  # noqa: E402
+import train  # noqa: E402
+from diffusion import epsilon_mse, make_schedule, q_sample  # noqa: E402
+from predict import dtype_policy  # noqa: E402
+
+BENCHMARKS = ("unet", "ae", "sampling", "data")
+_opt = cfg._opt
+
+
+@dataclass
+class BenchConfig:
+    """Sizes and repeats of one benchmark run (defaults: the full run, the original's sizes)."""
+
+    only: tuple[str, ...] = _opt(BENCHMARKS, f"which benchmarks to run, of {' '.join(BENCHMARKS)}")
+    repeats: int = _opt(3, "timed repeats of each measurement (the median is reported)")
+    warmup: int = _opt(1, "untimed calls before timing (tracing and compilation happen here)")
+    latent_size: int = _opt(32, "UNet: latent height and width")
+    latent_channels: int = _opt(1, "UNet: latent channels")
+    unet_dim: int = _opt(64, "UNet base width")
+    unet_dim_mults: tuple[int, ...] = _opt((1, 2, 4, 8), "UNet width multipliers")
+    unet_batch: int = _opt(64, "UNet training batch size")
+    unet_steps: int = _opt(2, "UNet training steps per timed repeat")
+    ae_image_size: int = _opt(128, "autoencoder: image height and width")
+    ae_base_channels: int = _opt(64, "autoencoder width at full resolution (×4 at the latent)")
+    ae_batch: int = _opt(16, "autoencoder training batch size")
+    ae_steps: int = _opt(1, "autoencoder training steps per timed repeat")
+    timesteps: int = _opt(200, "diffusion steps T (the original's 200)")
+    samples: int = _opt(16, "images per sampling measurement")
+    ddim_steps: int = _opt(50, "DDIM steps")
+    baseline_sample_steps: int = _opt(0, "reverse steps the baseline sampler times per repeat (0: all T)")
+    data_images: int = _opt(10000, "PNG slices in the data benchmark")
+    data_image_size: int = _opt(128, "data benchmark: images are resized to this size")
+    data_batch: int = _opt(64, "data benchmark: batch size")
+    xla: bool = _opt(True, "also time the XLA-compiled variants of our training steps")
+    markdown: str = _opt("BENCHMARKS.md", "where to write the tables")
+    json: str = _opt("bench.json", "where to write the figures as JSON")
+
+
+MODES = {
+    "full": BenchConfig(),
+    # The demo preset's widths, 8 samples, no XLA variants (compiling them takes minutes).
+    "quick": BenchConfig(repeats=2, unet_dim=32, unet_dim_mults=(1, 2, 4), unet_batch=32, unet_steps=1,
+                         ae_image_size=64, ae_base_channels=16, ae_batch=16, samples=8, baseline_sample_steps=20,
+                         data_images=4000, xla=False),
+    # For the test that keeps bench.py working: tiny everything, figures meaningless.
+    "smoke": BenchConfig(repeats=1, warmup=1, latent_size=8, unet_dim=8, unet_dim_mults=(1, 2), unet_batch=2,
+                         unet_steps=1, ae_image_size=16, ae_base_channels=4, ae_batch=2, timesteps=10, samples=2,
+                         ddim_steps=5, baseline_sample_steps=3, data_images=24, data_image_size=16, data_batch=8, xla=False),
+}
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+def time_calls(fn, warmup: int, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls of `fn` after `warmup` untimed ones; `fn` must block
+    until its work is done (return a NumPy value, not a pending tensor)."""
+    for _ in range(warmup):
+        fn()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def summary(values) -> dict:
+    """{"median", "min", "max", "n"} of a list of numbers."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def throughput(seconds: list[float], images_per_call: int) -> dict:
+    """images/s of each timed call, summarised."""
+    return summary([images_per_call / s for s in seconds])
+
+
+def mixed_precision() -> str:
+    """The mixed policy of this machine: fp16 on a GPU (tensor cores), bf16 on a CPU."""
+    return "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
+
+
+def variants(bench: BenchConfig) -> list[tuple[str, bool]]:
+    """(precision, xla) pairs that "ours" is measured in."""
+    return [(p, xla) for p in ("float32", mixed_precision()) for xla in ((False, True) if bench.xla else (False,))]
+
+
+def variant_name(precision: str, xla: bool) -> str:
+    return f"{precision}{', XLA' if xla else ''}"
+
+
+def run_config(bench: BenchConfig, precision: str = "float32", xla: bool = False) -> cfg.RunConfig:
+    """The `seed` preset (the original's design) at the benchmark's sizes."""
+    config = cfg.preset("seed")
+    config.data.image_size = bench.latent_size * 4
+    config.autoencoder.latent_channels = bench.latent_channels
+    config.autoencoder.ae_base_channels = bench.ae_base_channels
+    config.unet.unet_dim, config.unet.unet_dim_mults = bench.unet_dim, tuple(bench.unet_dim_mults)
+    config.diffusion.timesteps = bench.timesteps
+    config.train.precision, config.train.xla = precision, xla
+    return config
+
+
+def compiled_step(model: keras.Model, batch) -> callable:
+    """A call of `model`'s compiled train function (the one fit() runs) on a fixed batch."""
+    model.make_train_function()
+    iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
+    return lambda: float(model.train_function(iterator)["loss"])
+
+
+def forget(model) -> None:
+    """Free a model before the next variant is built, so variants do not share memory pressure."""
+    del model
+    keras.backend.clear_session()
+
+
+# ---------------------------------------------------------------------------- the original's approach
+
+
+def original_unet_step(unet, optimizer, schedule, x0: np.ndarray, rng: np.random.Generator) -> float:
+    """The original's diffusion training step: eager, t and ε drawn in NumPy, float32.
+
+    loss = mean (ε - unet(x_t, t))², x_t ~ q(x_t | x_0) (the project's q_sample and loss).
+    """
+    t = rng.integers(0, schedule.timesteps, size=len(x0))
+    noise = rng.standard_normal(x0.shape).astype(np.float32)
+    with tf.GradientTape() as tape:
+        loss = epsilon_mse(unet, schedule, x0, t, noise, training=True)
+    grads = tape.gradient(loss, unet.trainable_variables)
+    optimizer.apply_gradients(zip(grads, unet.trainable_variables))
+    return float(loss)
+
+
+def original_autoencoder_step(autoencoder, optimizer, x: np.ndarray) -> float:
+    """The original's autoencoder step: eager GradientTape on the pixel MSE, float32."""
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.square(x - autoencoder(x, training=True)))
+    grads = tape.gradient(loss, autoencoder.trainable_variables)
+    optimizer.apply_gradients(zip(grads, autoencoder.trainable_variables))
+    return float(loss)
+
+
+def original_sampler(unet, decoder, schedule, latent_shape, steps: int, rng: np.random.Generator) -> np.ndarray:
+    """The original's sampler for ONE image: eager UNet calls at batch 1, NumPy arithmetic.
+
+    x_{t-1} = (x_t - β_t / sqrt(1 - ᾱ_t) ε̂) / sqrt(α_t) + σ_t z, for t = T-1 … T-steps
+    (all T steps when steps = T), then the decoder. Returns the image (1, H, W, 1).
+    """
+    x = rng.standard_normal((1, *latent_shape)).astype(np.float32)
+    betas, alphas = np.asarray(schedule.betas), np.asarray(schedule.alphas)
+    sqrt_one_minus = np.asarray(schedule.sqrt_one_minus_alphas_cumprod)
+    sigmas = np.sqrt(np.asarray(schedule.posterior_variance))
+    for t in range(schedule.timesteps - 1, schedule.timesteps - 1 - steps, -1):
+        eps = unet(x, np.array([t], np.int32), training=False).numpy()
+        x = (x - betas[t] / sqrt_one_minus[t] * eps) / np.sqrt(alphas[t])
+        if t > 0:
+            x = (x + sigmas[t] * rng.standard_normal(x.shape)).astype(np.float32)
+    return decoder(x, training=False).numpy()
+
+
+def original_load_all(paths: list[str], image_size: int) -> np.ndarray:
+    """The original's data loading: decode and resize every PNG up front into one float32
+    array (N, size, size, 1) in [-1, 1] (the original used [0, 1]; same size in memory)."""
+    from PIL import Image
+
+    images = []
+    for path in paths:
+        with Image.open(path) as image:
+            pixels = image.convert("L").resize((image_size, image_size), Image.BILINEAR)
+        images.append(np.asarray(pixels, np.float32) / 127.5 - 1.0)
+    return np.stack(images)[..., None]
+
+
+# ---------------------------------------------------------------------------- 1, 2: training
+
+
+def bench_unet(bench: BenchConfig) -> dict:
+    """UNet training images/s: the original's eager step against our compiled variants."""
+    shape = (bench.latent_size, bench.latent_size, bench.latent_channels)
+    x0 = np.random.default_rng(0).standard_normal((bench.unet_batch, *shape)).astype(np.float32)
+    images = bench.unet_batch * bench.unet_steps
+    config = run_config(bench)
+    schedule = make_schedule("linear", bench.timesteps)
+
+    with dtype_policy("float32"):
+        unet = train.build_diffusion(config).network
+        optimizer = keras.optimizers.Adam(config.train.lr)
+    rng = np.random.default_rng(0)
+    seconds = time_calls(lambda: [original_unet_step(unet, optimizer, schedule, x0, rng) for _ in range(bench.unet_steps)],
+                         bench.warmup, bench.repeats)
+    result = {"baseline": throughput(seconds, images), "ours": {}, "params": unet.count_params()}
+    forget(unet)
+
+    for precision, xla in variants(bench):
+        config = run_config(bench, precision, xla)
+        with dtype_policy(precision):
+            model = train.build_diffusion(config)
+            train.compile_diffusion(model, config)
+        step = compiled_step(model, x0)
+        seconds = time_calls(lambda: [step() for _ in range(bench.unet_steps)], bench.warmup, bench.repeats)
+        result["ours"][variant_name(precision, xla)] = throughput(seconds, images)
+        print(f"  unet {variant_name(precision, xla)}: {result['ours'][variant_name(precision, xla)]['median']:.1f} images/s", flush=True)
+        forget(model)
+    return result
+
+
+def bench_autoencoder(bench: BenchConfig) -> dict:
+    """Autoencoder training images/s: the original's eager step against our compiled variants."""
+    size = bench.ae_image_size
+    x = np.random.default_rng(0).uniform(-1, 1, (bench.ae_batch, size, size, 1)).astype(np.float32)
+    images = bench.ae_batch * bench.ae_steps
+    config = run_config(bench)
+    config.data.image_size = size
+
+    with dtype_policy("float32"):
+        autoencoder = train.build_autoencoder(config)
+        optimizer = keras.optimizers.Adam(config.train.ae_lr)
+    seconds = time_calls(lambda: [original_autoencoder_step(autoencoder, optimizer, x) for _ in range(bench.ae_steps)],
+                         bench.warmup, bench.repeats)
+    result = {"baseline": throughput(seconds, images), "ours": {}, "params": autoencoder.count_params()}
+    forget(autoencoder)
+
+    for precision, xla in variants(bench):
+        config = run_config(bench, precision, xla)
+        config.data.image_size = size
+        with dtype_policy(precision):
+            autoencoder = train.build_autoencoder(config)
+            train.compile_autoencoder(autoencoder, config)
+        step = compiled_step(autoencoder, (x, x))
+        seconds = time_calls(lambda: [step() for _ in range(bench.ae_steps)], bench.warmup, bench.repeats)
+        result["ours"][variant_name(precision, xla)] = throughput(seconds, images)
+        print(f"  autoencoder {variant_name(precision, xla)}: {result['ours'][variant_name(precision, xla)]['median']:.1f} images/s", flush=True)
+        forget(autoencoder)
+    return result
+
+
+# ---------------------------------------------------------------------------- 3: sampling
+
+
+def bench_sampling(bench: BenchConfig) -> dict:
+    """Seconds to `samples` decoded images: the original's sampler against predict.py's."""
+    config = run_config(bench)
+    h, c = bench.latent_size, bench.latent_channels
+    with dtype_policy("float32"):  # predict.py samples in float32
+        diffusion = train.build_diffusion(config)
+        decoder = train.build_autoencoder(config).decoder
+    unet, schedule, n = diffusion.ema_network, diffusion.schedule, bench.samples
+
+    steps = bench.baseline_sample_steps or bench.timesteps
+    rng = np.random.default_rng(0)
+    for _ in range(bench.warmup):  # eager code has nothing to trace: one step warms it up
+        original_sampler(unet, decoder, schedule, (h, h, c), 1, rng)
+    per_image = time_calls(lambda: original_sampler(unet, decoder, schedule, (h, h, c), steps, rng), 0, bench.repeats)
+    if steps < bench.timesteps:
+        # The decoder call is in each repeat too; scaling it by T / steps overstates the
+        # baseline by at most (T / steps - 1) decoder calls, which is small next to T UNet calls.
+        per_image = [s * bench.timesteps / steps for s in per_image]
+    result = {"baseline": summary([s * n for s in per_image]), "baseline_steps_timed": steps, "ours": {}}
+
+    def ours(sampler, sampler_steps):
+        latents = diffusion.sample(n, (h, h, c), sampler=sampler, steps=sampler_steps, seed=0)
+        return decoder(latents, training=False).numpy()  # (predict.py divides by the scale factor first)
+
+    for name, sampler, sampler_steps in (("ddpm", "ddpm", bench.timesteps), ("ddim", "ddim", bench.ddim_steps)):
+        seconds = time_calls(lambda: ours(sampler, sampler_steps), bench.warmup, bench.repeats)
+        result["ours"][name] = summary(seconds)
+        print(f"  sampling {name}: {result['ours'][name]['median']:.2f} s", flush=True)
+    forget(diffusion)
+    return result
+
+
+# ---------------------------------------------------------------------------- 4: data
+
+
+def make_slices(folder: str, count: int) -> list[str]:
+    """`count` PNG slices in `folder`: the demo set's files copied round-robin (real MRI PNGs,
+    the OASIS slices' size). Returns their paths."""
+    demo = dataset.ensure_demo_dataset(os.path.join(folder, "demo"))
+    sources = sorted(glob.glob(os.path.join(demo, "*", "*.png")))
+    out = os.path.join(folder, "slices")
+    os.makedirs(out)
+    paths = []
+    for i in range(count):
+        paths.append(os.path.join(out, f"slice_{i:05d}.png"))
+        shutil.copyfile(sources[i % len(sources)], paths[-1])
+    return paths
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MiB.
+
+    Linux: VmHWM of /proc/self/status, which starts afresh at exec. (getrusage's ru_maxrss
+    would not do: a child inherits its parent's peak across fork and exec, so every worker
+    would report at least bench.py's own peak.) Elsewhere: ru_maxrss (bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**10
+    except (OSError, StopIteration):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def data_worker(approach: str, folder: str, image_size: int, batch_size: int) -> dict:
+    """One epoch over the PNGs in `folder` with one approach; run in a fresh process.
+
+    Returns images, seconds (from the first file read to the last batch), images/s, the
+    peak RSS after importing TensorFlow (before any data) and at the end, in MiB.
+    """
+    paths = sorted(glob.glob(os.path.join(folder, "*.png")))
+    tf.constant(0)  # start the TF runtime before the baseline memory reading
+    rss_before = peak_rss_mb()
+    start = time.perf_counter()
+    count = 0
+    if approach == "stream":
+        for batch in dataset.make_dataset(paths, image_size, batch_size, shuffle=True, seed=0):
+            count += int(batch.shape[0])
+    elif approach == "load_all":
+        images = original_load_all(paths, image_size)
+        order = np.random.default_rng(0).permutation(len(images))
+        for i in range(0, len(images), batch_size):
+            count += int(tf.convert_to_tensor(images[order[i:i + batch_size]]).shape[0])
+    else:
+        raise ValueError(f"unknown approach {approach!r}")
+    seconds = time.perf_counter() - start
+    return {"images": count, "seconds": seconds, "images_per_s": count / seconds,
+            "rss_after_import_mb": rss_before, "peak_rss_mb": peak_rss_mb()}
+
+
+def bench_data(bench: BenchConfig) -> dict:
+    """Streaming against load-everything over `data_images` PNGs, each in its own subprocess
+    (peak memory is per process), `repeats` times each (at least once)."""
+    result = {"images": bench.data_images}
+    with tempfile.TemporaryDirectory(prefix="oasis-ldm-bench-") as tmp:
+        make_slices(tmp, bench.data_images)
+        folder = os.path.join(tmp, "slices")
+        for approach in ("load_all", "stream"):
+            runs = []
+            for _ in range(max(1, bench.repeats)):
+                command = [sys.executable, os.path.abspath(__file__), "data-worker", approach, folder,
+                           str(bench.data_image_size), str(bench.data_batch)]
+                out = subprocess.run(command, capture_output=True, text=True, check=False)
+                if out.returncode:
+                    raise RuntimeError(f"data worker {approach} failed:\n{out.stderr[-2000:]}")
+                runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                if runs[-1]["images"] != bench.data_images:
+                    raise RuntimeError(f"data worker {approach} saw {runs[-1]['images']} of {bench.data_images} images")
+            result["baseline" if approach == "load_all" else "ours"] = {
+                "images_per_s": summary([r["images_per_s"] for r in runs]),
+                "peak_rss_mb": summary([r["peak_rss_mb"] for r in runs]),
+                "rss_after_import_mb": summary([r["rss_after_import_mb"] for r in runs]),
+            }
+            print(f"  data {approach}: {result['baseline' if approach == 'load_all' else 'ours']['images_per_s']['median']:.0f} images/s, "
+                  f"peak {statistics.median(r['peak_rss_mb'] for r in runs):.0f} MiB", flush=True)
+    return result
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def machine() -> dict:
+    """CPU model, cores, GPUs, library versions: what a reader needs to compare numbers."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpus = [tf.config.experimental.get_device_details(g).get("device_name", g.name)
+            for g in tf.config.list_physical_devices("GPU")]
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpus": gpus, "python": platform.python_version(),
+            "tensorflow": tf.__version__, "keras": keras.__version__,
+            "date": datetime.date.today().isoformat(), "train_py_precision": train.resolve_precision("auto")}
+
+
+def headline(results: dict) -> dict:
+    """The ratios the README quotes. Training speedups are for train.py's CPU/GPU defaults
+    (precision "auto", XLA off), the configuration users get."""
+    figures = {}
+    default = variant_name(results["machine"]["train_py_precision"], False)
+    for key, name in (("unet", "unet_train_speedup"), ("ae", "ae_train_speedup")):
+        if key in results:
+            figures[name] = results[key]["ours"][default]["median"] / results[key]["baseline"]["median"]
+    if "sampling" in results:
+        s = results["sampling"]
+        figures["sampling_speedup_ddim50"] = s["baseline"]["median"] / s["ours"]["ddim"]["median"]
+        figures["sampling_speedup_ddpm200"] = s["baseline"]["median"] / s["ours"]["ddpm"]["median"]
+    if "data" in results:
+        d = results["data"]
+        figures["data_peak_rss_ratio"] = d["ours"]["peak_rss_mb"]["median"] / d["baseline"]["peak_rss_mb"]["median"]
+        grown = [d[k]["peak_rss_mb"]["median"] - d[k]["rss_after_import_mb"]["median"] for k in ("ours", "baseline")]
+        figures["data_rss_growth_ratio"] = grown[0] / max(grown[1], 1e-9)
+        figures["data_images_per_s"] = d["ours"]["images_per_s"]["median"]
+        if "ae" in results:
+            figures["data_over_ae_train_rate"] = figures["data_images_per_s"] / results["ae"]["ours"][default]["median"]
+    return figures
+
+
+def _cell(stats: dict, fmt: str) -> str:
+    return f"{stats['median']:{fmt}} ({stats['min']:{fmt}}–{stats['max']:{fmt}})"
+
+
+def _training_table(title: str, part: dict, what: str, default: str) -> list[str]:
+    base = part["baseline"]["median"]
+    lines = [f"### {title}", "", what, "",
+             "| method | images/s, median (min–max) | × baseline |", "| --- | --- | --- |",
+             f"| original: eager GradientTape, NumPy draws, float32 | {_cell(part['baseline'], '.1f')} | 1.00 |"]
+    for name, stats in part["ours"].items():
+        mark = " (train.py default)" if name == default else ""
+        lines.append(f"| ours: compiled train step, {name}{mark} | {_cell(stats, '.1f')} | {stats['median'] / base:.2f} |")
+    return lines + [""]
+
+
+def markdown(results: dict, bench: BenchConfig, mode: str) -> str:
+    """BENCHMARKS.md: machine, settings, one table per measurement, the goals."""
+    m, h = results["machine"], results["headline"]
+    default = variant_name(m["train_py_precision"], False)
+    lines = [
+        "# Benchmarks", "",
+        f"Made by `python bench.py{'' if mode == 'full' else ' --' + mode}` on {m['date']}; numbers are medians of "
+        f"{bench.repeats} timed repeats after {bench.warmup} warm-up call(s), with (min–max). Each ratio compares "
+        "with a baseline that re-implements the original design's approach, measured in the same run. "
+        "See bench.py's docstring for the methods.", "",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, GPU: {', '.join(m['gpus']) or 'none'}",
+        f"- Python {m['python']}, TensorFlow {m['tensorflow']}, Keras {m['keras']}",
+        f"- Mode: {mode}" + ("" if mode == "full" else " (smaller networks than the original's; a sanity check, not the published figures)"),
+        f"- train.py's defaults on this machine: precision {m['train_py_precision']}, XLA off", "",
+        "## Headline", "", "| figure | value | goal |", "| --- | --- | --- |",
+    ]
+    goals = {"unet_train_speedup": ("≥ 1.3", lambda v: v >= 1.3), "ae_train_speedup": ("≥ 1.3", lambda v: v >= 1.3),
+             "sampling_speedup_ddim50": ("≥ 40", lambda v: v >= 40), "sampling_speedup_ddpm200": ("", None),
+             "data_peak_rss_ratio": ("≤ 0.25", lambda v: v <= 0.25), "data_rss_growth_ratio": ("", None),
+             "data_images_per_s": ("", None), "data_over_ae_train_rate": ("> 1", lambda v: v > 1)}
+    for key, value in h.items():
+        goal, check = goals.get(key, ("", None))
+        verdict = "" if check is None else (" met" if check(value) else " **missed**")
+        lines.append(f"| `{key}` | {value:.3g} | {goal}{verdict} |")
+    lines.append("")
+
+    if "unet" in results:
+        lines += _training_table(
+            "1. UNet training", results["unet"],
+            f"Latents {bench.latent_size}×{bench.latent_size}×{bench.latent_channels}, UNet dim {bench.unet_dim} × "
+            f"{tuple(bench.unet_dim_mults)} ({results['unet']['params'] / 1e6:.1f} M parameters), batch {bench.unet_batch}, "
+            f"{bench.unet_steps} step(s) per repeat. Ours includes the EMA update.", default)
+    if "ae" in results:
+        lines += _training_table(
+            "2. Autoencoder training", results["ae"],
+            f"Images {bench.ae_image_size}×{bench.ae_image_size}, the original's autoencoder (BatchNorm, width "
+            f"{bench.ae_base_channels}→{bench.ae_base_channels * 4}, {results['ae']['params'] / 1e6:.2f} M parameters), "
+            f"batch {bench.ae_batch}. Ours includes the SSIM and PSNR metrics.", default)
+    if "sampling" in results:
+        s = results["sampling"]
+        extrapolated = (f"it times {s['baseline_steps_timed']} of the {bench.timesteps} steps of one image and scales"
+                        if s["baseline_steps_timed"] < bench.timesteps else "it times one image and multiplies")
+        lines += [
+            "### 3. Sampling", "",
+            f"Seconds to {bench.samples} decoded images at the UNet size above, T = {bench.timesteps}, float32 "
+            f"(as predict.py). The baseline works one image at a time, so {extrapolated} by {bench.samples}.", "",
+            "| method | seconds, median (min–max) | × baseline |", "| --- | --- | --- |",
+            f"| original: eager, one image at a time, DDPM {bench.timesteps} steps, NumPy arithmetic | "
+            f"{_cell(s['baseline'], '.2f')} | 1.00 |",
+            f"| ours: compiled, batched, DDPM {bench.timesteps} steps | {_cell(s['ours']['ddpm'], '.2f')} | "
+            f"{h['sampling_speedup_ddpm200']:.1f} |",
+            f"| ours: compiled, batched, DDIM {bench.ddim_steps} steps | {_cell(s['ours']['ddim'], '.2f')} | "
+            f"{h['sampling_speedup_ddim50']:.1f} |", ""]
+    if "data" in results:
+        d = results["data"]
+        lines += [
+            "### 4. Data", "",
+            f"One epoch over {d['images']} PNG slices (256×256, copies of the demo set) resized to "
+            f"{bench.data_image_size}×{bench.data_image_size}, batch {bench.data_batch}, each approach in a fresh "
+            "subprocess. \"After import\" is the process's peak RSS once TensorFlow is loaded, before any data; "
+            "it is the same for both and bounds what any TensorFlow training process needs.", "",
+            "| method | images/s | peak RSS, MiB | after import, MiB | growth, MiB |", "| --- | --- | --- | --- | --- |"]
+        for label, key in (("original: load everything into NumPy", "baseline"), ("ours: streaming tf.data", "ours")):
+            peak, base = d[key]["peak_rss_mb"]["median"], d[key]["rss_after_import_mb"]["median"]
+            lines.append(f"| {label} | {_cell(d[key]['images_per_s'], '.0f')} | {peak:.0f} | {base:.0f} | {peak - base:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str]) -> tuple[BenchConfig, str]:
+    """Two passes, as train.py's --preset: the mode first, then every flag defaults to its value."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--mode", choices=sorted(MODES), default="full")
+    pre.add_argument("--quick", action="store_true")
+    known, _ = pre.parse_known_args(argv)
+    mode = "quick" if known.quick else known.mode
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=sorted(MODES), default="full", help="full (the original's sizes), quick, smoke (tests)")
+    parser.add_argument("--quick", action="store_true", help="same as --mode quick")
+    cfg.add_dataclass_arguments(parser, BenchConfig, MODES[mode])
+    args = parser.parse_args(argv)
+    bench = cfg.dataclass_from_args(BenchConfig, args)
+    unknown = set(bench.only) - set(BENCHMARKS)
+    if unknown:
+        parser.error(f"--only: unknown benchmark(s) {' '.join(sorted(unknown))}; choose from {' '.join(BENCHMARKS)}")
+    return bench, mode
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["data-worker"]:  # internal: one data approach in a fresh process
+        approach, folder, size, batch = argv[1:5]
+        print(json.dumps(data_worker(approach, folder, int(size), int(batch))))
+        return 0
+    bench, mode = parse_args(argv)
+    results = {"mode": mode, "settings": dataclasses.asdict(bench), "machine": machine()}
+    print(f"bench.py --mode {mode} on {results['machine']['cpu']} ({results['machine']['cores']} cores)", flush=True)
+    steps = {"unet": bench_unet, "ae": bench_autoencoder, "sampling": bench_sampling, "data": bench_data}
+    for name in BENCHMARKS:
+        if name in bench.only:
+            print(f"{name}:", flush=True)
+            start = time.perf_counter()
+            with dtype_policy("float32"):  # each benchmark sets its own; nothing leaks out
+                results[name] = steps[name](bench)
+            print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
+    results["headline"] = headline(results)
+    cfg.write_json_atomic(results, bench.json)
+    text = markdown(results, bench, mode)
+    tmp = bench.markdown + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, bench.markdown)
+    for key, value in results["headline"].items():
+        print(f"{key}: {value:.3g}")
+    print(f"wrote {bench.markdown}, {bench.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Reliability guarantees of train.py, each proven by a run that could break them:
+SIGKILL at several points then --resume (every epoch once, the same weights as an
+uninterrupted run under op determinism), and bad input (one line, exit 1, nothing written)."""
+import builtins
+import csv
+import glob
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+import train
+from conftest import ROOT, RUN_FLAGS, TINY
+
+KILLED_TRAIN = os.path.join(ROOT, "tests", "killed_train.py")
+
+
+def history_epochs(path):
+    with open(path, newline="") as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]
+
+
+def h5_arrays(path):
+    """{dataset path: array} of every array in a .weights.h5 file."""
+    arrays = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, item: arrays.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset) else None)
+    return arrays
+
+
+def snapshot(folder):
+    """{relative path: sha256} of every file and folder under `folder`."""
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            out[os.path.relpath(os.path.join(root, name), folder) + "/"] = ""
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def train_process(args, kill_point=None):
+    """train.py in a fresh process (killed at `kill_point` if given); returns CompletedProcess."""
+    command = [sys.executable, KILLED_TRAIN, kill_point] if kill_point else [sys.executable, os.path.join(ROOT, "train.py")]
+    return subprocess.run(command + args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_run(tiny_data, tmp_path):
+    """One run killed four times (mid-epoch, between the stages, right after a checkpoint,
+    while a checkpoint is being written), resumed after each kill: it finishes with every
+    epoch in the histories exactly once, no partial file, and, with --deterministic, the
+    very weights of a run that was never interrupted."""
+    flags = RUN_FLAGS + ["--data", tiny_data, "--ae-epochs", "2", "--ldm-epochs", "2", "--deterministic"]
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    uninterrupted = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")] + flags + ["--out", straight],
+                                     cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    for i, point in enumerate(["autoencoder-epoch-2", "between-stages", "after-diffusion-checkpoint-1",
+                               "writing-diffusion-checkpoint-2"]):
+        result = train_process(flags + ["--out", killed] + (["--resume"] if i else []), kill_point=point)
+        assert result.returncode == -signal.SIGKILL, (point, result.stderr[-3000:])
+    assert os.path.exists(os.path.join(killed, "checkpoints", "diffusion", "partial-epoch-0002.weights.h5"))
+    assert not os.path.exists(os.path.join(killed, "unet.weights.h5"))
+
+    result = train_process(flags + ["--out", killed, "--resume"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming the diffusion model after epoch 1" in result.stdout
+    assert uninterrupted.wait(timeout=600) == 0, uninterrupted.stderr.read()[-3000:]
+
+    for stage in ["autoencoder", "diffusion"]:
+        assert history_epochs(os.path.join(killed, f"history_{stage}.csv")) == [0, 1]
+        assert [os.path.basename(p) for p in sorted(glob.glob(os.path.join(killed, "checkpoints", stage, "*")))] == [
+            "epoch-0001.weights.h5", "epoch-0002.weights.h5"]
+    for name in ["encoder", "decoder", "unet", "unet_ema"]:
+        ours, reference = h5_arrays(os.path.join(killed, f"{name}.weights.h5")), h5_arrays(os.path.join(straight, f"{name}.weights.h5"))
+        assert ours.keys() == reference.keys() and ours
+        for key in ours:
+            np.testing.assert_allclose(ours[key], reference[key], rtol=0, atol=1e-6, err_msg=f"{name}: {key}")
+    # The final checkpoints hold the same optimizer state and random-stream counters too.
+    ours = h5_arrays(os.path.join(killed, "checkpoints", "diffusion", "epoch-0002.weights.h5"))
+    reference = h5_arrays(os.path.join(straight, "checkpoints", "diffusion", "epoch-0002.weights.h5"))
+    assert ours.keys() == reference.keys()
+    for key in ours:
+        np.testing.assert_allclose(ours[key], reference[key], rtol=0, atol=1e-6, err_msg=key)
+
+
+def write_garbage_pngs(folder, n):
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"slice_{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really" * i)
+    return str(folder)
+
+
+BAD_INPUT = {
+    "missing data": (["--data", "{tmp}/nowhere"], "data folder not found: {tmp}/nowhere"),
+    "empty data": (["--data", "{tmp}/empty"], "no PNG images in {tmp}/empty"),
+    "unreadable data": (["--data", "{tmp}/garbage"], "no usable training image in {tmp}/garbage: all 3 PNG files are unreadable"),
+    "size vs levels": (["--image-size", "20"], "--image-size 20 must be divisible by 8"),
+    "zero epochs": (["--ae-epochs", "0"], "--ae-epochs must be positive, got 0"),
+    "negative epochs": (["--ldm-epochs", "-2"], "--ldm-epochs must be positive, got -2"),
+    "zero batch": (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+    "zero lr": (["--lr", "0"], "--lr must be positive, got 0.0"),
+    "unknown precision": (["--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
+    "unknown flag": (["--epochs", "3"], "unrecognized arguments: --epochs 3"),
+    "bad number": (["--batch-size", "many"], "argument --batch-size: invalid int value: 'many'"),
+    "out inside a file": (["--out", "{tmp}/notes.txt/run"], "cannot create {tmp}/notes.txt/run: Not a directory"),
+    "existing run": (["--out", "{tmp}/old"], "{tmp}/old already holds a run; add --resume to continue it"),
+    "resume nothing": (["--out", "{tmp}/new", "--resume"], "{tmp}/new holds no run (no config.json) to resume"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_is_one_line_exit_1_and_writes_nothing(case, tiny_data, tmp_path, capsys):
+    flags, message = BAD_INPUT[case]
+    (tmp_path / "empty").mkdir()
+    write_garbage_pngs(tmp_path / "garbage", 5)  # a flat folder: 3 train, 1 validate, 1 test
+    (tmp_path / "notes.txt").write_text("not a folder")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text('{"precious": true}')
+    before = snapshot(tmp_path)
+    argv = TINY + ["--data", tiny_data, "--out", str(tmp_path / "new")] + [f.format(tmp=tmp_path) for f in flags]
+
+    code = train.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(err) == 1 and err[0].startswith("error: " + message.format(tmp=tmp_path)), err
+    assert snapshot(tmp_path) == before  # nothing written, not even an empty run folder
+
+
+def test_full_disk_is_refused_before_training(tiny_data, tmp_path, monkeypatch, capsys):
+    """The 1 MiB probe write goes to /dev/full (ENOSPC): one line, and no run folder is left."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    real_open = builtins.open
+
+    def full_disk(path, *args, **kwargs):
+        return real_open("/dev/full" if str(path).endswith(".write-test") else path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full_disk)
+    out = tmp_path / "run"
+    code = train.main(TINY + ["--data", tiny_data, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err == [f"error: cannot write to {out}: No space left on device"], err
+    assert not out.exists()
+
+
+def test_debug_flag_and_variable_show_the_traceback(tmp_path, monkeypatch):
+    with pytest.raises(train.UserError, match="must be positive"):
+        train.main(["--lr", "0", "--out", str(tmp_path / "a"), "--debug"])
+    monkeypatch.setenv("OASIS_LDM_DEBUG", "1")
+    with pytest.raises(train.UserError, match="invalid choice"):
+        train.main(["--precision", "fp8"])
