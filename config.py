@@ -30,7 +30,7 @@ STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 STAGES = ("all", "ae", "ldm")
 
 
-def _opt(default, help, **extra):
+def option(default, help, **extra):
     """A dataclass field with a help line (argparse reads it from `metadata`)."""
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: tuple(default), metadata={"help": help, **extra})
@@ -39,60 +39,60 @@ def _opt(default, help, **extra):
 
 @dataclass
 class DataConfig:
-    data: str | None = _opt(None, "folder of PNG slices (OASIS layout or flat); default: the demo data set")
-    image_size: int = _opt(64, "images are resized to image_size × image_size")
-    flip: bool = _opt(True, "random left-right flips (autoencoder) and flipped copies of the latents")
+    data: str | None = option(None, "folder of PNG slices (OASIS layout or flat); default: the demo data set")
+    image_size: int = option(64, "images are resized to image_size × image_size")
+    flip: bool = option(True, "random left-right flips (autoencoder) and flipped copies of the latents")
 
 
 @dataclass
 class AutoencoderConfig:
-    ae_base_channels: int = _opt(16, "autoencoder width at full resolution")
-    ae_channel_mults: tuple[int, ...] = _opt((1, 2, 4), "width multipliers per level; 3 levels = downsample ×4")
-    ae_blocks_per_level: int = _opt(1, "residual blocks per autoencoder level")
-    latent_channels: int = _opt(4, "channels of the latent (the original: 1)")
-    ae_norm: str = _opt("group", "autoencoder normalisation (the original: batch)", choices=("batch", "group"))
+    ae_base_channels: int = option(16, "autoencoder width at full resolution")
+    ae_channel_mults: tuple[int, ...] = option((1, 2, 4), "width multipliers per level; 3 levels = downsample ×4")
+    ae_blocks_per_level: int = option(1, "residual blocks per autoencoder level")
+    latent_channels: int = option(4, "channels of the latent (the original: 1)")
+    ae_norm: str = option("group", "autoencoder normalisation (the original: batch)", choices=("batch", "group"))
     # choices: the same tuple as modules.AUTOENCODER_ACTIVATIONS (a test keeps them equal)
-    ae_activation: str = _opt("relu", "autoencoder activation", choices=("relu", "silu", "gelu", "elu", "leaky_relu"))
+    ae_activation: str = option("relu", "autoencoder activation", choices=("relu", "silu", "gelu", "elu", "leaky_relu"))
 
 
 @dataclass
 class UNetConfig:
-    unet_dim: int = _opt(32, "UNet base width")
-    unet_dim_mults: tuple[int, ...] = _opt((1, 2, 4), "UNet width multipliers per level")
-    unet_groups: int = _opt(8, "GroupNorm groups in the UNet's ResNet blocks")
-    attn_heads: int = _opt(4, "attention heads")
-    attn_dim_head: int = _opt(32, "width of one attention head")
+    unet_dim: int = option(32, "UNet base width")
+    unet_dim_mults: tuple[int, ...] = option((1, 2, 4), "UNet width multipliers per level")
+    unet_groups: int = option(8, "GroupNorm groups in the UNet's ResNet blocks")
+    attn_heads: int = option(4, "attention heads")
+    attn_dim_head: int = option(32, "width of one attention head")
 
 
 @dataclass
 class DiffusionConfig:
-    timesteps: int = _opt(1000, "diffusion steps T")
-    schedule: str = _opt("linear", "noise schedule", choices=("linear", "cosine"))
-    beta_start: float = _opt(1e-4, "linear schedule: first β")
-    beta_end: float = _opt(0.02, "linear schedule: last β")
-    ema_decay: float = _opt(0.999, "decay of the UNet's exponential moving average (used for sampling)")
+    timesteps: int = option(1000, "diffusion steps T")
+    schedule: str = option("linear", "noise schedule", choices=("linear", "cosine"))
+    beta_start: float = option(1e-4, "linear schedule: first β")
+    beta_end: float = option(0.02, "linear schedule: last β")
+    ema_decay: float = option(0.999, "decay of the UNet's exponential moving average (used for sampling)")
 
 
 @dataclass
 class TrainConfig:
-    out: str = _opt("runs/demo", "run directory (refused if it holds a run, unless --resume)")
-    stage: str = _opt("all", "what to train: ae, ldm (needs a trained autoencoder in --out) or all", choices=STAGES)
-    ae_epochs: int = _opt(10, "autoencoder epochs")
-    ae_steps_per_epoch: int = _opt(50, "autoencoder steps per epoch (0: one pass over the data)")
-    ae_lr: float = _opt(1e-3, "autoencoder learning rate (Adam)")
-    ldm_epochs: int = _opt(20, "diffusion epochs")
-    ldm_steps_per_epoch: int = _opt(100, "diffusion steps per epoch (0: one pass over the latents)")
-    lr: float = _opt(5e-4, "diffusion learning rate (Adam)")
-    batch_size: int = _opt(32, "global batch size (split across devices)")
-    precision: str = _opt(
+    out: str = option("runs/demo", "run directory (refused if it holds a run, unless --resume)")
+    stage: str = option("all", "what to train: ae, ldm (needs a trained autoencoder in --out) or all", choices=STAGES)
+    ae_epochs: int = option(10, "autoencoder epochs")
+    ae_steps_per_epoch: int = option(50, "autoencoder steps per epoch (0: one pass over the data)")
+    ae_lr: float = option(1e-3, "autoencoder learning rate (Adam)")
+    ldm_epochs: int = option(20, "diffusion epochs")
+    ldm_steps_per_epoch: int = option(100, "diffusion steps per epoch (0: one pass over the latents)")
+    lr: float = option(5e-4, "diffusion learning rate (Adam)")
+    batch_size: int = option(32, "global batch size (split across devices)")
+    precision: str = option(
         "auto", "compute precision, variables stay float32; auto: mixed_bfloat16 on a CPU with native bf16 "
         "(AVX512-BF16/AMX), else float32", choices=PRECISIONS)
-    xla: bool = _opt(False, "compile train steps with XLA (jit_compile)")
-    strategy: str = _opt("auto", "tf.distribute: auto (mirrored if >1 GPU), default, mirrored, multiworker (TF_CONFIG)", choices=STRATEGIES)
-    sample_every: int = _opt(5, "log a few samples to TensorBoard every N diffusion epochs (0: never)")
-    keep_checkpoints: int = _opt(3, "how many of the newest checkpoints to keep")
-    seed: int = _opt(0, "random seed for data order, initialisation, t and ε")
-    deterministic: bool = _opt(
+    xla: bool = option(False, "compile train steps with XLA (jit_compile)")
+    strategy: str = option("auto", "tf.distribute: auto (mirrored if >1 GPU), default, mirrored, multiworker (TF_CONFIG)", choices=STRATEGIES)
+    sample_every: int = option(5, "log a few samples to TensorBoard every N diffusion epochs (0: never)")
+    keep_checkpoints: int = option(3, "how many of the newest checkpoints to keep")
+    seed: int = option(0, "random seed for data order, initialisation, t and ε")
+    deterministic: bool = option(
         False, "TensorFlow op determinism: the same seed gives the same weights bit for bit, interrupted and "
         "resumed or not (slower; exact on CPU)")
 

@@ -147,7 +147,7 @@ def check_writable(run_dir: str) -> None:
 
 def resolve_precision(precision: str) -> str:
     """`auto` → mixed_bfloat16 on a CPU-only machine whose CPU computes bf16 natively
-    (bench.py measured it ~1.5× faster there for both networks), float32 everywhere else:
+    (bench.py: 1.39× float32's images/s for the UNet, 1.71× for the autoencoder), float32 elsewhere:
     on a GPU, choose mixed_float16 / mixed_bfloat16 explicitly."""
     if precision != "auto":
         return precision
