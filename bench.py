@@ -244,19 +244,15 @@ def bench_unet(bench: BenchConfig) -> dict:
     rng = np.random.default_rng(0)
     seconds = time_calls(lambda: [original_unet_step(unet, optimizer, schedule, x0, rng) for _ in range(bench.unet_steps)],
                          bench.warmup, bench.repeats)
-    result = {"baseline": throughput(seconds, images), "ours": {}, "params": unet.count_params()}
+    result = {"baseline": throughput(seconds, images), "params": unet.count_params()}
     forget(unet)
 
-    for precision, xla in variants(bench):
-        config = run_config(bench, precision, xla)
-        with dtype_policy(precision):
-            model = train.build_diffusion(config)
-            train.compile_diffusion(model, config)
-        step = compiled_step(model, x0)
-        seconds = time_calls(lambda: [step() for _ in range(bench.unet_steps)], bench.warmup, bench.repeats)
-        result["ours"][variant_name(precision, xla)] = throughput(seconds, images)
-        print(f"  unet {variant_name(precision, xla)}: {result['ours'][variant_name(precision, xla)]['median']:.1f} images/s", flush=True)
-        forget(model)
+    def build(config):
+        model = train.build_diffusion(config)
+        train.compile_diffusion(model, config)
+        return model
+
+    result["ours"] = time_compiled_variants(bench, "unet", build, x0, bench.unet_steps, images)
     return result
 
 
@@ -273,21 +269,33 @@ def bench_autoencoder(bench: BenchConfig) -> dict:
         optimizer = keras.optimizers.Adam(config.train.ae_lr)
     seconds = time_calls(lambda: [original_autoencoder_step(autoencoder, optimizer, x) for _ in range(bench.ae_steps)],
                          bench.warmup, bench.repeats)
-    result = {"baseline": throughput(seconds, images), "ours": {}, "params": autoencoder.count_params()}
+    result = {"baseline": throughput(seconds, images), "params": autoencoder.count_params()}
     forget(autoencoder)
 
-    for precision, xla in variants(bench):
-        config = run_config(bench, precision, xla)
+    def build(config):
         config.data.image_size = size
-        with dtype_policy(precision):
-            autoencoder = train.build_autoencoder(config)
-            train.compile_autoencoder(autoencoder, config)
-        step = compiled_step(autoencoder, (x, x))
-        seconds = time_calls(lambda: [step() for _ in range(bench.ae_steps)], bench.warmup, bench.repeats)
-        result["ours"][variant_name(precision, xla)] = throughput(seconds, images)
-        print(f"  autoencoder {variant_name(precision, xla)}: {result['ours'][variant_name(precision, xla)]['median']:.1f} images/s", flush=True)
-        forget(autoencoder)
+        autoencoder = train.build_autoencoder(config)
+        train.compile_autoencoder(autoencoder, config)
+        return autoencoder
+
+    result["ours"] = time_compiled_variants(bench, "autoencoder", build, (x, x), bench.ae_steps, images)
     return result
+
+
+def time_compiled_variants(bench: BenchConfig, label: str, build, batch, steps: int, images: int) -> dict:
+    """{variant name: images/s} of train.py's compiled train step in each (precision, XLA)
+    variant; `build(config)` returns the compiled model for a config of `run_config`."""
+    out = {}
+    for precision, xla in variants(bench):
+        with dtype_policy(precision):
+            model = build(run_config(bench, precision, xla))
+        step = compiled_step(model, batch)
+        seconds = time_calls(lambda: [step() for _ in range(steps)], bench.warmup, bench.repeats)
+        name = variant_name(precision, xla)
+        out[name] = throughput(seconds, images)
+        print(f"  {label} {name}: {out[name]['median']:.1f} images/s", flush=True)
+        forget(model)
+    return out
 
 
 # ---------------------------------------------------------------------------- 3: sampling
