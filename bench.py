@@ -1,7 +1,9 @@
 """Speed and memory of oasis-ldm, each against a re-implementation of the original design's approach.
 
-    python bench.py            # the original's sizes, median of 3 repeats: ~25 min on 2 CPU cores
-    python bench.py --quick    # demo-size networks, 2 repeats, no XLA: a sanity check in under 5 minutes
+    python bench.py                     # the original's sizes, median of 3 repeats: ~21 min on 2 CPU cores
+    python bench.py --quick             # demo-size networks, 2 repeats, no XLA: a check in under 5 minutes
+    python bench.py --only unet data    # some of the four measurements
+    python bench.py --render bench.json # measure nothing, re-write BENCHMARKS.md from the JSON
 
 Writes BENCHMARKS.md (tables) and bench.json (the same figures). Every figure is a ratio
 against a baseline measured in the same process (or, for memory, the same run), so a
@@ -553,7 +555,8 @@ def markdown(results: dict, bench: BenchConfig, mode: str) -> str:
     for key, value in h.items():
         goal, check = goals.get(key, ("", None))
         verdict = "" if check is None else (" met" if check(value) else " **missed**")
-        lines.append(f"| `{key}` | {value:.3g} | {goal}{verdict} |")
+        shown = f"{value:,.0f}" if value >= 1000 else f"{value:.3g}"
+        lines.append(f"| `{key}` | {shown} | {goal}{verdict} |")
     lines.append("")
 
     if "unet" in results:
