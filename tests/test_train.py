@@ -1,5 +1,5 @@
-"""train.py end to end on tiny sizes: the run directory, resume, a NaN stop, and a
-MirroredStrategy run on two logical CPU devices (bad input and kills: test_reliability.py)."""
+"""train.py end to end on tiny sizes: the run directory, a NaN stop, and a MirroredStrategy
+run on two logical CPU devices (kills, resume and bad input: test_reliability.py)."""
 import csv
 import json
 import os
@@ -39,45 +39,6 @@ def test_end_to_end_run_directory(tiny_data, tmp_path):
     assert [p.name for p in sorted((out / "checkpoints" / "diffusion").iterdir())] == ["epoch-0001.weights.h5", "epoch-0002.weights.h5"]
 
 
-class Interrupt(Exception):
-    pass
-
-
-def test_resume_continues_after_an_interruption(tiny_ae_run, tiny_data, tmp_path, monkeypatch, capsys):
-    """Stop the diffusion stage right after its 2nd checkpoint; --resume runs epochs 3-4 only."""
-    out = copy_of(tiny_ae_run, tmp_path / "run")
-    argv = RUN_FLAGS + ["--data", tiny_data, "--out", out, "--ldm-epochs", "4", "--resume"]
-    save_checkpoint = train.EpochCheckpoint.on_epoch_end
-
-    def save_then_die(self, epoch, logs=None):
-        save_checkpoint(self, epoch, logs)
-        if "diffusion" in self.directory and epoch == 1:
-            raise Interrupt("killed")
-
-    monkeypatch.setattr(train.EpochCheckpoint, "on_epoch_end", save_then_die)
-    with pytest.raises(Interrupt):
-        train.main(argv)
-    monkeypatch.undo()
-    interrupted = os.path.join(out, "checkpoints", "diffusion", "epoch-0002.weights.h5")
-    assert os.path.exists(interrupted)
-    assert not os.path.exists(os.path.join(out, "unet.weights.h5"))
-
-    capsys.readouterr()
-    assert train.main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "autoencoder: trained, loaded" in printed
-    assert "resuming the diffusion model after epoch 2" in printed
-    assert history_epochs(os.path.join(out, "history_diffusion.csv")) == [0, 1, 2, 3]
-    assert history_epochs(os.path.join(out, "history_autoencoder.csv")) == [0]
-    assert not os.path.exists(os.path.join(tiny_ae_run, "checkpoints", "diffusion"))  # a copied run writes to its copy
-
-    # The resumed weights are the trained ones, not a fresh initialisation.
-    model = train.build_diffusion(train.cfg.load_config(os.path.join(out, "config.json")))
-    fresh = [w.copy() for w in model.network.get_weights()]
-    model.network.load_weights(os.path.join(out, "unet.weights.h5"))
-    assert any(not np.allclose(a, b) for a, b in zip(fresh, model.network.get_weights()))
-
-
 def test_non_finite_loss_stops_with_one_line_and_keeps_the_good_checkpoint(tiny_ae_run, tiny_data, tmp_path, capsys):
     """An absurd diffusion learning rate blows the loss up in epoch 2: exit 1, one clear
     line naming the stage and epoch, epoch 1's checkpoint still loadable and finite."""
@@ -95,6 +56,7 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_good_checkpoint(tiny_
     model = train.build_diffusion(train.cfg.load_config(os.path.join(out, "config.json")))
     model.load_weights(os.path.join(checkpoints, "epoch-0001.weights.h5"))
     assert all(np.isfinite(w).all() for w in model.network.get_weights())
+    assert not os.path.exists(os.path.join(tiny_ae_run, "checkpoints", "diffusion"))  # a copied run writes to its copy
 
 
 def test_unknown_preset_is_one_line(capsys):
