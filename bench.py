@@ -58,7 +58,7 @@ import tensorflow as tf  # noqa: E402
 import config as cfg  # noqa: E402
 import dataset  # noqa: E402
 import train  # noqa: E402
-from diffusion import epsilon_mse, make_schedule, q_sample  # noqa: E402
+from diffusion import epsilon_mse, make_schedule  # noqa: E402
 from predict import dtype_policy  # noqa: E402
 
 BENCHMARKS = ("unet", "ae", "sampling", "data")
@@ -166,12 +166,6 @@ def compiled_step(model: keras.Model, batch) -> callable:
     return lambda: float(model.train_function(iterator)["loss"])
 
 
-def forget(model) -> None:
-    """Free a model before the next variant is built, so variants do not share memory pressure."""
-    del model
-    keras.backend.clear_session()
-
-
 # ---------------------------------------------------------------------------- the original's approach
 
 
@@ -247,7 +241,7 @@ def bench_unet(bench: BenchConfig) -> dict:
     seconds = time_calls(lambda: [original_unet_step(unet, optimizer, schedule, x0, rng) for _ in range(bench.unet_steps)],
                          bench.warmup, bench.repeats)
     result = {"baseline": throughput(seconds, images), "params": unet.count_params()}
-    forget(unet)
+    keras.backend.clear_session()  # drop this model's graphs before the next one
 
     def build(config):
         model = train.build_diffusion(config)
@@ -272,7 +266,7 @@ def bench_autoencoder(bench: BenchConfig) -> dict:
     seconds = time_calls(lambda: [original_autoencoder_step(autoencoder, optimizer, x) for _ in range(bench.ae_steps)],
                          bench.warmup, bench.repeats)
     result = {"baseline": throughput(seconds, images), "params": autoencoder.count_params()}
-    forget(autoencoder)
+    keras.backend.clear_session()  # drop this model's graphs before the next one
 
     def build(config):
         config.data.image_size = size
@@ -296,7 +290,7 @@ def time_compiled_variants(bench: BenchConfig, label: str, build, batch, steps: 
         name = variant_name(precision, xla)
         out[name] = throughput(seconds, images)
         print(f"  {label} {name}: {out[name]['median']:.1f} images/s", flush=True)
-        forget(model)
+        keras.backend.clear_session()  # drop this model's graphs before the next one
     return out
 
 
@@ -331,7 +325,7 @@ def bench_sampling(bench: BenchConfig) -> dict:
         seconds = time_calls(lambda: ours(sampler, sampler_steps), bench.warmup, bench.repeats)
         result["ours"][name] = summary(seconds)
         print(f"  sampling {name}: {result['ours'][name]['median']:.2f} s", flush=True)
-    forget(diffusion)
+    keras.backend.clear_session()  # drop this model's graphs before the next one
     return result
 
 

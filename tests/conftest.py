@@ -1,5 +1,7 @@
 """Shared pytest set-up: quiet TensorFlow logs, a fresh Keras state per test, and the tiny
 data set and tiny trained run that the train, predict and evaluate tests share."""
+import csv
+import hashlib
 import os
 import shutil
 
@@ -72,3 +74,23 @@ def tiny_run(tiny_ae_run, tiny_data, tmp_path_factory):
     out = copy_of(tiny_ae_run, tmp_path_factory.mktemp("runs") / "tiny")
     assert train.main(RUN_FLAGS + ["--data", tiny_data, "--out", out, "--stage", "ldm"]) == 0
     return out
+
+
+def snapshot(folder) -> dict:
+    """{relative path: sha256} of every file, and {relative path + "/": ""} of every folder,
+    under `folder`: compare two to assert that nothing was written."""
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            out[os.path.relpath(os.path.join(root, name), folder) + "/"] = ""
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def history_epochs(path) -> list[int]:
+    """The epoch column of a history CSV."""
+    with open(path, newline="") as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]

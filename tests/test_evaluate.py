@@ -10,7 +10,8 @@ import tensorflow as tf
 
 import evaluate
 import predict
-from test_predict import copy_run, snapshot
+from conftest import snapshot
+from test_predict import copy_run
 
 
 @pytest.fixture

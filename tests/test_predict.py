@@ -1,7 +1,6 @@
 """predict.py on one tiny trained run: the files it writes, determinism under a seed,
 the interpolation (and the `initial_noise` argument of the samplers it relies on),
 choosing the run, and the one-line errors that leave the run untouched."""
-import hashlib
 import os
 import shutil
 import subprocess
@@ -15,7 +14,7 @@ from PIL import Image
 import config as cfg
 import predict
 import train
-from conftest import ROOT
+from conftest import ROOT, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -30,17 +29,6 @@ def copy_run(run_dir, dest, without=()):
         if name not in without:
             shutil.copy2(os.path.join(run_dir, name), dest)
     return str(dest)
-
-
-def snapshot(folder):
-    """{relative path: sha256} of every file under `folder`."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 FAST = ["--n", "4", "--steps", "4", "--batch-size", "4"]

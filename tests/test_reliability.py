@@ -2,9 +2,7 @@
 SIGKILL at several points then --resume (every epoch once, the same weights as an
 uninterrupted run under op determinism), and bad input (one line, exit 1, nothing written)."""
 import builtins
-import csv
 import glob
-import hashlib
 import os
 import signal
 import subprocess
@@ -15,14 +13,9 @@ import numpy as np
 import pytest
 
 import train
-from conftest import ROOT, RUN_FLAGS, TINY
+from conftest import ROOT, RUN_FLAGS, TINY, history_epochs, snapshot
 
 KILLED_TRAIN = os.path.join(ROOT, "tests", "killed_train.py")
-
-
-def history_epochs(path):
-    with open(path, newline="") as f:
-        return [int(row["epoch"]) for row in csv.DictReader(f)]
 
 
 def h5_arrays(path):
@@ -31,19 +24,6 @@ def h5_arrays(path):
     with h5py.File(path, "r") as f:
         f.visititems(lambda name, item: arrays.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset) else None)
     return arrays
-
-
-def snapshot(folder):
-    """{relative path: sha256} of every file and folder under `folder`."""
-    out = {}
-    for root, dirs, files in os.walk(folder):
-        for name in dirs:
-            out[os.path.relpath(os.path.join(root, name), folder) + "/"] = ""
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 def train_process(args, kill_point=None):

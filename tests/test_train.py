@@ -1,6 +1,5 @@
 """train.py end to end on tiny sizes: the run directory, a NaN stop, and a MirroredStrategy
 run on two logical CPU devices (kills, resume and bad input: test_reliability.py)."""
-import csv
 import json
 import os
 import subprocess
@@ -11,12 +10,7 @@ import numpy as np
 import pytest
 
 import train
-from conftest import ROOT, RUN_FLAGS, TINY, copy_of
-
-
-def history_epochs(path):
-    with open(path, newline="") as f:
-        return [int(row["epoch"]) for row in csv.DictReader(f)]
+from conftest import ROOT, RUN_FLAGS, TINY, copy_of, history_epochs
 
 
 def test_end_to_end_run_directory(tiny_data, tmp_path):
