@@ -57,9 +57,8 @@ import tensorflow as tf  # noqa: E402
 
 import config as cfg  # noqa: E402
 import dataset  # noqa: E402
-import train  # noqa: E402
+import runs  # noqa: E402
 from diffusion import epsilon_mse, make_schedule  # noqa: E402
-from predict import dtype_policy  # noqa: E402
 
 BENCHMARKS = ("unet", "ae", "sampling", "data")
 option = cfg.option
@@ -234,8 +233,8 @@ def bench_unet(bench: BenchConfig) -> dict:
     config = run_config(bench)
     schedule = make_schedule("linear", bench.timesteps)
 
-    with dtype_policy("float32"):
-        unet = train.build_diffusion(config).network
+    with runs.dtype_policy("float32"):
+        unet = runs.build_diffusion(config).network
         optimizer = keras.optimizers.Adam(config.train.lr)
     rng = np.random.default_rng(0)
     seconds = time_calls(lambda: [original_unet_step(unet, optimizer, schedule, x0, rng) for _ in range(bench.unet_steps)],
@@ -244,8 +243,8 @@ def bench_unet(bench: BenchConfig) -> dict:
     keras.backend.clear_session()  # drop this model's graphs before the next one
 
     def build(config):
-        model = train.build_diffusion(config)
-        train.compile_diffusion(model, config)
+        model = runs.build_diffusion(config)
+        runs.compile_diffusion(model, config)
         return model
 
     result["ours"] = time_compiled_variants(bench, "unet", build, x0, bench.unet_steps, images)
@@ -260,8 +259,8 @@ def bench_autoencoder(bench: BenchConfig) -> dict:
     config = run_config(bench)
     config.data.image_size = size
 
-    with dtype_policy("float32"):
-        autoencoder = train.build_autoencoder(config)
+    with runs.dtype_policy("float32"):
+        autoencoder = runs.build_autoencoder(config)
         optimizer = keras.optimizers.Adam(config.train.ae_lr)
     seconds = time_calls(lambda: [original_autoencoder_step(autoencoder, optimizer, x) for _ in range(bench.ae_steps)],
                          bench.warmup, bench.repeats)
@@ -270,8 +269,8 @@ def bench_autoencoder(bench: BenchConfig) -> dict:
 
     def build(config):
         config.data.image_size = size
-        autoencoder = train.build_autoencoder(config)
-        train.compile_autoencoder(autoencoder, config)
+        autoencoder = runs.build_autoencoder(config)
+        runs.compile_autoencoder(autoencoder, config)
         return autoencoder
 
     result["ours"] = time_compiled_variants(bench, "autoencoder", build, (x, x), bench.ae_steps, images)
@@ -283,7 +282,7 @@ def time_compiled_variants(bench: BenchConfig, label: str, build, batch, steps: 
     variant; `build(config)` returns the compiled model for a config of `run_config`."""
     out = {}
     for precision, xla in variants(bench):
-        with dtype_policy(precision):
+        with runs.dtype_policy(precision):
             model = build(run_config(bench, precision, xla))
         step = compiled_step(model, batch)
         seconds = time_calls(lambda: [step() for _ in range(steps)], bench.warmup, bench.repeats)
@@ -301,9 +300,9 @@ def bench_sampling(bench: BenchConfig) -> dict:
     """Seconds to `samples` decoded images: the original's sampler against predict.py's."""
     config = run_config(bench)
     h, c = bench.latent_size, bench.latent_channels
-    with dtype_policy("float32"):  # predict.py samples in float32
-        diffusion = train.build_diffusion(config)
-        decoder = train.build_autoencoder(config).decoder
+    with runs.dtype_policy("float32"):  # predict.py samples in float32
+        diffusion = runs.build_diffusion(config)
+        decoder = runs.build_autoencoder(config).decoder
     unet, schedule, n = diffusion.ema_network, diffusion.schedule, bench.samples
 
     steps = bench.baseline_sample_steps or bench.timesteps
@@ -430,7 +429,7 @@ def machine() -> dict:
             for g in tf.config.list_physical_devices("GPU")]
     return {"cpu": cpu, "cores": os.cpu_count(), "gpus": gpus, "python": platform.python_version(),
             "tensorflow": tf.__version__, "keras": keras.__version__,
-            "date": datetime.date.today().isoformat(), "train_py_precision": train.resolve_precision("auto")}
+            "date": datetime.date.today().isoformat(), "train_py_precision": runs.resolve_precision("auto")}
 
 
 def headline(results: dict) -> dict:
@@ -650,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in bench.only:
             print(f"{name}:", flush=True)
             start = time.perf_counter()
-            with dtype_policy("float32"):  # each benchmark sets its own; nothing leaks out
+            with runs.dtype_policy("float32"):  # each benchmark sets its own; nothing leaks out
                 results[name] = steps[name](bench)
             print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
     results["headline"] = headline(results)

@@ -53,10 +53,10 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import cli  # noqa: E402
 import config as cfg  # noqa: E402
 import dataset  # noqa: E402
-import predict  # noqa: E402
-import train  # noqa: E402
+import runs  # noqa: E402
 
 # Standard MS-SSIM weights of the five scales (Wang et al. 2003), finest first.
 MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -209,10 +209,10 @@ def inception_model(weights_path: str) -> keras.Model:
     Built with weights=None and loaded from `weights_path`, so Keras never tries to download;
     UserError when the file is unreadable or holds other weights.
     """
-    with predict.dtype_policy("float32"):
+    with runs.dtype_policy("float32"):
         model = keras.applications.InceptionV3(include_top=False, weights=None, pooling="avg",
                                                input_shape=(INCEPTION_SIZE, INCEPTION_SIZE, 3))
-    predict.load_weights(model, weights_path, built_from="InceptionV3(include_top=False)")
+    runs.load_weights(model, weights_path, built_from="InceptionV3(include_top=False)")
     return model
 
 
@@ -235,7 +235,7 @@ def inception_scores(samples: np.ndarray, real: np.ndarray, weights: str | None,
         return {"fid": None, "kid": None, "fid_note": f"needs at least 2 samples and 2 real images, got {len(samples)} and {len(real)}"}
     try:
         model = inception_model(path)
-    except train.UserError as e:
+    except cli.UserError as e:
         return {"fid": None, "kid": None, "fid_note": str(e)}
     fa, fb = inception_features(model, samples, batch_size), inception_features(model, real, batch_size)
     return {"fid": fid(fa, fb), "kid": kid(fa, fb),
@@ -260,16 +260,16 @@ def evenly_spaced(paths: list[str], k: int) -> list[str]:
     return [paths[i] for i in np.linspace(0, len(paths) - 1, k).round().astype(int)]
 
 
-def autoencoder_scores(run: predict.Run, paths: list[str], batch_size: int) -> tuple[float | None, float | None]:
-    """Mean SSIM and PSNR (dB) of decoder(encoder(x)) against x over the images of `paths` (train.ssim / train.psnr)."""
+def autoencoder_scores(run: runs.Run, paths: list[str], batch_size: int) -> tuple[float | None, float | None]:
+    """Mean SSIM and PSNR (dB) of decoder(encoder(x)) against x over the images of `paths` (runs.ssim / runs.psnr)."""
     if not paths:
         return None, None
     total_ssim = total_psnr = count = 0.0
     for x in dataset.make_dataset(paths, run.config.data.image_size, batch_size, shuffle=False):
         recon = run.autoencoder.decoder(run.autoencoder.encoder(x, training=False), training=False)
         k = int(x.shape[0])
-        total_ssim += float(train.ssim(x, recon)) * k
-        total_psnr += float(train.psnr(x, recon)) * k
+        total_ssim += float(runs.ssim(x, recon)) * k
+        total_psnr += float(runs.psnr(x, recon)) * k
         count += k
     return total_ssim / count, total_psnr / count
 
@@ -332,7 +332,7 @@ def run_splits(config) -> tuple[str, dict[str, list[str]]]:
     return os.path.abspath(data_dir), dataset.find_splits(data_dir, seed=config.train.seed)
 
 
-def evaluate(run: predict.Run, data_dir: str, splits: dict[str, list[str]], n: int, sampler: str, steps: int,
+def evaluate(run: runs.Run, data_dir: str, splits: dict[str, list[str]], n: int, sampler: str, steps: int,
              eta: float, seed: int, batch_size: int, max_train: int, inception_weights: str | None) -> dict:
     """Every metric of the module docstring for `run`, with its conditions, as a JSON-ready dict.
 
@@ -347,8 +347,8 @@ def evaluate(run: predict.Run, data_dir: str, splits: dict[str, list[str]], n: i
     if not splits["validate"]:
         notes.append("no validation images: ae_* and real_* metrics are null")
 
-    print(f"sampling {n} images ({predict.sampler_label(sampler, steps, eta, config)})", flush=True)
-    samples = predict.generate(run, n, sampler, steps, eta, seed, batch_size).images
+    print(f"sampling {n} images ({runs.sampler_label(sampler, steps, eta, config)})", flush=True)
+    samples = runs.generate(run, n, sampler, steps, eta, seed, batch_size).images
     real = load_images(real_paths, size, batch_size)
 
     print(f"autoencoder on {len(splits['validate'])} validation images", flush=True)
@@ -377,7 +377,7 @@ def evaluate(run: predict.Run, data_dir: str, splits: dict[str, list[str]], n: i
         "steps": steps if sampler == "ddim" else config.diffusion.timesteps,
         "eta": eta if sampler == "ddim" else None,
         "seed": seed,
-        "sampler_label": predict.sampler_label(sampler, steps, eta, config),
+        "sampler_label": runs.sampler_label(sampler, steps, eta, config),
         "image_size": size,
         "data": data_dir,
         "n_train": len(splits["train"]),
@@ -408,11 +408,11 @@ def evaluate(run: predict.Run, data_dir: str, splits: dict[str, list[str]], n: i
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = train.FlagParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", help=f"run folder, or a name under {predict.RUNS_ROOT}/ (default: the newest run)")
+    parser = cli.FlagParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", help=f"run folder, or a name under {runs.RUNS_ROOT}/ (default: the newest run)")
     parser.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
     parser.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="default: ddim")
-    parser.add_argument("--steps", type=int, help=f"DDIM steps, in [1, T] (default: {predict.DEFAULT_STEPS}, or T if smaller)")
+    parser.add_argument("--steps", type=int, help=f"DDIM steps, in [1, T] (default: {runs.DEFAULT_STEPS}, or T if smaller)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (default: 0)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default: 16)")
@@ -425,13 +425,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def run(argv: list[str]) -> None:
     args = parse_args(argv)
-    run_dir = predict.resolve_run(args.run)
-    config = predict.read_config(run_dir)
-    args.steps = predict.choose_steps(config, args.steps)
-    predict.check_sampling_args(config, args.n, args.sampler, args.steps, args.eta, args.seed, args.batch_size)
+    run_dir = runs.resolve_run(args.run)
+    config = runs.read_config(run_dir)
+    args.steps = runs.choose_steps(config, args.steps)
+    runs.check_sampling_args(config, args.n, args.sampler, args.steps, args.eta, args.seed, args.batch_size)
     data_dir, splits = run_splits(config)  # before the models: a missing data folder fails at once
-    loaded = predict.load_run(run_dir, encoder=True)
-    train.check_writable(run_dir)  # metrics.json goes there: fail now, not after the work
+    loaded = runs.load_run(run_dir, encoder=True)
+    runs.check_writable(run_dir)  # metrics.json goes there: fail now, not after the work
     metrics = evaluate(loaded, data_dir, splits, args.n, args.sampler, args.steps, args.eta, args.seed,
                        args.batch_size, args.max_train, args.inception_weights)
     path = os.path.join(loaded.directory, "metrics.json")
@@ -442,7 +442,7 @@ def run(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return train.cli(run, argv)
+    return cli.cli(run, argv)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """The networks of oasis-ldm: the image autoencoder and the latent denoising UNet.
 
 Everything here is a Keras 3 layer or model with a ``get_config``; nothing trains,
-loads data or knows about noise schedules (that lives in ``diffusion.py`` and
-``train.py``).
+loads data or knows about noise schedules (that lives in ``diffusion.py``; building
+the networks a run's config describes lives in ``runs.py``).
 
-Conventions (see DESIGN.md):
+Conventions (those of the whole project):
 
 * tensors are NHWC; images are float32 in [-1, 1]; timesteps are int32 of shape (B,);
 * every shape is read from the tensor (``x.shape`` for the static checks,

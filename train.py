@@ -8,13 +8,9 @@ Reads top to bottom: parse flags → prepare the run directory → stage 1 (auto
 fit, latent scale factor) → stage 2 (encode the training set once, LatentDiffusion fit
 with EMA) → final weights and figures.
 
-Run directory (runs/NAME/):
-    config.json                                   RunConfig, with the latent scale factor
-    encoder.weights.h5, decoder.weights.h5         stage 1 result
-    unet.weights.h5, unet_ema.weights.h5           stage 2 result (sampling uses the EMA)
-    checkpoints/{autoencoder,diffusion}/epoch-NNNN.weights.h5    model + optimizer state
-    history_autoencoder.csv, history_diffusion.csv
-    figures/*.png, logs/{autoencoder,diffusion}/  (TensorBoard)
+Writes the run directory (its layout: runs.py) through runs.py, which also builds the
+models a config describes; this file owns only the training itself: flags, the two
+fits with their callbacks (checkpoints, resume, NaN stop) and the distribution strategy.
 """
 from __future__ import annotations
 
@@ -24,7 +20,6 @@ import glob
 import math
 import os
 import re
-import shutil
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -33,26 +28,16 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import cli  # noqa: E402
 import config as cfg  # noqa: E402
 import dataset  # noqa: E402
 import figures  # noqa: E402
-from diffusion import LatentDiffusion, make_schedule  # noqa: E402
-from modules import AutoEncoder, UNet  # noqa: E402
+import runs  # noqa: E402
+from diffusion import LatentDiffusion  # noqa: E402
+from modules import AutoEncoder  # noqa: E402
 
 # Stage names: checkpoint folders, history files and log folders use them.
 AE, LDM = "autoencoder", "diffusion"
-
-
-class UserError(Exception):
-    """A problem the user can fix (flags, paths, run directory): one line, exit code 1."""
-
-
-class FlagParser(argparse.ArgumentParser):
-    """argparse whose errors (unknown flag, bad value, invalid choice) raise UserError, so that
-    `cli` prints them as one line, instead of a usage block and exit status 2."""
-
-    def error(self, message):
-        raise UserError(f"{message} (see python {self.prog} --help)")
 
 
 # ---------------------------------------------------------------------------- flags
@@ -60,15 +45,15 @@ class FlagParser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str]) -> tuple[cfg.RunConfig, argparse.Namespace]:
     """Two passes: `--preset` first, so that every other flag defaults to the preset's value."""
-    pre = FlagParser(add_help=False)
+    pre = cli.FlagParser(add_help=False)
     pre.add_argument("--preset", default="demo")
     known, _ = pre.parse_known_args(argv)
     try:
         defaults = cfg.preset(known.preset)
     except ValueError as e:
-        raise UserError(str(e)) from None
+        raise cli.UserError(str(e)) from None
 
-    parser = FlagParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.FlagParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="demo", choices=sorted(cfg.PRESETS), help="starting point for every default below")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
@@ -88,36 +73,19 @@ def resolve_config(config: cfg.RunConfig, args: argparse.Namespace, argv: list[s
     config_path = os.path.join(run_dir, "config.json")
     if not (args.resume or config.train.stage == "ldm"):
         if os.path.exists(config_path):
-            raise UserError(f"{run_dir} already holds a run; add --resume to continue it, or choose another --out")
+            raise cli.UserError(f"{run_dir} already holds a run; add --resume to continue it, or choose another --out")
         validate(config)
         return config
 
     if not os.path.exists(config_path):
-        raise UserError(f"{run_dir} holds no run (no config.json) to resume")
-    saved = cfg.load_config(config_path)
+        raise cli.UserError(f"{run_dir} holds no run (no config.json) to resume")
+    saved = runs.read_config(run_dir)
     for name in cfg.explicit_flags(argv) & RESUMABLE_FLAGS:
         setattr(saved.train, name, getattr(config.train, name))
     saved.train.stage = config.train.stage
     saved.train.out = run_dir  # the run may have been moved or copied since it was made
     validate(saved)
     return saved
-
-
-def start_run_dir(config: cfg.RunConfig) -> None:
-    """Create the run directory (or reopen it), check that it takes files, save config.json."""
-    run_dir = config.train.out
-    created = not os.path.exists(run_dir)
-    try:
-        os.makedirs(os.path.join(run_dir, "figures"), exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create {run_dir}: {e.strerror}") from None
-    try:
-        check_writable(run_dir)
-    except UserError:
-        if created:  # leave no empty run folder behind
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    cfg.save_config(config, os.path.join(run_dir, "config.json"))
 
 
 # Flags that may change when a run is resumed: they do not change the shape of any model.
@@ -131,34 +99,7 @@ def validate(config: cfg.RunConfig) -> None:
     try:
         config.validate()
     except ValueError as e:
-        raise UserError(str(e)) from None
-
-
-def check_writable(run_dir: str) -> None:
-    """Fail before training, not after an hour, when the run directory can't be written."""
-    probe = os.path.join(run_dir, ".write-test")
-    try:
-        with open(probe, "wb") as f:
-            f.write(b"\0" * 2**20)  # 1 MiB: catches a full disk too
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write to {run_dir}: {e.strerror}") from None
-
-
-def resolve_precision(precision: str) -> str:
-    """`auto` → mixed_bfloat16 on a CPU-only machine whose CPU computes bf16 natively
-    (bench.py: 1.39× float32's images/s for the UNet, 1.71× for the autoencoder), float32 elsewhere:
-    on a GPU, choose mixed_float16 / mixed_bfloat16 explicitly."""
-    if precision != "auto":
-        return precision
-    if tf.config.list_physical_devices("GPU"):
-        return "float32"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return "float32"
-    return "mixed_bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+        raise cli.UserError(str(e)) from None
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
@@ -258,7 +199,7 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             )
 
 
-class NonFiniteLoss(UserError):
+class NonFiniteLoss(cli.UserError):
     pass
 
 
@@ -277,27 +218,6 @@ def stage_callbacks(run_dir: str, stage: str, config: cfg.RunConfig, resumed: bo
 # ---------------------------------------------------------------------------- stage 1
 
 
-def ssim(y_true, y_pred):
-    """Mean SSIM of images in [-1, 1] (dynamic range 2)."""
-    return tf.reduce_mean(tf.image.ssim(tf.cast(y_true, tf.float32), tf.cast(y_pred, tf.float32), max_val=2.0))
-
-
-def psnr(y_true, y_pred):
-    """Mean PSNR in dB of images in [-1, 1] (dynamic range 2)."""
-    return tf.reduce_mean(tf.image.psnr(tf.cast(y_true, tf.float32), tf.cast(y_pred, tf.float32), max_val=2.0))
-
-
-def build_autoencoder(config: cfg.RunConfig) -> AutoEncoder:
-    """The autoencoder of `config`, built (its constructor creates the weights)."""
-    return AutoEncoder(**config.autoencoder_kwargs())
-
-
-def compile_autoencoder(autoencoder: AutoEncoder, config: cfg.RunConfig) -> None:
-    """Adam on the pixel MSE, SSIM and PSNR as metrics, XLA if --xla (bench.py times this step)."""
-    autoencoder.compile(optimizer=keras.optimizers.Adam(config.train.ae_lr), loss="mse", metrics=[ssim, psnr],
-                        jit_compile=config.train.xla)
-
-
 def train_autoencoder(config: cfg.RunConfig, splits: dict, strategy, resumed: bool) -> AutoEncoder:
     """Fit the autoencoder on (x, x) with MSE; validation SSIM and PSNR each epoch.
 
@@ -309,8 +229,8 @@ def train_autoencoder(config: cfg.RunConfig, splits: dict, strategy, resumed: bo
     size = config.data.image_size
     steps = t.ae_steps_per_epoch or max(1, len(splits["train"]) // t.batch_size)
     with strategy.scope():
-        autoencoder = build_autoencoder(config)
-        compile_autoencoder(autoencoder, config)
+        autoencoder = runs.build_autoencoder(config)
+        runs.compile_autoencoder(autoencoder, config)
         initial_epoch = restore_latest(autoencoder, os.path.join(run_dir, "checkpoints", AE), t.ae_lr) if resumed else 0
 
     train_ds = dataset.make_dataset(
@@ -336,8 +256,8 @@ def train_autoencoder(config: cfg.RunConfig, splits: dict, strategy, resumed: bo
         shuffle=False,  # the tf.data pipeline shuffles; Keras would only warn
         verbose=2,
     )
-    save_weights(autoencoder.encoder, os.path.join(run_dir, "encoder.weights.h5"))
-    save_weights(autoencoder.decoder, os.path.join(run_dir, "decoder.weights.h5"))
+    runs.save_weights(autoencoder.encoder, os.path.join(run_dir, "encoder.weights.h5"))
+    runs.save_weights(autoencoder.decoder, os.path.join(run_dir, "decoder.weights.h5"))
     figures.loss_curves(history_csv, os.path.join(run_dir, "figures", "autoencoder_loss.png"), "autoencoder (MSE)")
     if splits["validate"]:
         originals = next(iter(dataset.make_dataset(splits["validate"][::max(1, len(splits["validate"]) // 8)], size, 8, shuffle=False)))
@@ -345,13 +265,6 @@ def train_autoencoder(config: cfg.RunConfig, splits: dict, strategy, resumed: bo
         recons = autoencoder.decoder(latents, training=False)
         figures.reconstructions(originals.numpy(), latents.numpy(), recons.numpy(), os.path.join(run_dir, "figures", "reconstructions.png"))
     return autoencoder
-
-
-def save_weights(model: keras.Model, path: str) -> None:
-    """`model.save_weights` through a temporary file renamed into place."""
-    tmp = path.replace(".weights.h5", ".partial.weights.h5")
-    model.save_weights(tmp)
-    os.replace(tmp, path)
 
 
 def encode_training_set(encoder: keras.Model, config: cfg.RunConfig, paths: list[str]) -> np.ndarray:
@@ -368,21 +281,6 @@ def encode_training_set(encoder: keras.Model, config: cfg.RunConfig, paths: list
 
 
 # ---------------------------------------------------------------------------- stage 2
-
-
-def build_diffusion(config: cfg.RunConfig) -> LatentDiffusion:
-    """UNet + noise schedule + EMA copy, built for the run's latent shape."""
-    d = config.diffusion
-    schedule = make_schedule(d.schedule, d.timesteps, d.beta_start, d.beta_end)
-    model = LatentDiffusion(UNet(**config.unet_kwargs()), schedule, ema_decay=d.ema_decay, seed=config.train.seed)
-    h, c = config.latent_size, config.autoencoder.latent_channels
-    model.build((None, h, h, c))
-    return model
-
-
-def compile_diffusion(model: LatentDiffusion, config: cfg.RunConfig) -> None:
-    """Adam at --lr, XLA if --xla (bench.py times this step)."""
-    model.compile(optimizer=keras.optimizers.Adam(config.train.lr), jit_compile=config.train.xla)
 
 
 class TensorBoardSamples(keras.callbacks.Callback):
@@ -434,8 +332,8 @@ def train_diffusion(config: cfg.RunConfig, autoencoder: AutoEncoder, latents: np
     steps = t.ldm_steps_per_epoch or max(1, len(latents) // t.batch_size)
     print(f"diffusion: {len(latents)} latents of shape {latents.shape[1:]}, {steps} steps per epoch")
     with strategy.scope():
-        model = build_diffusion(config)
-        compile_diffusion(model, config)
+        model = runs.build_diffusion(config)
+        runs.compile_diffusion(model, config)
         initial_epoch = restore_latest(model, os.path.join(run_dir, "checkpoints", LDM), t.lr) if resumed else 0
     latent_ds = latent_batches(latents, t.batch_size, t.seed, skip=initial_epoch * steps * t.batch_size)
     history_csv = os.path.join(run_dir, f"history_{LDM}.csv")
@@ -447,8 +345,8 @@ def train_diffusion(config: cfg.RunConfig, autoencoder: AutoEncoder, latents: np
     model.fit(latent_ds, epochs=t.ldm_epochs, initial_epoch=initial_epoch, steps_per_epoch=steps, callbacks=callbacks,
               shuffle=False, verbose=2)
 
-    save_weights(model.network, os.path.join(run_dir, "unet.weights.h5"))
-    save_weights(model.ema_network, os.path.join(run_dir, "unet_ema.weights.h5"))
+    runs.save_weights(model.network, os.path.join(run_dir, "unet.weights.h5"))
+    runs.save_weights(model.ema_network, os.path.join(run_dir, "unet_ema.weights.h5"))
     figures.loss_curves(history_csv, os.path.join(run_dir, "figures", "diffusion_loss.png"), "latent diffusion (ε MSE)")
     samples = decode_samples(model, autoencoder.decoder, config, 16, seed=t.seed)
     figures.image_grid(samples, os.path.join(run_dir, "figures", "samples.png"), title="samples (EMA UNet, DDIM 50 steps)")
@@ -464,8 +362,8 @@ def run(argv: list[str]) -> None:
     config = resolve_config(config, args, argv)
     # Find the data before anything is written: a bad --data leaves no run directory behind.
     splits = dataset.find_splits(dataset.resolve_data_dir(config.data.data), seed=config.train.seed)
-    start_run_dir(config)
-    precision = resolve_precision(config.train.precision)
+    runs.start_run_dir(config)
+    precision = runs.resolve_precision(config.train.precision)
     keras.config.set_dtype_policy(precision)
     keras.utils.set_random_seed(config.train.seed)
     if config.train.deterministic:
@@ -478,13 +376,13 @@ def run(argv: list[str]) -> None:
 
     ae_done = config.scale_factor is not None and os.path.exists(os.path.join(run_dir, "decoder.weights.h5"))
     if config.train.stage == "ldm" and not ae_done:
-        raise UserError(f"--stage ldm needs a trained autoencoder in {run_dir}; run --stage ae first")
+        raise cli.UserError(f"--stage ldm needs a trained autoencoder in {run_dir}; run --stage ae first")
 
     if ae_done:
         with strategy.scope():
-            autoencoder = build_autoencoder(config)
-        autoencoder.encoder.load_weights(os.path.join(run_dir, "encoder.weights.h5"))
-        autoencoder.decoder.load_weights(os.path.join(run_dir, "decoder.weights.h5"))
+            autoencoder = runs.build_autoencoder(config)
+        runs.load_weights(autoencoder.encoder, os.path.join(run_dir, "encoder.weights.h5"))
+        runs.load_weights(autoencoder.decoder, os.path.join(run_dir, "decoder.weights.h5"))
         print("autoencoder: trained, loaded from the run directory")
     else:
         autoencoder = train_autoencoder(config, splits, strategy, resumed=args.resume)
@@ -504,30 +402,8 @@ def run(argv: list[str]) -> None:
     print(f"done: {run_dir}")
 
 
-def cli(run_fn, argv: list[str] | None) -> int:
-    """Call `run_fn(argv)` for a command-line entry point (train, predict, evaluate).
-
-    A UserError or DataError becomes one `error: ...` line on stderr and exit status 1,
-    unless --debug is in argv or OASIS_LDM_DEBUG is set (then the traceback shows).
-    The global Keras dtype policy is restored afterwards, so a caller in the same
-    process (a test, a notebook) does not inherit mixed precision.
-    """
-    argv = sys.argv[1:] if argv is None else list(argv)
-    policy = keras.config.dtype_policy()
-    try:
-        run_fn(argv)
-    except (UserError, dataset.DataError) as e:
-        if "--debug" in argv or os.environ.get("OASIS_LDM_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        keras.config.set_dtype_policy(policy)
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
-    return cli(run, argv)
+    return cli.cli(run, argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 import evaluate
-import predict
+import runs
 from conftest import snapshot
 from test_predict import copy_run
 
@@ -153,7 +153,7 @@ def test_fid_and_kid_through_inception_v3(tmp_path):
 
 
 def test_autoencoder_scores_average_over_images_not_batches(tiny_run):
-    run = predict.load_run(tiny_run, encoder=True)
+    run = runs.load_run(tiny_run, encoder=True)
     _, splits = evaluate.run_splits(run.config)
     paths = splits["train"][:5]  # batches of 2, 2, 1
     ssim, psnr = evaluate.autoencoder_scores(run, paths, batch_size=2)

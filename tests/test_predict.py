@@ -11,15 +11,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import cli
 import config as cfg
 import predict
-import train
+import runs
 from conftest import ROOT, snapshot
 
 
 @pytest.fixture(scope="module")
 def loaded(tiny_run):
-    return predict.load_run(tiny_run)
+    return runs.load_run(tiny_run)
 
 
 def copy_run(run_dir, dest, without=()):
@@ -47,7 +48,7 @@ def test_writes_every_file_and_the_same_seed_gives_the_same_bytes(tiny_run, load
     for figure in ["denoising.png", "interpolation.png", "samples.png"]:
         assert os.path.getsize(os.path.join(out, figure)) > 2000
     # The PNGs are exactly the sampler's images at the run's size, converted by round((x + 1) * 127.5).
-    expected = predict.to_uint8(predict.generate(loaded, 4, steps=4, seed=7, batch_size=4, progress=False).images)
+    expected = predict.to_uint8(runs.generate(loaded, 4, steps=4, seed=7, batch_size=4, progress=False).images)
     assert expected.shape == (4, 16, 16, 1) and expected.std() > 0
     for i in range(4):
         with Image.open(os.path.join(out, f"sample_{i:03d}.png")) as png:
@@ -72,21 +73,21 @@ def test_the_command_in_a_fresh_process_writes_the_same_bytes(tiny_run, tmp_path
 def test_models_compute_in_float32_whatever_the_global_policy(tiny_run, loaded):
     """train.py leaves e.g. mixed_bfloat16 set; a run loaded afterwards must still sample in float32."""
     keras.config.set_dtype_policy("mixed_bfloat16")
-    run = predict.load_run(tiny_run)
+    run = runs.load_run(tiny_run)
     assert keras.config.dtype_policy().name == "mixed_bfloat16"  # restored
     for model in (run.autoencoder.decoder, run.diffusion.ema_network):
         assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
-    a, b = (predict.generate(r, 2, steps=4, seed=7, batch_size=2, progress=False).images for r in (run, loaded))
+    a, b = (runs.generate(r, 2, steps=4, seed=7, batch_size=2, progress=False).images for r in (run, loaded))
     np.testing.assert_array_equal(a, b)
 
 
 def test_another_seed_gives_other_images(loaded):
-    a, b = (predict.generate(loaded, 4, steps=4, seed=seed, batch_size=4, progress=False).images for seed in (7, 8))
+    a, b = (runs.generate(loaded, 4, steps=4, seed=seed, batch_size=4, progress=False).images for seed in (7, 8))
     assert all(np.abs(a[i] - b[i]).max() > 1e-2 for i in range(4))
 
 
 def test_batches_use_distinct_seeds(loaded):
-    images = predict.generate(loaded, 4, steps=4, seed=7, batch_size=2, progress=False).images
+    images = runs.generate(loaded, 4, steps=4, seed=7, batch_size=2, progress=False).images
     assert np.abs(images[:2] - images[2:]).max() > 1e-2  # batch 1 is not a copy of batch 0
 
 
@@ -100,7 +101,7 @@ def test_save_pngs_removes_older_samples_only(tmp_path):
 
 
 def test_ddpm_sampler_and_denoising_states(loaded):
-    samples = predict.generate(loaded, 2, sampler="ddpm", seed=1, batch_size=2, num_states=6, progress=False)
+    samples = runs.generate(loaded, 2, sampler="ddpm", seed=1, batch_size=2, num_states=6, progress=False)
     assert samples.images.shape == (2, 16, 16, 1) and samples.latents.shape == (2, 8, 8, 2)
     assert samples.states.shape == (6, 2, 8, 8, 2)
     np.testing.assert_array_equal(samples.timesteps, [20, 16, 12, 8, 4, 0])  # T = 20 steps, evenly recorded
@@ -112,7 +113,7 @@ def test_ddpm_sampler_and_denoising_states(loaded):
 
 
 def test_interpolation_ends_are_the_samples_of_its_two_noises(loaded):
-    samples = predict.generate(loaded, 2, steps=4, seed=3, batch_size=2, num_states=2, progress=False)
+    samples = runs.generate(loaded, 2, steps=4, seed=3, batch_size=2, num_states=2, progress=False)
     images = predict.interpolate(loaded, samples.states[0, 0], samples.states[0, 1], 5, "ddim", 4, 0.0, seed=3)
     assert images.shape == (5, 16, 16, 1)
     np.testing.assert_allclose(images[0], samples.images[0], atol=1e-5)
@@ -155,17 +156,17 @@ def test_slerp_known_values():
 
 def test_default_steps_are_capped_at_t():
     config = cfg.preset("demo")
-    assert (config.diffusion.timesteps, predict.choose_steps(config, None), predict.choose_steps(config, 7)) == (1000, 50, 7)
+    assert (config.diffusion.timesteps, runs.choose_steps(config, None), runs.choose_steps(config, 7)) == (1000, 50, 7)
     config.diffusion.timesteps = 20
-    assert predict.choose_steps(config, None) == 20
+    assert runs.choose_steps(config, None) == 20
 
 
 def test_to_uint8_and_batch_seeds():
     x = np.array([-1.0, 0.0, 1.0, -3.0, 3.0, 0.5, -0.999])
     np.testing.assert_array_equal(predict.to_uint8(x), [0, 128, 255, 0, 255, 191, 0])
-    seeds = {predict.batch_seed(s, b) for s in range(4) for b in range(4)}
+    seeds = {runs.batch_seed(s, b) for s in range(4) for b in range(4)}
     assert len(seeds) == 16 and all(0 <= s < 2**31 for s in seeds)
-    assert predict.batch_seed(3, 2) == predict.batch_seed(3, 2)
+    assert runs.batch_seed(3, 2) == runs.batch_seed(3, 2)
 
 
 # ---------------------------------------------------------------------------- choosing the run
@@ -178,9 +179,9 @@ def test_resolve_run_picks_the_newest_config(tmp_path, monkeypatch):
         os.utime(tmp_path / "runs" / name / "config.json", (1000 + 100 * [0, 2, 1][i],) * 2)
     (tmp_path / "runs" / "no-config").mkdir()
     monkeypatch.chdir(tmp_path)
-    assert predict.resolve_run(None) == os.path.join("runs", "new")
-    assert predict.resolve_run("old") == os.path.join("runs", "old")
-    assert predict.resolve_run(str(tmp_path / "runs" / "middle")) == str(tmp_path / "runs" / "middle")
+    assert runs.resolve_run(None) == os.path.join("runs", "new")
+    assert runs.resolve_run("old") == os.path.join("runs", "old")
+    assert runs.resolve_run(str(tmp_path / "runs" / "middle")) == str(tmp_path / "runs" / "middle")
 
 
 # ---------------------------------------------------------------------------- errors
@@ -230,8 +231,8 @@ def test_errors_are_one_line_and_change_nothing(case, tiny_run, tmp_path, monkey
 
 def test_debug_shows_the_exception(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(train.UserError, match="run not found"):
+    with pytest.raises(cli.UserError, match="run not found"):
         predict.main(["--run", "nowhere", "--debug"])
     monkeypatch.setenv("OASIS_LDM_DEBUG", "1")
-    with pytest.raises(train.UserError, match="no runs under runs/"):
+    with pytest.raises(cli.UserError, match="no runs under runs/"):
         predict.main([])

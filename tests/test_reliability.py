@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
+import cli
 import train
 from conftest import ROOT, RUN_FLAGS, TINY, history_epochs, snapshot
 
@@ -133,8 +134,8 @@ def test_full_disk_is_refused_before_training(tiny_data, tmp_path, monkeypatch, 
 
 
 def test_debug_flag_and_variable_show_the_traceback(tmp_path, monkeypatch):
-    with pytest.raises(train.UserError, match="must be positive"):
+    with pytest.raises(cli.UserError, match="must be positive"):
         train.main(["--lr", "0", "--out", str(tmp_path / "a"), "--debug"])
     monkeypatch.setenv("OASIS_LDM_DEBUG", "1")
-    with pytest.raises(train.UserError, match="invalid choice"):
+    with pytest.raises(cli.UserError, match="invalid choice"):
         train.main(["--precision", "fp8"])

@@ -9,6 +9,8 @@ import textwrap
 import numpy as np
 import pytest
 
+import config as cfg
+import runs
 import train
 from conftest import ROOT, RUN_FLAGS, TINY, copy_of, history_epochs
 
@@ -47,7 +49,7 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_good_checkpoint(tiny_
     assert len(err) == 1 and err[0].startswith("error: diffusion loss became") and "in epoch 2" in err[0], err
     checkpoints = os.path.join(out, "checkpoints", "diffusion")
     assert sorted(os.listdir(checkpoints)) == ["epoch-0001.weights.h5"]
-    model = train.build_diffusion(train.cfg.load_config(os.path.join(out, "config.json")))
+    model = runs.build_diffusion(cfg.load_config(os.path.join(out, "config.json")))
     model.load_weights(os.path.join(checkpoints, "epoch-0001.weights.h5"))
     assert all(np.isfinite(w).all() for w in model.network.get_weights())
     assert not os.path.exists(os.path.join(tiny_ae_run, "checkpoints", "diffusion"))  # a copied run writes to its copy

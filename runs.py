@@ -1,0 +1,366 @@
+"""The run directory and the models its config.json describes.
+
+A run directory (runs/NAME/) holds everything one training run made:
+
+    config.json                                   RunConfig, with the latent scale factor
+    encoder.weights.h5, decoder.weights.h5         stage 1 result
+    unet.weights.h5, unet_ema.weights.h5           stage 2 result (sampling uses the EMA)
+    checkpoints/{autoencoder,diffusion}/epoch-NNNN.weights.h5    model + optimizer state
+    history_autoencoder.csv, history_diffusion.csv
+    figures/*.png, logs/{autoencoder,diffusion}/  (TensorBoard)
+    predictions/ (predict.py), metrics.json (evaluate.py)
+
+This module owns that folder for every script: creating and probing it, finding the
+newest run, reading config.json, building (and compiling, for training) the autoencoder
+and the LatentDiffusion model a config describes, saving and loading their weights with
+one-line errors, and sampling a loaded run in batches (predict.py and evaluate.py).
+Checkpoints and histories are written by train.py's callbacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import os
+import shutil
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import config as cfg
+from cli import UserError
+from diffusion import LatentDiffusion, make_schedule
+from modules import AutoEncoder, UNet
+
+RUNS_ROOT = "runs"
+DEFAULT_STEPS = 50  # DDIM steps when --steps is not given (T when the run has fewer)
+
+
+# ---------------------------------------------------------------------------- the folder
+
+
+def check_writable(run_dir: str) -> None:
+    """Fail before training, not after an hour, when the run directory can't be written."""
+    probe = os.path.join(run_dir, ".write-test")
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 2**20)  # 1 MiB: catches a full disk too
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to {run_dir}: {e.strerror}") from None
+
+
+def start_run_dir(config: cfg.RunConfig) -> None:
+    """Create the run directory (or reopen it), check that it takes files, save config.json."""
+    run_dir = config.train.out
+    created = not os.path.exists(run_dir)
+    try:
+        os.makedirs(os.path.join(run_dir, "figures"), exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {run_dir}: {e.strerror}") from None
+    try:
+        check_writable(run_dir)
+    except UserError:
+        if created:  # leave no empty run folder behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    cfg.save_config(config, os.path.join(run_dir, "config.json"))
+
+
+def resolve_run(run: str | None, runs_root: str = RUNS_ROOT) -> str:
+    """The run folder for --run: a path, a name under `runs_root`, or (None) the run under
+    `runs_root` whose config.json was written last. UserError when there is none."""
+    if run is None:
+        configs = glob.glob(os.path.join(runs_root, "*", "config.json"))
+        if not configs:
+            raise UserError(
+                f"no runs under {runs_root}/: train one first (python train.py --out {runs_root}/NAME) or pass --run"
+            )
+        return os.path.dirname(max(configs, key=os.path.getmtime))
+    for candidate in (run, os.path.join(runs_root, run)):
+        if os.path.isdir(candidate):
+            return candidate
+    raise UserError(f"run not found: {run} (neither a folder nor {os.path.join(runs_root, run)})")
+
+
+def read_config(run_dir: str) -> cfg.RunConfig:
+    """The run's config.json; UserError when it is missing or not a RunConfig."""
+    config_path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(config_path):
+        raise UserError(f"{run_dir} holds no run (no config.json)")
+    try:
+        return cfg.load_config(config_path)
+    except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        raise UserError(f"{config_path} is not a valid run config: {e}") from None
+
+
+# ---------------------------------------------------------------------------- the models of a config
+
+
+def resolve_precision(precision: str) -> str:
+    """`auto` → mixed_bfloat16 on a CPU-only machine whose CPU computes bf16 natively
+    (bench.py: 1.39× float32's images/s for the UNet, 1.71× for the autoencoder), float32 elsewhere:
+    on a GPU, choose mixed_float16 / mixed_bfloat16 explicitly."""
+    if precision != "auto":
+        return precision
+    if tf.config.list_physical_devices("GPU"):
+        return "float32"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return "float32"
+    return "mixed_bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str):
+    """Build the Keras layers made inside with the dtype policy `name`, then restore the global one.
+
+    Layers take the global policy when they are created; train.py sets it for training (e.g.
+    mixed_bfloat16 on a CPU with bf16 units) and leaves it set, so without this a model
+    loaded in the same process after training would compute in bf16 and give other images.
+    """
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def ssim(y_true, y_pred):
+    """Mean SSIM of images in [-1, 1] (dynamic range 2)."""
+    return tf.reduce_mean(tf.image.ssim(tf.cast(y_true, tf.float32), tf.cast(y_pred, tf.float32), max_val=2.0))
+
+
+def psnr(y_true, y_pred):
+    """Mean PSNR in dB of images in [-1, 1] (dynamic range 2)."""
+    return tf.reduce_mean(tf.image.psnr(tf.cast(y_true, tf.float32), tf.cast(y_pred, tf.float32), max_val=2.0))
+
+
+def build_autoencoder(config: cfg.RunConfig) -> AutoEncoder:
+    """The autoencoder of `config`, built (its constructor creates the weights)."""
+    return AutoEncoder(**config.autoencoder_kwargs())
+
+
+def compile_autoencoder(autoencoder: AutoEncoder, config: cfg.RunConfig) -> None:
+    """Adam on the pixel MSE, SSIM and PSNR as metrics, XLA if --xla (bench.py times this step)."""
+    autoencoder.compile(
+        optimizer=keras.optimizers.Adam(config.train.ae_lr),
+        loss="mse",
+        metrics=[ssim, psnr],
+        jit_compile=config.train.xla,
+    )
+
+
+def build_diffusion(config: cfg.RunConfig) -> LatentDiffusion:
+    """UNet + noise schedule + EMA copy, built for the run's latent shape."""
+    d = config.diffusion
+    schedule = make_schedule(d.schedule, d.timesteps, d.beta_start, d.beta_end)
+    model = LatentDiffusion(UNet(**config.unet_kwargs()), schedule, ema_decay=d.ema_decay, seed=config.train.seed)
+    h, c = config.latent_size, config.autoencoder.latent_channels
+    model.build((None, h, h, c))
+    return model
+
+
+def compile_diffusion(model: LatentDiffusion, config: cfg.RunConfig) -> None:
+    """Adam at --lr, XLA if --xla (bench.py times this step)."""
+    model.compile(optimizer=keras.optimizers.Adam(config.train.lr), jit_compile=config.train.xla)
+
+
+# ---------------------------------------------------------------------------- weights
+
+
+def save_weights(model: keras.Model, path: str) -> None:
+    """`model.save_weights` through a temporary file renamed into place."""
+    tmp = path.replace(".weights.h5", ".partial.weights.h5")
+    model.save_weights(tmp)
+    os.replace(tmp, path)
+
+
+def load_weights(model: keras.Model, path: str, built_from: str = "config.json") -> None:
+    """`model.load_weights(path)`, with a one-line UserError when the file does not fit the model
+    ("weights in PATH do not match `built_from` (...)") or cannot be read.
+
+    Keras reports a mismatch as a ValueError of many lines (and a warning per skipped
+    container); the message keeps its first sentence, e.g. "A total of 119 objects could
+    not be loaded", and the warnings are dropped. Warnings of a successful load are passed on.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model.load_weights(path)
+        except (ValueError, KeyError) as e:
+            reason = str(e).strip().split("\n")[0].split(". Example")[0]
+            raise UserError(f"weights in {path} do not match {built_from} ({reason})") from None
+        except OSError as e:
+            raise UserError(f"cannot read {path}: {e}") from None
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+# ---------------------------------------------------------------------------- a trained run
+
+
+@dataclasses.dataclass
+class Run:
+    """A trained run, ready to sample: `diffusion.ema_network` holds unet_ema.weights.h5,
+    `autoencoder.decoder` holds decoder.weights.h5 (the encoder is loaded only on request)."""
+
+    directory: str
+    config: cfg.RunConfig
+    autoencoder: keras.Model
+    diffusion: keras.Model
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(os.path.normpath(self.directory))
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        h = self.config.latent_size
+        return (h, h, self.config.autoencoder.latent_channels)
+
+
+def load_run(run_dir: str, encoder: bool = False) -> Run:
+    """Rebuild the models of `run_dir` from its config.json and load the trained weights
+    (the encoder's too when `encoder`), in float32 whatever precision the run trained in.
+
+    UserError (one line) for a folder without config.json, an unreadable config, a run
+    whose stages are not trained yet, and weights that do not fit the config.
+    """
+    config = read_config(run_dir)
+    needed = ["decoder.weights.h5", "unet_ema.weights.h5"] + (["encoder.weights.h5"] if encoder else [])
+    missing = [name for name in needed if not os.path.exists(os.path.join(run_dir, name))]
+    if missing or config.scale_factor is None:
+        what = ", ".join(missing) if missing else "no latent scale factor in config.json"
+        raise UserError(
+            f"{run_dir} is not fully trained yet ({what}); finish it with: python train.py --out {run_dir} --resume"
+        )
+
+    with dtype_policy("float32"):  # whatever precision it trained in (its weights are float32)
+        autoencoder = build_autoencoder(config)
+        diffusion = build_diffusion(config)
+    load_weights(autoencoder.decoder, os.path.join(run_dir, "decoder.weights.h5"))
+    load_weights(diffusion.ema_network, os.path.join(run_dir, "unet_ema.weights.h5"))
+    if encoder:
+        load_weights(autoencoder.encoder, os.path.join(run_dir, "encoder.weights.h5"))
+    return Run(run_dir, config, autoencoder, diffusion)
+
+
+# ---------------------------------------------------------------------------- sampling a run
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """The sampler seed of batch `index` for the user's `seed`, in [0, 2**31).
+
+    Derived by NumPy's SeedSequence, so distinct (seed, index) pairs do not share noise
+    (seed + index would: batch 1 of seed 0 would repeat batch 0 of seed 1).
+    """
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] >> 1)
+
+
+def sampler_steps(config: cfg.RunConfig, sampler: str, steps: int) -> int:
+    """Number of network evaluations of one sample: DDIM's `steps`, DDPM's T."""
+    return steps if sampler == "ddim" else config.diffusion.timesteps
+
+
+def choose_steps(config: cfg.RunConfig, steps: int | None) -> int:
+    """--steps as given, or (None) DEFAULT_STEPS capped at the run's T."""
+    return min(DEFAULT_STEPS, config.diffusion.timesteps) if steps is None else steps
+
+
+def check_sampling_args(
+    config: cfg.RunConfig, n: int, sampler: str, steps: int, eta: float, seed: int, batch_size: int
+) -> None:
+    """UserError for sampling options the run cannot honour (checked before any work)."""
+    T = config.diffusion.timesteps
+    if n < 1 or batch_size < 1:
+        raise UserError(f"--n and --batch-size must be positive, got {n} and {batch_size}")
+    if sampler == "ddim" and not 1 <= steps <= T:
+        raise UserError(f"--steps must be in [1, {T}] (the run's T), got {steps}")
+    if eta < 0:
+        raise UserError(f"--eta must be >= 0, got {eta}")
+    if seed < 0:
+        raise UserError(f"--seed must be >= 0, got {seed}")
+
+
+def sampler_label(sampler: str, steps: int, eta: float, config: cfg.RunConfig) -> str:
+    """E.g. "DDIM 50 steps, eta 0" or "DDPM 1000 steps", for figure titles and tables."""
+    if sampler == "ddim":
+        return f"DDIM {steps} steps, eta {eta:g}"
+    return f"DDPM {config.diffusion.timesteps} steps"
+
+
+@dataclasses.dataclass
+class Samples:
+    """Output of `generate` for n samples.
+
+    images: (n, H, W, 1) float32 in [-1, 1]; latents: (n, h, w, c) on the training scale
+    (× scale_factor); states: (K, n, h, w, c) latents at K states from the initial noise
+    (states[0] = x_T) to the sample (states[-1] = latents), or None; timesteps: (K,)
+    noising steps of each state (T … 0), or None.
+    """
+
+    images: np.ndarray
+    latents: np.ndarray
+    states: np.ndarray | None = None
+    timesteps: np.ndarray | None = None
+
+
+def decode(run: Run, latents: np.ndarray, batch_size: int) -> np.ndarray:
+    """Images (N, H, W, 1) in [-1, 1] of scaled latents (N, h, w, c): decoder(latents / scale_factor)."""
+    out = [
+        run.autoencoder.decoder(latents[i : i + batch_size] / run.config.scale_factor, training=False).numpy()
+        for i in range(0, len(latents), batch_size)
+    ]
+    return np.concatenate(out) if out else np.zeros((0, *latents.shape[1:3], 1), np.float32)
+
+
+def generate(
+    run: Run,
+    n: int,
+    sampler: str = "ddim",
+    steps: int = 50,
+    eta: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    num_states: int = 0,
+    progress: bool = True,
+) -> Samples:
+    """n decoded samples of the EMA UNet, in batches of `batch_size` (a progress bar over batches).
+
+    num_states: K = 0, or 2..(steps + 1) states of each sample's reverse process to keep
+    (see `Samples`). Batch b uses `batch_seed(seed, b)`.
+    """
+    check_sampling_args(run.config, n, sampler, steps, eta, seed, batch_size)
+    sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
+    bar = keras.utils.Progbar(len(sizes), unit_name="batch") if progress else None
+    latents, states, timesteps = [], [], None
+    for b, size in enumerate(sizes):
+        out = run.diffusion.sample(
+            size,
+            run.latent_shape,
+            sampler=sampler,
+            steps=steps,
+            eta=eta,
+            seed=batch_seed(seed, b),
+            num_intermediates=num_states,
+        )
+        if num_states:
+            out, batch_states, timesteps = out
+            states.append(batch_states.numpy())
+        latents.append(out.numpy())
+        if bar:
+            bar.update(b + 1)
+    latents = np.concatenate(latents)
+    return Samples(
+        images=decode(run, latents, batch_size),
+        latents=latents,
+        states=np.concatenate(states, axis=1) if num_states else None,
+        timesteps=timesteps,
+    )
