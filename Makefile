@@ -1,15 +1,15 @@
-# Two targets, each doing its own set-up: `make demo` and `make test`.
+# Two main targets, each doing its own set-up: `make demo` and `make test` (`make lint` runs in CI first).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test lint format install clean
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip -q
-	$(PY) -m pip install -r requirements.txt -q
+	$(PY) -m pip install -r requirements-dev.txt -q
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,6 +22,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# Lint (pyflakes, pycodestyle errors, isort, bugbear, pyupgrade) and formatting, as configured in pyproject.toml.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Apply the formatter and the safe lint fixes.
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import glob
 import json
 import os
@@ -178,7 +179,7 @@ def original_unet_step(unet, optimizer, schedule, x0: np.ndarray, rng: np.random
     with tf.GradientTape() as tape:
         loss = epsilon_mse(unet, schedule, x0, t, noise, training=True)
     grads = tape.gradient(loss, unet.trainable_variables)
-    optimizer.apply_gradients(zip(grads, unet.trainable_variables))
+    optimizer.apply_gradients(zip(grads, unet.trainable_variables, strict=True))
     return float(loss)
 
 
@@ -187,7 +188,7 @@ def original_autoencoder_step(autoencoder, optimizer, x: np.ndarray) -> float:
     with tf.GradientTape() as tape:
         loss = tf.reduce_mean(tf.square(x - autoencoder(x, training=True)))
     grads = tape.gradient(loss, autoencoder.trainable_variables)
-    optimizer.apply_gradients(zip(grads, autoencoder.trainable_variables))
+    optimizer.apply_gradients(zip(grads, autoencoder.trainable_variables, strict=True))
     return float(loss)
 
 
@@ -285,7 +286,7 @@ def time_compiled_variants(bench: BenchConfig, label: str, build, batch, steps: 
         with runs.dtype_policy(precision):
             model = build(run_config(bench, precision, xla))
         step = compiled_step(model, batch)
-        seconds = time_calls(lambda: [step() for _ in range(steps)], bench.warmup, bench.repeats)
+        seconds = time_calls(lambda step=step: [step() for _ in range(steps)], bench.warmup, bench.repeats)
         name = variant_name(precision, xla)
         out[name] = throughput(seconds, images)
         print(f"  {label} {name}: {out[name]['median']:.1f} images/s", flush=True)
@@ -321,7 +322,7 @@ def bench_sampling(bench: BenchConfig) -> dict:
         return decoder(latents, training=False).numpy()  # (predict.py divides by the scale factor first)
 
     for name, sampler, sampler_steps in (("ddpm", "ddpm", bench.timesteps), ("ddim", "ddim", bench.ddim_steps)):
-        seconds = time_calls(lambda: ours(sampler, sampler_steps), bench.warmup, bench.repeats)
+        seconds = time_calls(functools.partial(ours, sampler, sampler_steps), bench.warmup, bench.repeats)
         result["ours"][name] = summary(seconds)
         print(f"  sampling {name}: {result['ours'][name]['median']:.2f} s", flush=True)
     keras.backend.clear_session()  # drop this model's graphs before the next one

@@ -577,10 +577,10 @@ class LatentDiffusion(keras.Model):
     def _ema_pairs(self):
         ema_w, online_w = self.ema_network.weights, self.network.weights
         if len(ema_w) != len(online_w) or any(
-                tuple(a.shape) != tuple(b.shape) for a, b in zip(ema_w, online_w)):
+                tuple(a.shape) != tuple(b.shape) for a, b in zip(ema_w, online_w, strict=True)):
             raise ValueError("LatentDiffusion: the EMA clone's weights do not match the network's; "
                              "does network.get_config() rebuild the same network?")
-        return list(zip(ema_w, online_w))
+        return list(zip(ema_w, online_w, strict=True))
 
     # -- Keras plumbing ----------------------------------------------------------------
 
@@ -630,7 +630,7 @@ class LatentDiffusion(keras.Model):
             scaled = self.optimizer.scale_loss(loss / _num_replicas())
         variables = self.trainable_variables
         grads = tape.gradient(scaled, variables)
-        self.optimizer.apply_gradients(zip(grads, variables))  # unscales, skips non-finite (fp16)
+        self.optimizer.apply_gradients(zip(grads, variables, strict=True))  # unscales, skips non-finite (fp16)
         self._update_ema()
         self.loss_tracker.update_state(loss)
         return {"loss": self.loss_tracker.result()}

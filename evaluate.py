@@ -400,7 +400,7 @@ def evaluate(run: runs.Run, data_dir: str, splits: dict[str, list[str]], n: int,
         "keras": keras.__version__,
         "device": device_name(),
         "seconds": round(time.time() - started, 1),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
 

@@ -62,7 +62,7 @@ def loss_curves(csv_path: str | os.PathLike, path: str | os.PathLike, title: str
     axes[0].set_ylabel("loss")
     axes[0].set_title(title)
     axes[0].legend()
-    for ax, key in zip(axes[1:], extra):
+    for ax, key in zip(axes[1:], extra, strict=True):
         ax.plot(epochs, history[key], label="train")
         if f"val_{key}" in history:
             ax.plot(epochs, history[f"val_{key}"], label="validation")
@@ -151,7 +151,7 @@ def image_strip(images: np.ndarray, labels, path: str | os.PathLike, title: str 
     n = len(images)
     fig = Figure(figsize=(1.5 * n, 1.9 + (0.4 if title else 0)))
     axes = fig.subplots(1, n, squeeze=False)[0]
-    for ax, image, label in zip(axes, images, labels):
+    for ax, image, label in zip(axes, images, labels, strict=True):
         ax.imshow(image[:, :, 0], cmap="gray", vmin=-1, vmax=1)
         ax.set_title(str(label), fontsize=9)
         ax.axis("off")

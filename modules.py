@@ -267,7 +267,7 @@ class UNet(keras.Model):
         self.downsample_factor = 2 ** (len(self.dim_mults) - 1)
 
         dims = [dim] + [dim * m for m in self.dim_mults]
-        levels = list(zip(dims[:-1], dims[1:]))  # (width of the level, width it hands on)
+        levels = list(zip(dims[:-1], dims[1:], strict=True))  # (width of the level, width it hands on)
         n_levels = len(levels)
         attn = dict(heads=attn_heads, dim_head=attn_dim_head)
         block = dict(groups=resnet_groups)

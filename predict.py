@@ -102,7 +102,7 @@ def save_pngs(images: np.ndarray, out_dir: str) -> list[str]:
     for old in glob.glob(os.path.join(out_dir, "sample_*.png")):
         if re.fullmatch(r"sample_\d+\.png", os.path.basename(old)) and old not in paths:
             os.remove(old)
-    for pixels, path in zip(to_uint8(images), paths):
+    for pixels, path in zip(to_uint8(images), paths, strict=True):
         tmp = f"{path}.tmp"
         Image.fromarray(pixels[:, :, 0], mode="L").save(tmp, format="PNG")
         os.replace(tmp, path)

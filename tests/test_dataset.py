@@ -39,7 +39,7 @@ def gray(value, size=8):
 
 def make_layout(root, counts=(3, 2, 1), seg=True):
     """An OASIS-layout folder with `counts` images per split (+ seg masks)."""
-    for split, n in zip(SPLITS, counts):
+    for split, n in zip(SPLITS, counts, strict=True):
         for i in range(n):
             save_png(root / f"keras_png_slices_{split}" / f"case_{i}.png", gray(10 * i))
             if seg:
@@ -303,7 +303,7 @@ def test_flip_mirrors_left_right(tmp_path):
     images = np.concatenate([b.numpy() for b in dataset.make_dataset(paths, 8, 4, shuffle=False, flip=True, seed=0)])
     flipped = [np.allclose(img, mirror) for img in images]
     kept = [np.allclose(img, original) for img in images]
-    assert all(f != k for f, k in zip(flipped, kept))  # each image is one or the other
+    assert all(f != k for f, k in zip(flipped, kept, strict=True))  # each image is one or the other
     assert 0 < sum(flipped) < 16  # probability 2 * 2**-16 of failing by chance
     again = np.concatenate([b.numpy() for b in dataset.make_dataset(paths, 8, 4, shuffle=False, flip=True, seed=0)])
     np.testing.assert_array_equal(images, again)

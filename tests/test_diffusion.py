@@ -52,7 +52,7 @@ def weights(layer):
 
 
 def max_abs_diff(a, b):
-    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b, strict=True))
 
 
 class ZeroNoise(keras.layers.Layer):
@@ -355,7 +355,7 @@ def test_ema_starts_as_a_copy_then_follows_the_warmup_decay():
     w1, e1 = weights(model.network), weights(model.ema_network)
     assert max_abs_diff(w1, w0) > 1e-4
     d = min(0.999, (1 + 1) / (10 + 1))  # warm-up after update n = 1
-    for ema, before, after in zip(e1, w0, w1):
+    for ema, before, after in zip(e1, w0, w1, strict=True):
         np.testing.assert_allclose(ema, d * before + (1 - d) * after, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(model.train_seed.numpy(), [3, 1])
 
