@@ -31,6 +31,7 @@ What is measured (the original design's approach → ours):
 The baselines share the project's networks, noise schedule and loss, so only the method
 differs. Networks are untrained: speed does not depend on the weights.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,13 +98,41 @@ class BenchConfig:
 MODES = {
     "full": BenchConfig(),
     # The demo preset's widths, 8 samples, no XLA variants (compiling them takes minutes).
-    "quick": BenchConfig(repeats=2, unet_dim=32, unet_dim_mults=(1, 2, 4), unet_batch=32, unet_steps=1,
-                         ae_image_size=64, ae_base_channels=16, ae_batch=16, samples=8, baseline_sample_steps=20,
-                         data_images=4000, xla=False),
+    "quick": BenchConfig(
+        repeats=2,
+        unet_dim=32,
+        unet_dim_mults=(1, 2, 4),
+        unet_batch=32,
+        unet_steps=1,
+        ae_image_size=64,
+        ae_base_channels=16,
+        ae_batch=16,
+        samples=8,
+        baseline_sample_steps=20,
+        data_images=4000,
+        xla=False,
+    ),
     # For the test that keeps bench.py working: tiny everything, figures meaningless.
-    "smoke": BenchConfig(repeats=1, warmup=1, latent_size=8, unet_dim=8, unet_dim_mults=(1, 2), unet_batch=2,
-                         unet_steps=1, ae_image_size=16, ae_base_channels=4, ae_batch=2, timesteps=10, samples=2,
-                         ddim_steps=5, baseline_sample_steps=3, data_images=24, data_image_size=16, data_batch=8, xla=False),
+    "smoke": BenchConfig(
+        repeats=1,
+        warmup=1,
+        latent_size=8,
+        unet_dim=8,
+        unet_dim_mults=(1, 2),
+        unet_batch=2,
+        unet_steps=1,
+        ae_image_size=16,
+        ae_base_channels=4,
+        ae_batch=2,
+        timesteps=10,
+        samples=2,
+        ddim_steps=5,
+        baseline_sample_steps=3,
+        data_images=24,
+        data_image_size=16,
+        data_batch=8,
+        xla=False,
+    ),
 }
 
 
@@ -238,8 +267,11 @@ def bench_unet(bench: BenchConfig) -> dict:
         unet = runs.build_diffusion(config).network
         optimizer = keras.optimizers.Adam(config.train.lr)
     rng = np.random.default_rng(0)
-    seconds = time_calls(lambda: [original_unet_step(unet, optimizer, schedule, x0, rng) for _ in range(bench.unet_steps)],
-                         bench.warmup, bench.repeats)
+    seconds = time_calls(
+        lambda: [original_unet_step(unet, optimizer, schedule, x0, rng) for _ in range(bench.unet_steps)],
+        bench.warmup,
+        bench.repeats,
+    )
     result = {"baseline": throughput(seconds, images), "params": unet.count_params()}
     keras.backend.clear_session()  # drop this model's graphs before the next one
 
@@ -263,8 +295,11 @@ def bench_autoencoder(bench: BenchConfig) -> dict:
     with runs.dtype_policy("float32"):
         autoencoder = runs.build_autoencoder(config)
         optimizer = keras.optimizers.Adam(config.train.ae_lr)
-    seconds = time_calls(lambda: [original_autoencoder_step(autoencoder, optimizer, x) for _ in range(bench.ae_steps)],
-                         bench.warmup, bench.repeats)
+    seconds = time_calls(
+        lambda: [original_autoencoder_step(autoencoder, optimizer, x) for _ in range(bench.ae_steps)],
+        bench.warmup,
+        bench.repeats,
+    )
     result = {"baseline": throughput(seconds, images), "params": autoencoder.count_params()}
     keras.backend.clear_session()  # drop this model's graphs before the next one
 
@@ -379,12 +414,17 @@ def data_worker(approach: str, folder: str, image_size: int, batch_size: int) ->
         images = original_load_all(paths, image_size)
         order = np.random.default_rng(0).permutation(len(images))
         for i in range(0, len(images), batch_size):
-            count += int(tf.convert_to_tensor(images[order[i:i + batch_size]]).shape[0])
+            count += int(tf.convert_to_tensor(images[order[i : i + batch_size]]).shape[0])
     else:
         raise ValueError(f"unknown approach {approach!r}")
     seconds = time.perf_counter() - start
-    return {"images": count, "seconds": seconds, "images_per_s": count / seconds,
-            "rss_after_import_mb": rss_before, "peak_rss_mb": peak_rss_mb()}
+    return {
+        "images": count,
+        "seconds": seconds,
+        "images_per_s": count / seconds,
+        "rss_after_import_mb": rss_before,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def bench_data(bench: BenchConfig) -> dict:
@@ -397,21 +437,32 @@ def bench_data(bench: BenchConfig) -> dict:
         for approach in ("load_all", "stream"):
             runs = []
             for _ in range(max(1, bench.repeats)):
-                command = [sys.executable, os.path.abspath(__file__), "data-worker", approach, folder,
-                           str(bench.data_image_size), str(bench.data_batch)]
+                command = [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "data-worker",
+                    approach,
+                    folder,
+                    str(bench.data_image_size),
+                    str(bench.data_batch),
+                ]
                 out = subprocess.run(command, capture_output=True, text=True, check=False)
                 if out.returncode:
                     raise RuntimeError(f"data worker {approach} failed:\n{out.stderr[-2000:]}")
                 runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
                 if runs[-1]["images"] != bench.data_images:
                     raise RuntimeError(f"data worker {approach} saw {runs[-1]['images']} of {bench.data_images} images")
-            result["baseline" if approach == "load_all" else "ours"] = {
+            side = "baseline" if approach == "load_all" else "ours"
+            result[side] = {
                 "images_per_s": summary([r["images_per_s"] for r in runs]),
                 "peak_rss_mb": summary([r["peak_rss_mb"] for r in runs]),
                 "rss_after_import_mb": summary([r["rss_after_import_mb"] for r in runs]),
             }
-            print(f"  data {approach}: {result['baseline' if approach == 'load_all' else 'ours']['images_per_s']['median']:.0f} images/s, "
-                  f"peak {statistics.median(r['peak_rss_mb'] for r in runs):.0f} MiB", flush=True)
+            print(
+                f"  data {approach}: {result[side]['images_per_s']['median']:.0f} images/s, "
+                f"peak {statistics.median(r['peak_rss_mb'] for r in runs):.0f} MiB",
+                flush=True,
+            )
     return result
 
 
@@ -426,11 +477,20 @@ def machine() -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    gpus = [tf.config.experimental.get_device_details(g).get("device_name", g.name)
-            for g in tf.config.list_physical_devices("GPU")]
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpus": gpus, "python": platform.python_version(),
-            "tensorflow": tf.__version__, "keras": keras.__version__,
-            "date": datetime.date.today().isoformat(), "train_py_precision": runs.resolve_precision("auto")}
+    gpus = [
+        tf.config.experimental.get_device_details(g).get("device_name", g.name)
+        for g in tf.config.list_physical_devices("GPU")
+    ]
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpus": gpus,
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "date": datetime.date.today().isoformat(),
+        "train_py_precision": runs.resolve_precision("auto"),
+    }
 
 
 def headline(results: dict) -> dict:
@@ -462,12 +522,20 @@ def _cell(stats: dict, fmt: str) -> str:
 
 def _training_table(title: str, part: dict, what: str, baseline: str, default: str) -> list[str]:
     base = part["baseline"]["median"]
-    lines = [f"### {title}", "", what, "",
-             "| method | images/s, median (min–max) | × baseline |", "| --- | --- | --- |",
-             f"| original: {baseline} | {_cell(part['baseline'], '.1f')} | 1.00 |"]
+    lines = [
+        f"### {title}",
+        "",
+        what,
+        "",
+        "| method | images/s, median (min–max) | × baseline |",
+        "| --- | --- | --- |",
+        f"| original: {baseline} | {_cell(part['baseline'], '.1f')} | 1.00 |",
+    ]
     for name, stats in part["ours"].items():
         mark = " (train.py default)" if name == default else ""
-        lines.append(f"| ours: compiled train step, {name}{mark} | {_cell(stats, '.1f')} | {stats['median'] / base:.2f} |")
+        lines.append(
+            f"| ours: compiled train step, {name}{mark} | {_cell(stats, '.1f')} | {stats['median'] / base:.2f} |"
+        )
     return lines + [""]
 
 
@@ -482,13 +550,19 @@ def findings(results: dict, bench: BenchConfig) -> list[str]:
         plain = {name: stats["median"] for name, stats in ours.items() if "XLA" not in name}
         mixed = next(name for name in plain if name != "float32")
         text = f"- {label} training: {mixed} runs at {plain[mixed] / plain['float32']:.2f}× float32's images/s"
-        xla = [f"{ours[name]['median'] / plain[name.replace(', XLA', '')]:.2f}× ({name.replace(', XLA', '')})"
-               for name in ours if "XLA" in name]
+        xla = [
+            f"{ours[name]['median'] / plain[name.replace(', XLA', '')]:.2f}× ({name.replace(', XLA', '')})"
+            for name in ours
+            if "XLA" in name
+        ]
         if xla:
             text += f"; XLA gives {' and '.join(xla)} of the same precision without it"
         best = max(ours, key=lambda name: ours[name]["median"])
-        text += (". train.py's default is the fastest variant measured." if best == default else
-                 f". **The fastest variant here is {best}, not train.py's default ({default}).**")
+        text += (
+            ". train.py's default is the fastest variant measured."
+            if best == default
+            else f". **The fastest variant here is {best}, not train.py's default ({default}).**"
+        )
         lines.append(text)
     if "sampling" in results:
         s, n, t = results["sampling"], bench.samples, bench.timesteps
@@ -498,31 +572,40 @@ def findings(results: dict, bench: BenchConfig) -> list[str]:
             f"- Sampling: the original's sampler spends {per_call * 1e3:.0f} ms per UNet call on one image (eager "
             f"Keras calls layer by layer, with Python in between); the compiled sampler takes {per_step * 1e3:.0f} ms "
             f"per step for all {n} images, {per_call * n / per_step:.1f}× less per image-step. DDIM then needs "
-            f"{bench.ddim_steps} of the {t} steps.")
+            f"{bench.ddim_steps} of the {t} steps."
+        )
     if "data" in results:
         d = results["data"]
         after = d["baseline"]["rss_after_import_mb"]["median"]
         stream_peak = d["ours"]["peak_rss_mb"]["median"]
         grown = {k: d[k]["peak_rss_mb"]["median"] - d[k]["rss_after_import_mb"]["median"] for k in ("ours", "baseline")}
         per_image = grown["baseline"] / d["images"]
-        text = (f"- Data memory: beyond what TensorFlow itself holds, streaming grows by {grown['ours']:.0f} MiB and "
-                f"load-everything by {grown['baseline']:.0f} MiB ({grown['baseline'] / d['images'] * 1024:.0f} KiB per "
-                f"slice), a ratio of {grown['ours'] / grown['baseline']:.3f}. ")
+        text = (
+            f"- Data memory: beyond what TensorFlow itself holds, streaming grows by {grown['ours']:.0f} MiB and "
+            f"load-everything by {grown['baseline']:.0f} MiB ({grown['baseline'] / d['images'] * 1024:.0f} KiB per "
+            f"slice), a ratio of {grown['ours'] / grown['baseline']:.3f}. "
+        )
         if results["headline"]["data_peak_rss_ratio"] > 0.25:
-            text += (f"The whole-process ratio ({results['headline']['data_peak_rss_ratio']:.2f}) misses ≤ 0.25 because "
-                     f"TensorFlow's runtime takes {after:.0f} MiB in both processes before any data is read (shared "
-                     "libraries and their state, not the pipeline: nothing in the project can remove it). As "
-                     "load-everything grows with the data set and streaming does not, the ratio reaches 1/4 from "
-                     f"about {round((4 * stream_peak - after) / per_image, -2):,.0f} slices at this size.")
+            text += (
+                f"The whole-process ratio ({results['headline']['data_peak_rss_ratio']:.2f}) misses ≤ 0.25 because "
+                f"TensorFlow's runtime takes {after:.0f} MiB in both processes before any data is read (shared "
+                "libraries and their state, not the pipeline: nothing in the project can remove it). As "
+                "load-everything grows with the data set and streaming does not, the ratio reaches 1/4 from "
+                f"about {round((4 * stream_peak - after) / per_image, -2):,.0f} slices at this size."
+            )
         else:
             text += "The whole-process ratio meets ≤ 0.25."
         lines.append(text)
         if "ae" in results:
-            lines.append(f"- Data rate: streaming delivers {results['headline']['data_images_per_s']:.0f} images/s, "
-                         f"{results['headline']['data_over_ae_train_rate']:.0f}× what the autoencoder trains on here.")
+            lines.append(
+                f"- Data rate: streaming delivers {results['headline']['data_images_per_s']:.0f} images/s, "
+                f"{results['headline']['data_over_ae_train_rate']:.0f}× what the autoencoder trains on here."
+            )
     if not results["machine"]["gpus"]:
-        lines.append("- No GPU was available to this run; `python bench.py` on a GPU machine measures "
-                     "mixed_float16 and XLA there.")
+        lines.append(
+            "- No GPU was available to this run; `python bench.py` on a GPU machine measures "
+            "mixed_float16 and XLA there."
+        )
     return lines
 
 
@@ -531,21 +614,38 @@ def markdown(results: dict, bench: BenchConfig, mode: str) -> str:
     m, h = results["machine"], results["headline"]
     default = variant_name(m["train_py_precision"], False)
     lines = [
-        "# Benchmarks", "",
+        "# Benchmarks",
+        "",
         f"Made by `python bench.py{'' if mode == 'full' else ' --' + mode}` on {m['date']}; numbers are medians of "
         f"{bench.repeats} timed repeats after {bench.warmup} warm-up call(s), with (min–max). Each ratio compares "
         "with a baseline that re-implements the original design's approach, measured in the same run. "
-        "See bench.py's docstring for the methods.", "",
+        "See bench.py's docstring for the methods.",
+        "",
         f"- Machine: {m['cpu']}, {m['cores']} cores, GPU: {', '.join(m['gpus']) or 'none'}",
         f"- Python {m['python']}, TensorFlow {m['tensorflow']}, Keras {m['keras']}",
-        f"- Mode: {mode}" + ("" if mode == "full" else " (smaller networks than the original's; a sanity check, not the published figures)"),
-        f"- train.py's defaults on this machine: precision {m['train_py_precision']}, XLA off", "",
-        "## Headline", "", "| figure | value | goal |", "| --- | --- | --- |",
+        f"- Mode: {mode}"
+        + (
+            ""
+            if mode == "full"
+            else " (smaller networks than the original's; a sanity check, not the published figures)"
+        ),
+        f"- train.py's defaults on this machine: precision {m['train_py_precision']}, XLA off",
+        "",
+        "## Headline",
+        "",
+        "| figure | value | goal |",
+        "| --- | --- | --- |",
     ]
-    goals = {"unet_train_speedup": ("≥ 1.3", lambda v: v >= 1.3), "ae_train_speedup": ("≥ 1.3", lambda v: v >= 1.3),
-             "sampling_speedup_ddim50": ("≥ 40", lambda v: v >= 40), "sampling_speedup_ddpm200": ("", None),
-             "data_peak_rss_ratio": ("≤ 0.25", lambda v: v <= 0.25), "data_rss_growth_ratio": ("", None),
-             "data_images_per_s": ("", None), "data_over_ae_train_rate": ("> 1", lambda v: v > 1)}
+    goals = {
+        "unet_train_speedup": ("≥ 1.3", lambda v: v >= 1.3),
+        "ae_train_speedup": ("≥ 1.3", lambda v: v >= 1.3),
+        "sampling_speedup_ddim50": ("≥ 40", lambda v: v >= 40),
+        "sampling_speedup_ddpm200": ("", None),
+        "data_peak_rss_ratio": ("≤ 0.25", lambda v: v <= 0.25),
+        "data_rss_growth_ratio": ("", None),
+        "data_images_per_s": ("", None),
+        "data_over_ae_train_rate": ("> 1", lambda v: v > 1),
+    }
     for key, value in h.items():
         goal, check = goals.get(key, ("", None))
         verdict = "" if check is None else (" met" if check(value) else " **missed**")
@@ -555,44 +655,67 @@ def markdown(results: dict, bench: BenchConfig, mode: str) -> str:
 
     if "unet" in results:
         lines += _training_table(
-            "1. UNet training", results["unet"],
+            "1. UNet training",
+            results["unet"],
             f"Latents {bench.latent_size}×{bench.latent_size}×{bench.latent_channels}, UNet dim {bench.unet_dim} × "
-            f"{tuple(bench.unet_dim_mults)} ({results['unet']['params'] / 1e6:.1f} M parameters), batch {bench.unet_batch}, "
+            f"{tuple(bench.unet_dim_mults)} ({results['unet']['params'] / 1e6:.1f} M parameters), "
+            f"batch {bench.unet_batch}, "
             f"{bench.unet_steps} step(s) per repeat. Ours includes the EMA update.",
-            "eager GradientTape, t and ε drawn in NumPy, float32", default)
+            "eager GradientTape, t and ε drawn in NumPy, float32",
+            default,
+        )
     if "ae" in results:
         lines += _training_table(
-            "2. Autoencoder training", results["ae"],
+            "2. Autoencoder training",
+            results["ae"],
             f"Images {bench.ae_image_size}×{bench.ae_image_size}, the original's autoencoder (BatchNorm, width "
-            f"{bench.ae_base_channels}→{bench.ae_base_channels * 4}, {results['ae']['params'] / 1e6:.2f} M parameters), "
-            f"batch {bench.ae_batch}. Ours includes the SSIM and PSNR metrics.", "eager GradientTape, float32", default)
+            f"{bench.ae_base_channels}→{bench.ae_base_channels * 4}, "
+            f"{results['ae']['params'] / 1e6:.2f} M parameters), "
+            f"batch {bench.ae_batch}. Ours includes the SSIM and PSNR metrics.",
+            "eager GradientTape, float32",
+            default,
+        )
     if "sampling" in results:
         s = results["sampling"]
-        extrapolated = (f"it times {s['baseline_steps_timed']} of the {bench.timesteps} steps of one image and scales"
-                        if s["baseline_steps_timed"] < bench.timesteps else "it times one image and multiplies")
+        extrapolated = (
+            f"it times {s['baseline_steps_timed']} of the {bench.timesteps} steps of one image and scales"
+            if s["baseline_steps_timed"] < bench.timesteps
+            else "it times one image and multiplies"
+        )
         lines += [
-            "### 3. Sampling", "",
+            "### 3. Sampling",
+            "",
             f"Seconds to {bench.samples} decoded images at the UNet size above, T = {bench.timesteps}, float32 "
-            f"(as predict.py). The baseline works one image at a time, so {extrapolated} by {bench.samples}.", "",
-            "| method | seconds, median (min–max) | × baseline |", "| --- | --- | --- |",
+            f"(as predict.py). The baseline works one image at a time, so {extrapolated} by {bench.samples}.",
+            "",
+            "| method | seconds, median (min–max) | × baseline |",
+            "| --- | --- | --- |",
             f"| original: eager, one image at a time, DDPM {bench.timesteps} steps, NumPy arithmetic | "
             f"{_cell(s['baseline'], '.2f')} | 1.00 |",
             f"| ours: compiled, batched, DDPM {bench.timesteps} steps | {_cell(s['ours']['ddpm'], '.2f')} | "
             f"{h['sampling_speedup_ddpm200']:.1f} |",
             f"| ours: compiled, batched, DDIM {bench.ddim_steps} steps | {_cell(s['ours']['ddim'], '.2f')} | "
-            f"{h['sampling_speedup_ddim50']:.1f} |", ""]
+            f"{h['sampling_speedup_ddim50']:.1f} |",
+            "",
+        ]
     if "data" in results:
         d = results["data"]
         lines += [
-            "### 4. Data", "",
+            "### 4. Data",
+            "",
             f"One epoch over {d['images']} PNG slices (256×256, copies of the demo set) resized to "
             f"{bench.data_image_size}×{bench.data_image_size}, batch {bench.data_batch}, each approach in a fresh "
-            "subprocess. \"After import\" is the process's peak RSS once TensorFlow is loaded, before any data; "
-            "it is the same for both and bounds what any TensorFlow training process needs.", "",
-            "| method | images/s | peak RSS, MiB | after import, MiB | growth, MiB |", "| --- | --- | --- | --- | --- |"]
+            'subprocess. "After import" is the process\'s peak RSS once TensorFlow is loaded, before any data; '
+            "it is the same for both and bounds what any TensorFlow training process needs.",
+            "",
+            "| method | images/s | peak RSS, MiB | after import, MiB | growth, MiB |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for label, key in (("original: load everything into NumPy", "baseline"), ("ours: streaming tf.data", "ours")):
             peak, base = d[key]["peak_rss_mb"]["median"], d[key]["rss_after_import_mb"]["median"]
-            lines.append(f"| {label} | {_cell(d[key]['images_per_s'], '.0f')} | {peak:.0f} | {base:.0f} | {peak - base:.0f} |")
+            lines.append(
+                f"| {label} | {_cell(d[key]['images_per_s'], '.0f')} | {peak:.0f} | {base:.0f} | {peak - base:.0f} |"
+            )
         lines.append("")
     return "\n".join(lines + ["## Findings", ""] + findings(results, bench) + [""])
 
@@ -608,10 +731,16 @@ def parse_args(argv: list[str]) -> tuple[BenchConfig, str, str | None]:
     known, _ = pre.parse_known_args(argv)
     mode = "quick" if known.quick else known.mode
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=sorted(MODES), default="full", help="full (the original's sizes), quick, smoke (tests)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--mode", choices=sorted(MODES), default="full", help="full (the original's sizes), quick, smoke (tests)"
+    )
     parser.add_argument("--quick", action="store_true", help="same as --mode quick")
-    parser.add_argument("--render", metavar="BENCH_JSON", help="measure nothing: re-write --markdown from an earlier bench.json")
+    parser.add_argument(
+        "--render", metavar="BENCH_JSON", help="measure nothing: re-write --markdown from an earlier bench.json"
+    )
     cfg.add_dataclass_arguments(parser, BenchConfig, MODES[mode])
     args = parser.parse_args(argv)
     bench = cfg.dataclass_from_args(BenchConfig, args)

@@ -15,6 +15,7 @@ Presets:
 `config.json` in a run directory is `RunConfig` as JSON, including the latent scale
 factor once stage 1 has measured it: it is all that is needed to rebuild the models.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,16 +86,25 @@ class TrainConfig:
     lr: float = option(5e-4, "diffusion learning rate (Adam)")
     batch_size: int = option(32, "global batch size (split across devices)")
     precision: str = option(
-        "auto", "compute precision, variables stay float32; auto: mixed_bfloat16 on a CPU with native bf16 "
-        "(AVX512-BF16/AMX), else float32", choices=PRECISIONS)
+        "auto",
+        "compute precision, variables stay float32; auto: mixed_bfloat16 on a CPU with native bf16 "
+        "(AVX512-BF16/AMX), else float32",
+        choices=PRECISIONS,
+    )
     xla: bool = option(False, "compile train steps with XLA (jit_compile)")
-    strategy: str = option("auto", "tf.distribute: auto (mirrored if >1 GPU), default, mirrored, multiworker (TF_CONFIG)", choices=STRATEGIES)
+    strategy: str = option(
+        "auto",
+        "tf.distribute: auto (mirrored if >1 GPU), default, mirrored, multiworker (TF_CONFIG)",
+        choices=STRATEGIES,
+    )
     sample_every: int = option(5, "log a few samples to TensorBoard every N diffusion epochs (0: never)")
     keep_checkpoints: int = option(3, "how many of the newest checkpoints to keep")
     seed: int = option(0, "random seed for data order, initialisation, t and ε")
     deterministic: bool = option(
-        False, "TensorFlow op determinism: the same seed gives the same weights bit for bit, interrupted and "
-        "resumed or not (slower; exact on CPU)")
+        False,
+        "TensorFlow op determinism: the same seed gives the same weights bit for bit, interrupted and "
+        "resumed or not (slower; exact on CPU)",
+    )
 
 
 SECTIONS = {
@@ -189,8 +199,14 @@ def _preset_oasis() -> RunConfig:
         unet=UNetConfig(unet_dim=64, unet_dim_mults=(1, 2, 4, 8)),
         diffusion=DiffusionConfig(timesteps=1000),
         train=TrainConfig(
-            out="runs/oasis", ae_epochs=30, ae_steps_per_epoch=0, ldm_epochs=200, ldm_steps_per_epoch=0,
-            batch_size=64, ae_lr=1e-3, lr=1e-4,
+            out="runs/oasis",
+            ae_epochs=30,
+            ae_steps_per_epoch=0,
+            ldm_epochs=200,
+            ldm_steps_per_epoch=0,
+            batch_size=64,
+            ae_lr=1e-3,
+            lr=1e-4,
         ),
     )
 
@@ -205,8 +221,15 @@ def _preset_seed() -> RunConfig:
         unet=UNetConfig(unet_dim=64, unet_dim_mults=(1, 2, 4, 8)),
         diffusion=DiffusionConfig(timesteps=200, beta_start=1e-4, beta_end=0.02),
         train=TrainConfig(
-            out="runs/seed", ae_epochs=30, ae_steps_per_epoch=0, ldm_epochs=100, ldm_steps_per_epoch=0,
-            batch_size=64, ae_lr=1e-3, lr=1e-4, precision="float32",
+            out="runs/seed",
+            ae_epochs=30,
+            ae_steps_per_epoch=0,
+            ldm_epochs=100,
+            ldm_steps_per_epoch=0,
+            batch_size=64,
+            ae_lr=1e-3,
+            lr=1e-4,
+            precision="float32",
         ),
     )
 

@@ -238,11 +238,12 @@ def _split_keys(keys: list[str], val_fraction: float, test_fraction: float, seed
     n_test, n_val = held_out(test_fraction), held_out(val_fraction)
     if n_test + n_val >= len(order):
         raise DataError(
-            f"{len(order)} item(s) are too few to hold out {val_fraction:g} for validation and {test_fraction:g} for test"
+            f"{len(order)} item(s) are too few to hold out {val_fraction:g} for validation "
+            f"and {test_fraction:g} for test"
         )
     return {
-        "train": sorted(order[n_test + n_val:]),
-        "validate": sorted(order[n_test:n_test + n_val]),
+        "train": sorted(order[n_test + n_val :]),
+        "validate": sorted(order[n_test : n_test + n_val]),
         "test": sorted(order[:n_test]),
     }
 
@@ -378,7 +379,7 @@ def _on_canvas(image: np.ndarray, size: int = CANVAS) -> np.ndarray:
         height, width = image.shape
     canvas = np.zeros((size, size), np.uint8)
     top, left = (size - height) // 2, (size - width) // 2
-    canvas[top:top + height, left:left + width] = image
+    canvas[top : top + height, left : left + width] = image
     return canvas
 
 
@@ -490,7 +491,7 @@ def _mni152_uint8() -> np.ndarray:
     low = 0.5 * np.percentile(volume[brain], 1)
     high = np.percentile(volume[brain], 99.9)
     xs, ys = np.flatnonzero(brain.any(axis=(1, 2))), np.flatnonzero(brain.any(axis=(0, 2)))
-    cropped = volume[xs[0]:xs[-1] + 1, ys[0]:ys[-1] + 1, :]
+    cropped = volume[xs[0] : xs[-1] + 1, ys[0] : ys[-1] + 1, :]
     return _scale_to_uint8(cropped, low, high)
 
 
@@ -655,7 +656,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("src", help="the extracted OASIS-1 release (disc folders or OAS1_*_MR1 folders)")
     convert.add_argument("--out", required=True, help="new output folder")
-    convert.add_argument("--val", type=float, default=0.1, help="subjects' fraction for validation (default: %(default)s)")
+    convert.add_argument(
+        "--val", type=float, default=0.1, help="subjects' fraction for validation (default: %(default)s)"
+    )
     convert.add_argument("--test", type=float, default=0.05, help="subjects' fraction for test (default: %(default)s)")
     convert.add_argument("--seed", type=int, default=0, help="seed of the subject split (default: %(default)s)")
     convert.set_defaults(command=_convert_command)

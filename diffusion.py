@@ -124,8 +124,9 @@ def _cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> 
     return np.minimum(1.0 - f[1:] / f[:-1], max_beta)
 
 
-def make_schedule(kind: str = "linear", timesteps: int = 1000, beta_start: float = 1e-4,
-                  beta_end: float = 0.02) -> NoiseSchedule:
+def make_schedule(
+    kind: str = "linear", timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> NoiseSchedule:
     """Build a ``NoiseSchedule``.
 
     Args:
@@ -145,8 +146,7 @@ def make_schedule(kind: str = "linear", timesteps: int = 1000, beta_start: float
         raise ValueError(f"make_schedule: timesteps must be >= 1, got {timesteps}")
     if kind == "linear":
         if not 0.0 < beta_start <= beta_end < 1.0:
-            raise ValueError(f"make_schedule: need 0 < beta_start <= beta_end < 1, got "
-                             f"{beta_start}, {beta_end}")
+            raise ValueError(f"make_schedule: need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
         betas = np.linspace(beta_start, beta_end, timesteps, dtype=np.float64)
     elif kind == "cosine":
         betas = _cosine_betas(timesteps)
@@ -168,8 +168,7 @@ def make_schedule(kind: str = "linear", timesteps: int = 1000, beta_start: float
         posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / one_minus,
         posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / one_minus,
     )
-    return NoiseSchedule(kind=kind, timesteps=timesteps,
-                         **{k: tf.constant(v, tf.float32) for k, v in arrays.items()})
+    return NoiseSchedule(kind=kind, timesteps=timesteps, **{k: tf.constant(v, tf.float32) for k, v in arrays.items()})
 
 
 def _per_example(values: tf.Tensor, t: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
@@ -191,12 +190,14 @@ def q_sample(schedule: NoiseSchedule, x0: tf.Tensor, t: tf.Tensor, noise: tf.Ten
         x_t, same shape and dtype as x0.
     """
     x0, t = tf.convert_to_tensor(x0), tf.convert_to_tensor(t, tf.int32)
-    return (_per_example(schedule.sqrt_alphas_cumprod, t, x0) * x0
-            + _per_example(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * tf.cast(noise, x0.dtype))
+    return _per_example(schedule.sqrt_alphas_cumprod, t, x0) * x0 + _per_example(
+        schedule.sqrt_one_minus_alphas_cumprod, t, x0
+    ) * tf.cast(noise, x0.dtype)
 
 
-def epsilon_mse(network, schedule: NoiseSchedule, x0: tf.Tensor, t: tf.Tensor, noise: tf.Tensor,
-                training: bool = False) -> tf.Tensor:
+def epsilon_mse(
+    network, schedule: NoiseSchedule, x0: tf.Tensor, t: tf.Tensor, noise: tf.Tensor, training: bool = False
+) -> tf.Tensor:
     """The epsilon-prediction loss  mean over all elements of (noise - network(x_t, t))^2.
 
     Args:
@@ -239,8 +240,10 @@ def _recorded_states(num_steps: int, num_intermediates: int) -> np.ndarray:
     if k == 0:
         return np.zeros([0], np.int32)
     if not 2 <= k <= num_steps + 1:
-        raise ValueError(f"num_intermediates must be 0 or in [2, {num_steps + 1}] (the number of "
-                         f"states of a {num_steps}-step sampler), got {k}")
+        raise ValueError(
+            f"num_intermediates must be 0 or in [2, {num_steps + 1}] (the number of "
+            f"states of a {num_steps}-step sampler), got {k}"
+        )
     return np.round(np.linspace(0, num_steps, k)).astype(np.int32)
 
 
@@ -295,8 +298,7 @@ class Sampler:
         self._ddpm_fn = tf.function(self._ddpm_graph, jit_compile=jit_compile)
         self._ddim_fn = tf.function(self._ddim_graph, jit_compile=jit_compile)
 
-    def ddpm(self, shape, seed: int = 0, num_intermediates: int = 0, clip_x0: float | None = None,
-             initial_noise=None):
+    def ddpm(self, shape, seed: int = 0, num_intermediates: int = 0, clip_x0: float | None = None, initial_noise=None):
         """Ancestral DDPM sampling over all T steps (Ho et al. 2020, algorithm 2).
 
         For t = T-1, ..., 0:
@@ -322,11 +324,26 @@ class Sampler:
             (K, B, h, w, c) and timesteps an int NumPy array (K,) giving the number of
             noising steps of each state (T for the initial noise, 0 for the final sample).
         """
-        return self._run(self._ddpm_fn, shape, np.arange(self.schedule.timesteps, dtype=np.int32),
-                         seed, num_intermediates, clip_x0=clip_x0, initial_noise=initial_noise)
+        return self._run(
+            self._ddpm_fn,
+            shape,
+            np.arange(self.schedule.timesteps, dtype=np.int32),
+            seed,
+            num_intermediates,
+            clip_x0=clip_x0,
+            initial_noise=initial_noise,
+        )
 
-    def ddim(self, shape, steps: int = 50, eta: float = 0.0, seed: int = 0, num_intermediates: int = 0,
-             clip_x0: float | None = None, initial_noise=None):
+    def ddim(
+        self,
+        shape,
+        steps: int = 50,
+        eta: float = 0.0,
+        seed: int = 0,
+        num_intermediates: int = 0,
+        clip_x0: float | None = None,
+        initial_noise=None,
+    ):
         """DDIM sampling (Song et al. 2021, eq. 12) over S = ``steps`` evenly spaced indices.
 
         From index t to the previous visited index p (alpha_bar_p = 1 after the last step):
@@ -350,8 +367,16 @@ class Sampler:
         """
         if eta < 0:
             raise ValueError(f"DDIM eta must be >= 0, got {eta}")
-        return self._run(self._ddim_fn, shape, ddim_timesteps(self.schedule.timesteps, steps),
-                         seed, num_intermediates, clip_x0=clip_x0, initial_noise=initial_noise, eta=float(eta))
+        return self._run(
+            self._ddim_fn,
+            shape,
+            ddim_timesteps(self.schedule.timesteps, steps),
+            seed,
+            num_intermediates,
+            clip_x0=clip_x0,
+            initial_noise=initial_noise,
+            eta=float(eta),
+        )
 
     # The two graphs share the loop; only the update rule differs.
 
@@ -367,8 +392,15 @@ class Sampler:
         record = _recorded_states(len(visited), num_intermediates)
         _ensure_built(self.network, shape)
         clip = None if clip_x0 is None else float(clip_x0)
-        latents, intermediates = fn(_seed_tensor(seed), initial_noise, shape=shape, visited=tuple(visited.tolist()),
-                                    record=tuple(record.tolist()), clip_x0=clip, **options)
+        latents, intermediates = fn(
+            _seed_tensor(seed),
+            initial_noise,
+            shape=shape,
+            visited=tuple(visited.tolist()),
+            record=tuple(record.tolist()),
+            clip_x0=clip,
+            **options,
+        )
         if not len(record):
             return latents
         # State i (i = 0 initial noise) sits at index visited[-1 - i], i.e. paper t = index + 1.
@@ -443,24 +475,33 @@ def _predict_x0(schedule: NoiseSchedule, t, x, eps_hat, clip_x0):
     return x0 if clip_x0 is None else tf.clip_by_value(x0, -clip_x0, clip_x0)
 
 
-def ddpm_sample(network, schedule: NoiseSchedule, shape, seed: int = 0, num_intermediates: int = 0,
-                clip_x0: float | None = None):
+def ddpm_sample(
+    network, schedule: NoiseSchedule, shape, seed: int = 0, num_intermediates: int = 0, clip_x0: float | None = None
+):
     """One-off ``Sampler(network, schedule).ddpm(...)``; traces anew on every call.
 
     Use a ``Sampler`` (or ``LatentDiffusion.sample``) to sample repeatedly without retracing.
     """
-    return Sampler(network, schedule).ddpm(shape, seed=seed, num_intermediates=num_intermediates,
-                                           clip_x0=clip_x0)
+    return Sampler(network, schedule).ddpm(shape, seed=seed, num_intermediates=num_intermediates, clip_x0=clip_x0)
 
 
-def ddim_sample(network, schedule: NoiseSchedule, shape, steps: int = 50, eta: float = 0.0, seed: int = 0,
-                num_intermediates: int = 0, clip_x0: float | None = None):
+def ddim_sample(
+    network,
+    schedule: NoiseSchedule,
+    shape,
+    steps: int = 50,
+    eta: float = 0.0,
+    seed: int = 0,
+    num_intermediates: int = 0,
+    clip_x0: float | None = None,
+):
     """One-off ``Sampler(network, schedule).ddim(...)``; traces anew on every call.
 
     Use a ``Sampler`` (or ``LatentDiffusion.sample``) to sample repeatedly without retracing.
     """
-    return Sampler(network, schedule).ddim(shape, steps=steps, eta=eta, seed=seed,
-                                           num_intermediates=num_intermediates, clip_x0=clip_x0)
+    return Sampler(network, schedule).ddim(
+        shape, steps=steps, eta=eta, seed=seed, num_intermediates=num_intermediates, clip_x0=clip_x0
+    )
 
 
 # --------------------------------------------------------------------------- training model
@@ -517,8 +558,15 @@ class LatentDiffusion(keras.Model):
         **kwargs: for ``keras.Model`` (name, dtype...).
     """
 
-    def __init__(self, network, schedule: NoiseSchedule, ema_decay: float = 0.999, ema_warmup: bool = True,
-                 seed: int | None = None, **kwargs):
+    def __init__(
+        self,
+        network,
+        schedule: NoiseSchedule,
+        ema_decay: float = 0.999,
+        ema_warmup: bool = True,
+        seed: int | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"LatentDiffusion: ema_decay must be in [0, 1), got {ema_decay}")
@@ -545,10 +593,14 @@ class LatentDiffusion(keras.Model):
 
     def _seed_variable(self, seed: int, name: str):
         return self.add_weight(
-            shape=(2,), dtype="int64", trainable=False, name=name,
+            shape=(2,),
+            dtype="int64",
+            trainable=False,
+            name=name,
             initializer=lambda shape, dtype: tf.constant([seed, 0], dtype),
             # Replicas read the same value and write the same increment.
-            aggregation="only_first_replica")
+            aggregation="only_first_replica",
+        )
 
     # -- building ----------------------------------------------------------------------
 
@@ -577,9 +629,12 @@ class LatentDiffusion(keras.Model):
     def _ema_pairs(self):
         ema_w, online_w = self.ema_network.weights, self.network.weights
         if len(ema_w) != len(online_w) or any(
-                tuple(a.shape) != tuple(b.shape) for a, b in zip(ema_w, online_w, strict=True)):
-            raise ValueError("LatentDiffusion: the EMA clone's weights do not match the network's; "
-                             "does network.get_config() rebuild the same network?")
+            tuple(a.shape) != tuple(b.shape) for a, b in zip(ema_w, online_w, strict=True)
+        ):
+            raise ValueError(
+                "LatentDiffusion: the EMA clone's weights do not match the network's; "
+                "does network.get_config() rebuild the same network?"
+            )
         return list(zip(ema_w, online_w, strict=True))
 
     # -- Keras plumbing ----------------------------------------------------------------
@@ -612,8 +667,14 @@ class LatentDiffusion(keras.Model):
             seed = tf.cast(tf.math.floormod(state, tf.int32.max - 1), tf.int32)
             seed = _fold(seed, _replica_id())
         if t is None:
-            t = tf.random.stateless_uniform(tf.shape(x0)[:1], seed=_fold(seed, 0), minval=0,
-                                            maxval=self.schedule.timesteps, dtype=tf.int32, alg=RNG_ALG)
+            t = tf.random.stateless_uniform(
+                tf.shape(x0)[:1],
+                seed=_fold(seed, 0),
+                minval=0,
+                maxval=self.schedule.timesteps,
+                dtype=tf.int32,
+                alg=RNG_ALG,
+            )
         if noise is None:
             noise = _normal(tf.shape(x0), _fold(seed, 1))
         return x0, tf.cast(t, tf.int32), tf.cast(noise, tf.float32)
@@ -679,9 +740,19 @@ class LatentDiffusion(keras.Model):
 
     # -- sampling ----------------------------------------------------------------------
 
-    def sample(self, n: int, latent_shape, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
-               seed: int = 0, num_intermediates: int = 0, clip_x0: float | None = None,
-               use_ema: bool = True, initial_noise=None):
+    def sample(
+        self,
+        n: int,
+        latent_shape,
+        sampler: str = "ddim",
+        steps: int = 50,
+        eta: float = 0.0,
+        seed: int = 0,
+        num_intermediates: int = 0,
+        clip_x0: float | None = None,
+        use_ema: bool = True,
+        initial_noise=None,
+    ):
         """Generate ``n`` latents of ``latent_shape`` (h, w, c) with the EMA (or online) network.
 
         Args:
@@ -698,14 +769,23 @@ class LatentDiffusion(keras.Model):
             ``num_intermediates`` > 0. Compiled once per settings; any seed reuses the trace.
         """
         if not self.built:
-            raise ValueError("LatentDiffusion.sample: build the model (model.build((None, h, w, c))) "
-                             "or load its weights first")
+            raise ValueError(
+                "LatentDiffusion.sample: build the model (model.build((None, h, w, c))) or load its weights first"
+            )
         s = self._ema_sampler if use_ema else self._online_sampler
         shape = (int(n), *latent_shape)
         if sampler == "ddim":
-            return s.ddim(shape, steps=steps, eta=eta, seed=seed, num_intermediates=num_intermediates,
-                          clip_x0=clip_x0, initial_noise=initial_noise)
+            return s.ddim(
+                shape,
+                steps=steps,
+                eta=eta,
+                seed=seed,
+                num_intermediates=num_intermediates,
+                clip_x0=clip_x0,
+                initial_noise=initial_noise,
+            )
         if sampler == "ddpm":
-            return s.ddpm(shape, seed=seed, num_intermediates=num_intermediates, clip_x0=clip_x0,
-                          initial_noise=initial_noise)
+            return s.ddpm(
+                shape, seed=seed, num_intermediates=num_intermediates, clip_x0=clip_x0, initial_noise=initial_noise
+            )
         raise ValueError(f"LatentDiffusion.sample: sampler must be 'ddim' or 'ddpm', got {sampler!r}")

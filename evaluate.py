@@ -37,6 +37,7 @@ values only at the same n. KID (unbiased MMD², kernel (x·y/d + 1)³) is unbias
 metrics.json also records n, the sampler, steps, seed, the run, TensorFlow and Keras
 versions and the device, so that no number is quoted without its conditions.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,7 +94,7 @@ def nearest_ssim(queries: np.ndarray, references) -> np.ndarray:
     per_chunk = max(1, PAIRWISE_BUDGET // int(np.prod(queries.shape)))
     for batch in references:
         for start in range(0, len(batch), per_chunk):
-            scores = pairwise_ssim(queries, tf.cast(batch[start:start + per_chunk], tf.float32))
+            scores = pairwise_ssim(queries, tf.cast(batch[start : start + per_chunk], tf.float32))
             best = np.maximum(best, tf.reduce_max(scores, axis=1).numpy())
     return best
 
@@ -119,8 +120,8 @@ def msssim_diversity(images: np.ndarray) -> tuple[float | None, int]:
     images = tf.constant(images, tf.float32)
     total = 0.0
     for start in range(0, len(i), per_chunk):
-        a = tf.gather(images, i[start:start + per_chunk])
-        b = tf.gather(images, j[start:start + per_chunk])
+        a = tf.gather(images, i[start : start + per_chunk])
+        b = tf.gather(images, j[start : start + per_chunk])
         total += float(tf.reduce_sum(tf.image.ssim_multiscale(a, b, max_val=2.0, power_factors=tuple(weights))))
     return total / len(i), scales
 
@@ -173,9 +174,11 @@ def kid(features_a: np.ndarray, features_b: np.ndarray) -> float:
         return (p @ q.T / d + 1.0) ** 3
 
     kxx, kyy = kernel(x, x), kernel(y, y)
-    return float((kxx.sum() - np.trace(kxx)) / (n * (n - 1))
-                 + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-                 - 2.0 * kernel(x, y).mean())
+    return float(
+        (kxx.sum() - np.trace(kxx)) / (n * (n - 1))
+        + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        - 2.0 * kernel(x, y).mean()
+    )
 
 
 def find_inception_weights(path: str | None) -> tuple[str | None, str]:
@@ -192,8 +195,10 @@ def find_inception_weights(path: str | None) -> tuple[str | None, str]:
         candidate = os.path.join(folder, INCEPTION_NOTOP)
         if os.path.isfile(candidate):
             return candidate, ""
-    return None, (f"InceptionV3 ImageNet weights not found ({INCEPTION_NOTOP} in "
-                  f"{' or '.join(folders)}); pass --inception-weights PATH")
+    return None, (
+        f"InceptionV3 ImageNet weights not found ({INCEPTION_NOTOP} in "
+        f"{' or '.join(folders)}); pass --inception-weights PATH"
+    )
 
 
 def keras_cache_folders() -> list[str]:
@@ -210,8 +215,9 @@ def inception_model(weights_path: str) -> keras.Model:
     UserError when the file is unreadable or holds other weights.
     """
     with runs.dtype_policy("float32"):
-        model = keras.applications.InceptionV3(include_top=False, weights=None, pooling="avg",
-                                               input_shape=(INCEPTION_SIZE, INCEPTION_SIZE, 3))
+        model = keras.applications.InceptionV3(
+            include_top=False, weights=None, pooling="avg", input_shape=(INCEPTION_SIZE, INCEPTION_SIZE, 3)
+        )
     runs.load_weights(model, weights_path, built_from="InceptionV3(include_top=False)")
     return model
 
@@ -221,7 +227,9 @@ def inception_features(model: keras.Model, images: np.ndarray, batch_size: int =
     repeated to 3 channels; [-1, 1] is already InceptionV3's input range (preprocess_input "tf")."""
     out = []
     for start in range(0, len(images), batch_size):
-        x = tf.image.resize(tf.constant(images[start:start + batch_size], tf.float32), (INCEPTION_SIZE, INCEPTION_SIZE))
+        x = tf.image.resize(
+            tf.constant(images[start : start + batch_size], tf.float32), (INCEPTION_SIZE, INCEPTION_SIZE)
+        )
         out.append(model(tf.clip_by_value(tf.repeat(x, 3, axis=-1), -1.0, 1.0), training=False).numpy())
     return np.concatenate(out)
 
@@ -232,15 +240,22 @@ def inception_scores(samples: np.ndarray, real: np.ndarray, weights: str | None,
     if path is None:
         return {"fid": None, "kid": None, "fid_note": reason}
     if len(samples) < 2 or len(real) < 2:
-        return {"fid": None, "kid": None, "fid_note": f"needs at least 2 samples and 2 real images, got {len(samples)} and {len(real)}"}
+        return {
+            "fid": None,
+            "kid": None,
+            "fid_note": f"needs at least 2 samples and 2 real images, got {len(samples)} and {len(real)}",
+        }
     try:
         model = inception_model(path)
     except cli.UserError as e:
         return {"fid": None, "kid": None, "fid_note": str(e)}
     fa, fb = inception_features(model, samples, batch_size), inception_features(model, real, batch_size)
-    return {"fid": fid(fa, fb), "kid": kid(fa, fb),
-            "fid_note": f"InceptionV3 ({path}) pool features of {len(samples)} samples vs {len(real)} real images; "
-                        f"FID is biased at small n: compare at equal n"}
+    return {
+        "fid": fid(fa, fb),
+        "kid": kid(fa, fb),
+        "fid_note": f"InceptionV3 ({path}) pool features of {len(samples)} samples vs {len(real)} real images; "
+        f"FID is biased at small n: compare at equal n",
+    }
 
 
 # ---------------------------------------------------------------------------- the run's data
@@ -279,7 +294,11 @@ def device_name() -> str:
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         details = tf.config.experimental.get_device_details(gpus[0])
-        return f"{details.get('device_name', 'GPU')} (×{len(gpus)})" if len(gpus) > 1 else details.get("device_name", "GPU")
+        return (
+            f"{details.get('device_name', 'GPU')} (×{len(gpus)})"
+            if len(gpus) > 1
+            else details.get("device_name", "GPU")
+        )
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -312,9 +331,11 @@ DESCRIPTIONS = {
 
 def format_table(metrics: dict) -> str:
     """The metrics as an aligned text table, with the conditions above and notes below."""
-    head = (f"run {metrics['run']}: n = {metrics['n']} samples ({metrics['sampler_label']}, seed {metrics['seed']}), "
-            f"{metrics['n_real']} real (validation) images, {metrics['nn_reference_images']} training images; "
-            f"MS-SSIM {metrics['msssim_scales']} scale(s); {metrics['device']}, TF {metrics['tensorflow']}")
+    head = (
+        f"run {metrics['run']}: n = {metrics['n']} samples ({metrics['sampler_label']}, seed {metrics['seed']}), "
+        f"{metrics['n_real']} real (validation) images, {metrics['nn_reference_images']} training images; "
+        f"MS-SSIM {metrics['msssim_scales']} scale(s); {metrics['device']}, TF {metrics['tensorflow']}"
+    )
     rows = [head, "", f"{'metric':<26}{'value':>10}  meaning"]
     for key, meaning in DESCRIPTIONS.items():
         value = metrics.get(key)
@@ -332,8 +353,19 @@ def run_splits(config) -> tuple[str, dict[str, list[str]]]:
     return os.path.abspath(data_dir), dataset.find_splits(data_dir, seed=config.train.seed)
 
 
-def evaluate(run: runs.Run, data_dir: str, splits: dict[str, list[str]], n: int, sampler: str, steps: int,
-             eta: float, seed: int, batch_size: int, max_train: int, inception_weights: str | None) -> dict:
+def evaluate(
+    run: runs.Run,
+    data_dir: str,
+    splits: dict[str, list[str]],
+    n: int,
+    sampler: str,
+    steps: int,
+    eta: float,
+    seed: int,
+    batch_size: int,
+    max_train: int,
+    inception_weights: str | None,
+) -> dict:
     """Every metric of the module docstring for `run`, with its conditions, as a JSON-ready dict.
 
     data_dir, splits: the run's data folder and {"train", "validate", "test": image paths} (`run_splits`).
@@ -354,11 +386,14 @@ def evaluate(run: runs.Run, data_dir: str, splits: dict[str, list[str]], n: int,
     print(f"autoencoder on {len(splits['validate'])} validation images", flush=True)
     ae_ssim, ae_psnr = autoencoder_scores(run, splits["validate"], batch_size)
 
-    print(f"nearest training image (SSIM) of {len(samples)} samples and {len(real)} real images "
-          f"among {len(train_paths)} training images", flush=True)
+    print(
+        f"nearest training image (SSIM) of {len(samples)} samples and {len(real)} real images "
+        f"among {len(train_paths)} training images",
+        flush=True,
+    )
     references = dataset.make_dataset(train_paths, size, batch_size, shuffle=False).as_numpy_iterator()
     nearest = nearest_ssim(np.concatenate([samples, real]), references)
-    sample_nn, real_nn = nearest[:len(samples)], nearest[len(samples):]
+    sample_nn, real_nn = nearest[: len(samples)], nearest[len(samples) :]
 
     print("MS-SSIM diversity", flush=True)
     sample_div, scales = msssim_diversity(samples)
@@ -367,7 +402,9 @@ def evaluate(run: runs.Run, data_dir: str, splits: dict[str, list[str]], n: int,
     print("FID / KID", flush=True)
     inception = inception_scores(samples, real, inception_weights, batch_size)
     if len(train_paths) < len(splits["train"]):
-        notes.append(f"nearest neighbours among {len(train_paths)} of {len(splits['train'])} training images (--max-train)")
+        notes.append(
+            f"nearest neighbours among {len(train_paths)} of {len(splits['train'])} training images (--max-train)"
+        )
 
     return {
         "run": run.name,
@@ -412,12 +449,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--run", help=f"run folder, or a name under {runs.RUNS_ROOT}/ (default: the newest run)")
     parser.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
     parser.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="default: ddim")
-    parser.add_argument("--steps", type=int, help=f"DDIM steps, in [1, T] (default: {runs.DEFAULT_STEPS}, or T if smaller)")
+    parser.add_argument(
+        "--steps", type=int, help=f"DDIM steps, in [1, T] (default: {runs.DEFAULT_STEPS}, or T if smaller)"
+    )
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (default: 0)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default: 16)")
-    parser.add_argument("--max-train", type=int, default=0,
-                        help="nearest-neighbour search among at most this many training images (default: 0 = all)")
+    parser.add_argument(
+        "--max-train",
+        type=int,
+        default=0,
+        help="nearest-neighbour search among at most this many training images (default: 0 = all)",
+    )
     parser.add_argument("--inception-weights", help="InceptionV3 notop .h5 weights for FID/KID (default: Keras' cache)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     return parser.parse_args(argv)
@@ -432,8 +475,19 @@ def run(argv: list[str]) -> None:
     data_dir, splits = run_splits(config)  # before the models: a missing data folder fails at once
     loaded = runs.load_run(run_dir, encoder=True)
     runs.check_writable(run_dir)  # metrics.json goes there: fail now, not after the work
-    metrics = evaluate(loaded, data_dir, splits, args.n, args.sampler, args.steps, args.eta, args.seed,
-                       args.batch_size, args.max_train, args.inception_weights)
+    metrics = evaluate(
+        loaded,
+        data_dir,
+        splits,
+        args.n,
+        args.sampler,
+        args.steps,
+        args.eta,
+        args.seed,
+        args.batch_size,
+        args.max_train,
+        args.inception_weights,
+    )
     path = os.path.join(loaded.directory, "metrics.json")
     cfg.write_json_atomic(metrics, path)
     print()

@@ -8,6 +8,7 @@ inversion (the original inverted images to make up for a colormap).
 Uses matplotlib's object-oriented `Figure` API, not pyplot: no global figure state and no
 GUI backend is involved, so this works on a headless machine and inside tests.
 """
+
 from __future__ import annotations
 
 import csv
@@ -98,9 +99,11 @@ def reconstructions(originals: np.ndarray, latents: np.ndarray, recons: np.ndarr
     n = len(originals)
     fig = Figure(figsize=(1.6 * n, 5.2))
     axes = fig.subplots(3, n, squeeze=False)
-    rows = [("original", originals, dict(cmap="gray", vmin=-1, vmax=1)),
-            ("latent (ch. 0)", latents, dict(cmap="viridis")),
-            ("reconstruction", recons, dict(cmap="gray", vmin=-1, vmax=1))]
+    rows = [
+        ("original", originals, dict(cmap="gray", vmin=-1, vmax=1)),
+        ("latent (ch. 0)", latents, dict(cmap="viridis")),
+        ("reconstruction", recons, dict(cmap="gray", vmin=-1, vmax=1)),
+    ]
     for r, (label, images, style) in enumerate(rows):
         for i in range(n):
             ax = axes[r, i]

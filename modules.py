@@ -25,6 +25,7 @@ Models and how to build them
     weights exist after the first call: ``unet.build_for((h, w, c))`` (or any call on
     zeros) builds it before ``load_weights``.
 """
+
 from __future__ import annotations
 
 import math
@@ -104,20 +105,14 @@ class ResnetBlock(keras.layers.Layer):
         super().__init__(**kwargs)
         for c in (in_channels, out_channels):
             if c % groups:
-                raise ValueError(
-                    f"ResnetBlock: channel count {c} is not divisible by groups={groups}"
-                )
+                raise ValueError(f"ResnetBlock: channel count {c} is not divisible by groups={groups}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.time_scale_shift = keras.layers.Dense(2 * out_channels, name="time_scale_shift")
         self.conv1 = keras.layers.Conv2D(out_channels, 3, padding="same", name="conv1")
         self.norm1 = keras.layers.GroupNormalization(groups, epsilon=1e-5, name="norm1")
         self.conv2 = keras.layers.Conv2D(out_channels, 3, padding="same", name="conv2")
         self.norm2 = keras.layers.GroupNormalization(groups, epsilon=1e-5, name="norm2")
-        self.skip = (
-            keras.layers.Conv2D(out_channels, 1, name="skip")
-            if in_channels != out_channels
-            else None
-        )
+        self.skip = keras.layers.Conv2D(out_channels, 1, name="skip") if in_channels != out_channels else None
 
     def call(self, x, time_emb):
         scale_shift = self.time_scale_shift(ops.silu(time_emb))[:, None, None, :]
@@ -166,10 +161,7 @@ class LinearAttention(keras.layers.Layer):
     def call(self, x):
         height, width = ops.shape(x)[1], ops.shape(x)[2]
         qkv = ops.cast(self.to_qkv(self.pre_norm(x)), "float32")
-        q, k, v = (
-            rearrange(t, "b x y (h d) -> b h (x y) d", h=self.heads)
-            for t in ops.split(qkv, 3, axis=-1)
-        )
+        q, k, v = (rearrange(t, "b x y (h d) -> b h (x y) d", h=self.heads) for t in ops.split(qkv, 3, axis=-1))
         q = ops.softmax(q, axis=-1) * self.dim_head**-0.5
         k = ops.softmax(k, axis=-2)
         context = ops.einsum("bhnd,bhne->bhde", k, v)
@@ -182,8 +174,7 @@ class LinearAttention(keras.layers.Layer):
         return x_shape
 
     def get_config(self):
-        return {**super().get_config(), "channels": self.channels, "heads": self.heads,
-                "dim_head": self.dim_head}
+        return {**super().get_config(), "channels": self.channels, "heads": self.heads, "dim_head": self.dim_head}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -210,10 +201,7 @@ class FullAttention(keras.layers.Layer):
     def call(self, x):
         height, width = ops.shape(x)[1], ops.shape(x)[2]
         qkv = ops.cast(self.to_qkv(self.pre_norm(x)), "float32")
-        q, k, v = (
-            rearrange(t, "b x y (h d) -> b h (x y) d", h=self.heads)
-            for t in ops.split(qkv, 3, axis=-1)
-        )
+        q, k, v = (rearrange(t, "b x y (h d) -> b h (x y) d", h=self.heads) for t in ops.split(qkv, 3, axis=-1))
         logits = ops.einsum("bhid,bhjd->bhij", q, k) * self.dim_head**-0.5
         logits = logits - ops.stop_gradient(ops.max(logits, axis=-1, keepdims=True))
         weights = ops.exp(logits)
@@ -226,8 +214,7 @@ class FullAttention(keras.layers.Layer):
         return x_shape
 
     def get_config(self):
-        return {**super().get_config(), "channels": self.channels, "heads": self.heads,
-                "dim_head": self.dim_head}
+        return {**super().get_config(), "channels": self.channels, "heads": self.heads, "dim_head": self.dim_head}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -256,8 +243,9 @@ class UNet(keras.Model):
     original single-skip design had about 32 M).
     """
 
-    def __init__(self, dim=64, dim_mults=(1, 2, 4, 8), channels=1, resnet_groups=8,
-                 attn_heads=4, attn_dim_head=32, **kwargs):
+    def __init__(
+        self, dim=64, dim_mults=(1, 2, 4, 8), channels=1, resnet_groups=8, attn_heads=4, attn_dim_head=32, **kwargs
+    ):
         super().__init__(**kwargs)
         self.dim, self.dim_mults, self.channels = dim, tuple(dim_mults), channels
         self.resnet_groups = resnet_groups
@@ -280,13 +268,20 @@ class UNet(keras.Model):
         self.down_levels = []
         for i, (width, next_width) in enumerate(levels):
             last = i == n_levels - 1
-            self.down_levels.append([
-                ResnetBlock(width, width, **block, name=f"down{i}_block1"),
-                ResnetBlock(width, width, **block, name=f"down{i}_block2"),
-                LinearAttention(width, **attn, name=f"down{i}_attn"),
-                keras.layers.Conv2D(next_width, 3, strides=1 if last else 2, padding="same",
-                                    name=f"down{i}_{'proj' if last else 'downsample'}"),
-            ])
+            self.down_levels.append(
+                [
+                    ResnetBlock(width, width, **block, name=f"down{i}_block1"),
+                    ResnetBlock(width, width, **block, name=f"down{i}_block2"),
+                    LinearAttention(width, **attn, name=f"down{i}_attn"),
+                    keras.layers.Conv2D(
+                        next_width,
+                        3,
+                        strides=1 if last else 2,
+                        padding="same",
+                        name=f"down{i}_{'proj' if last else 'downsample'}",
+                    ),
+                ]
+            )
 
         mid = dims[-1]
         self.mid_block1 = ResnetBlock(mid, mid, **block, name="mid_block1")
@@ -296,15 +291,16 @@ class UNet(keras.Model):
         self.up_levels = []
         for i, (width, next_width) in reversed(list(enumerate(levels))):
             first = i == 0  # full resolution: no upsampling
-            self.up_levels.append([
-                ResnetBlock(next_width + width, next_width, **block, name=f"up{i}_block1"),
-                ResnetBlock(next_width + width, next_width, **block, name=f"up{i}_block2"),
-                LinearAttention(next_width, **attn, name=f"up{i}_attn"),
-                keras.layers.Conv2D(width, 3, padding="same", name=f"up{i}_proj")
-                if first
-                else keras.layers.Conv2DTranspose(width, 4, strides=2, padding="same",
-                                                  name=f"up{i}_upsample"),
-            ])
+            self.up_levels.append(
+                [
+                    ResnetBlock(next_width + width, next_width, **block, name=f"up{i}_block1"),
+                    ResnetBlock(next_width + width, next_width, **block, name=f"up{i}_block2"),
+                    LinearAttention(next_width, **attn, name=f"up{i}_attn"),
+                    keras.layers.Conv2D(width, 3, padding="same", name=f"up{i}_proj")
+                    if first
+                    else keras.layers.Conv2DTranspose(width, 4, strides=2, padding="same", name=f"up{i}_upsample"),
+                ]
+            )
 
         self.final_block = ResnetBlock(2 * dim, dim, **block, name="final_block")
         self.final_conv = keras.layers.Conv2D(channels, 1, dtype="float32", name="final_conv")
@@ -398,9 +394,7 @@ class ResidualBlock(keras.layers.Layer):
         if norm not in AUTOENCODER_NORMS:
             raise ValueError(f"unknown norm {norm!r}; expected one of {AUTOENCODER_NORMS}")
         if activation not in AUTOENCODER_ACTIVATIONS:
-            raise ValueError(
-                f"unknown activation {activation!r}; expected one of {AUTOENCODER_ACTIVATIONS}"
-            )
+            raise ValueError(f"unknown activation {activation!r}; expected one of {AUTOENCODER_ACTIVATIONS}")
         self.out_channels, self.norm, self.activation = out_channels, norm, activation
         self.conv1 = keras.layers.Conv2D(out_channels, 3, padding="same", name="conv1")
         self.norm1 = self._make_norm("norm1")
@@ -433,13 +427,24 @@ class ResidualBlock(keras.layers.Layer):
         return (*input_shape[:-1], self.out_channels)
 
     def get_config(self):
-        return {**super().get_config(), "out_channels": self.out_channels, "norm": self.norm,
-                "activation": self.activation}
+        return {
+            **super().get_config(),
+            "out_channels": self.out_channels,
+            "norm": self.norm,
+            "activation": self.activation,
+        }
 
 
-def build_encoder(image_channels=1, base_channels=64, channel_mults=(1, 2, 4),
-                  blocks_per_level=1, latent_channels=1, norm="batch", activation="relu",
-                  name="encoder"):
+def build_encoder(
+    image_channels=1,
+    base_channels=64,
+    channel_mults=(1, 2, 4),
+    blocks_per_level=1,
+    latent_channels=1,
+    norm="batch",
+    activation="relu",
+    name="encoder",
+):
     """Functional encoder: (B, H, W, image_channels) -> (B, H/f, W/f, latent_channels).
 
     f = 2 ** (len(channel_mults) - 1). conv3x3 stem to base_channels; per level
@@ -457,16 +462,21 @@ def build_encoder(image_channels=1, base_channels=64, channel_mults=(1, 2, 4),
         for b in range(blocks_per_level):
             x = ResidualBlock(width, norm, activation, name=f"level{level}_block{b}")(x)
         if level < len(channel_mults) - 1:
-            x = keras.layers.Conv2D(width, 3, strides=2, padding="same",
-                                    name=f"level{level}_downsample")(x)
-    latent = keras.layers.Conv2D(latent_channels, 3, padding="same", dtype="float32",
-                                 name="to_latent")(x)
+            x = keras.layers.Conv2D(width, 3, strides=2, padding="same", name=f"level{level}_downsample")(x)
+    latent = keras.layers.Conv2D(latent_channels, 3, padding="same", dtype="float32", name="to_latent")(x)
     return keras.Model(x_in, latent, name=name)
 
 
-def build_decoder(image_channels=1, base_channels=64, channel_mults=(1, 2, 4),
-                  blocks_per_level=1, latent_channels=1, norm="batch", activation="relu",
-                  name="decoder"):
+def build_decoder(
+    image_channels=1,
+    base_channels=64,
+    channel_mults=(1, 2, 4),
+    blocks_per_level=1,
+    latent_channels=1,
+    norm="batch",
+    activation="relu",
+    name="decoder",
+):
     """Functional decoder mirroring ``build_encoder``: latent -> (B, H, W, image_channels).
 
     conv3x3 from the latent to the widest width; per level, widest first,
@@ -477,18 +487,15 @@ def build_decoder(image_channels=1, base_channels=64, channel_mults=(1, 2, 4),
     With the defaults the widths go 256 -> 128 -> 64 -> 1.
     """
     z_in = keras.Input((None, None, latent_channels), name="latent")
-    x = keras.layers.Conv2D(base_channels * channel_mults[-1], 3, padding="same",
-                            name="from_latent")(z_in)
+    x = keras.layers.Conv2D(base_channels * channel_mults[-1], 3, padding="same", name="from_latent")(z_in)
     levels = list(reversed(list(enumerate(channel_mults))))
     for step, (level, mult) in enumerate(levels):
         width = base_channels * mult
         for b in range(blocks_per_level):
             x = ResidualBlock(width, norm, activation, name=f"level{level}_block{b}")(x)
         if step < len(levels) - 1:
-            x = keras.layers.Conv2DTranspose(width, 4, strides=2, padding="same",
-                                             name=f"level{level}_upsample")(x)
-    x = keras.layers.Conv2D(image_channels, 3, padding="same", dtype="float32",
-                            name="to_image")(x)
+            x = keras.layers.Conv2DTranspose(width, 4, strides=2, padding="same", name=f"level{level}_upsample")(x)
+    x = keras.layers.Conv2D(image_channels, 3, padding="same", dtype="float32", name="to_image")(x)
     image = keras.layers.Activation("tanh", dtype="float32", name="tanh")(x)
     return keras.Model(z_in, image, name=name)
 
@@ -506,21 +513,33 @@ class AutoEncoder(keras.Model):
     loss="mse"); fit(pairs)`` works on (x, x) pairs.
     """
 
-    def __init__(self, image_channels=1, base_channels=64, channel_mults=(1, 2, 4),
-                 blocks_per_level=1, latent_channels=1, norm="batch", activation="relu",
-                 **kwargs):
+    def __init__(
+        self,
+        image_channels=1,
+        base_channels=64,
+        channel_mults=(1, 2, 4),
+        blocks_per_level=1,
+        latent_channels=1,
+        norm="batch",
+        activation="relu",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if not channel_mults:
             raise ValueError("AutoEncoder: channel_mults must not be empty")
         if norm not in AUTOENCODER_NORMS:
             raise ValueError(f"unknown norm {norm!r}; expected one of {AUTOENCODER_NORMS}")
         if activation not in AUTOENCODER_ACTIVATIONS:
-            raise ValueError(
-                f"unknown activation {activation!r}; expected one of {AUTOENCODER_ACTIVATIONS}"
-            )
-        self.arch = dict(image_channels=image_channels, base_channels=base_channels,
-                         channel_mults=tuple(channel_mults), blocks_per_level=blocks_per_level,
-                         latent_channels=latent_channels, norm=norm, activation=activation)
+            raise ValueError(f"unknown activation {activation!r}; expected one of {AUTOENCODER_ACTIVATIONS}")
+        self.arch = dict(
+            image_channels=image_channels,
+            base_channels=base_channels,
+            channel_mults=tuple(channel_mults),
+            blocks_per_level=blocks_per_level,
+            latent_channels=latent_channels,
+            norm=norm,
+            activation=activation,
+        )
         self.downsample_factor = 2 ** (len(channel_mults) - 1)
         self.encoder = build_encoder(**self.arch)
         self.decoder = build_decoder(**self.arch)
@@ -533,5 +552,9 @@ class AutoEncoder(keras.Model):
         return self.decoder(self.encoder(x, training=training), training=training)
 
     def get_config(self):
-        return {"name": self.name, "trainable": self.trainable,
-                **self.arch, "channel_mults": list(self.arch["channel_mults"])}
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            **self.arch,
+            "channel_mults": list(self.arch["channel_mults"]),
+        }

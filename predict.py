@@ -27,6 +27,7 @@ byte-identical files.
 Finding and loading the run and its batched sampling (`runs.generate`) live in runs.py,
 shared with evaluate.py; this file owns the figures and files written from the samples.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,14 +73,29 @@ def slerp(a: np.ndarray, b: np.ndarray, fractions) -> np.ndarray:
     return ((np.sin((1 - u) * theta) * a + np.sin(u * theta) * b) / np.sin(theta)).astype(np.float32)
 
 
-def interpolate(run: runs.Run, noise_a: np.ndarray, noise_b: np.ndarray, points: int, sampler: str, steps: int,
-                eta: float, seed: int) -> np.ndarray:
+def interpolate(
+    run: runs.Run,
+    noise_a: np.ndarray,
+    noise_b: np.ndarray,
+    points: int,
+    sampler: str,
+    steps: int,
+    eta: float,
+    seed: int,
+) -> np.ndarray:
     """Decoded samples (points, H, W, 1) started from slerp(noise_a, noise_b) at evenly spaced
     fractions 0 … 1; noise_*: (h, w, c) initial noises x_T. With DDIM and eta = 0 the two ends
     are exactly the samples of noise_a and noise_b."""
     noises = slerp(noise_a, noise_b, np.linspace(0.0, 1.0, points))
-    latents = run.diffusion.sample(points, run.latent_shape, sampler=sampler, steps=steps, eta=eta,
-                                   seed=runs.batch_seed(seed, 0), initial_noise=noises)
+    latents = run.diffusion.sample(
+        points,
+        run.latent_shape,
+        sampler=sampler,
+        steps=steps,
+        eta=eta,
+        seed=runs.batch_seed(seed, 0),
+        initial_noise=noises,
+    )
     return runs.decode(run, latents.numpy(), points)
 
 
@@ -118,8 +134,9 @@ def make_output_folder(out_dir: str) -> None:
     runs.check_writable(out_dir)
 
 
-def write_predictions(run: runs.Run, out_dir: str, n: int, sampler: str, steps: int, eta: float, seed: int,
-                      batch_size: int) -> list[str]:
+def write_predictions(
+    run: runs.Run, out_dir: str, n: int, sampler: str, steps: int, eta: float, seed: int, batch_size: int
+) -> list[str]:
     """Sample and write every output file of predict.py to `out_dir` (an existing folder); returns
     the file names written."""
     num_states = min(DENOISING_STATES, runs.sampler_steps(run.config, sampler, steps) + 1)
@@ -132,17 +149,24 @@ def write_predictions(run: runs.Run, out_dir: str, n: int, sampler: str, steps: 
 
     shown = samples.states[:, :DENOISING_SAMPLES]
     k, s = shown.shape[:2]
-    decoded = runs.decode(run, shown.reshape((k * s, *shown.shape[2:])), batch_size).reshape((k, s, *samples.images.shape[1:]))
-    figures.denoising(shown, decoded, samples.timesteps, os.path.join(out_dir, "denoising.png"),
-                      title=f"{label}: noise → sample")
+    decoded = runs.decode(run, shown.reshape((k * s, *shown.shape[2:])), batch_size).reshape(
+        (k, s, *samples.images.shape[1:])
+    )
+    figures.denoising(
+        shown, decoded, samples.timesteps, os.path.join(out_dir, "denoising.png"), title=f"{label}: noise → sample"
+    )
     written.append("denoising.png")
 
     if n >= 2:
         noise_a, noise_b = samples.states[0, 0], samples.states[0, 1]
         images = interpolate(run, noise_a, noise_b, INTERPOLATION_POINTS, sampler, steps, eta, seed)
         fractions = np.linspace(0.0, 1.0, INTERPOLATION_POINTS)
-        figures.image_strip(images, [f"{u:.2f}" for u in fractions], os.path.join(out_dir, "interpolation.png"),
-                            title=f"{label}: slerp from the noise of sample 0 to that of sample 1")
+        figures.image_strip(
+            images,
+            [f"{u:.2f}" for u in fractions],
+            os.path.join(out_dir, "interpolation.png"),
+            title=f"{label}: slerp from the noise of sample 0 to that of sample 1",
+        )
         written.append("interpolation.png")
     else:
         print("interpolation.png skipped: it needs --n 2 or more")
@@ -159,7 +183,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--run", help=f"run folder, or a name under {runs.RUNS_ROOT}/ (default: the newest run)")
     parser.add_argument("--n", type=int, default=16, help="number of samples (default: 16)")
     parser.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="default: ddim")
-    parser.add_argument("--steps", type=int, help=f"DDIM steps, in [1, T] (default: {runs.DEFAULT_STEPS}, or T if smaller; DDPM uses all T)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help=f"DDIM steps, in [1, T] (default: {runs.DEFAULT_STEPS}, or T if smaller; DDPM uses all T)",
+    )
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like (default: 0)")
     parser.add_argument("--seed", type=int, default=0, help="same seed and batch size, same images (default: 0)")
     parser.add_argument("--batch-size", type=int, default=16, help="samples per sampler call (default: 16)")
@@ -177,8 +205,11 @@ def run(argv: list[str]) -> None:
     loaded = runs.load_run(run_dir)
     out_dir = args.out or os.path.join(run_dir, "predictions")
     make_output_folder(out_dir)
-    print(f"run {run_dir}: {args.n} sample{'s' if args.n != 1 else ''}, {runs.sampler_label(args.sampler, args.steps, args.eta, loaded.config)}, "
-          f"seed {args.seed}", flush=True)
+    label = runs.sampler_label(args.sampler, args.steps, args.eta, loaded.config)
+    print(
+        f"run {run_dir}: {args.n} sample{'s' if args.n != 1 else ''}, {label}, seed {args.seed}",
+        flush=True,
+    )
     written = write_predictions(loaded, out_dir, args.n, args.sampler, args.steps, args.eta, args.seed, args.batch_size)
     print(f"wrote {out_dir}: {', '.join(written)}")
 

@@ -12,6 +12,7 @@ Writes the run directory (its layout: runs.py) through runs.py, which also build
 models a config describes; this file owns only the training itself: flags, the two
 fits with their callbacks (checkpoints, resume, NaN stop) and the distribution strategy.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,7 +55,9 @@ def parse_args(argv: list[str]) -> tuple[cfg.RunConfig, argparse.Namespace]:
         raise cli.UserError(str(e)) from None
 
     parser = cli.FlagParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="demo", choices=sorted(cfg.PRESETS), help="starting point for every default below")
+    parser.add_argument(
+        "--preset", default="demo", choices=sorted(cfg.PRESETS), help="starting point for every default below"
+    )
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     cfg.add_config_arguments(parser, defaults)
@@ -90,8 +93,19 @@ def resolve_config(config: cfg.RunConfig, args: argparse.Namespace, argv: list[s
 
 # Flags that may change when a run is resumed: they do not change the shape of any model.
 RESUMABLE_FLAGS = {
-    "ae_epochs", "ae_steps_per_epoch", "ae_lr", "ldm_epochs", "ldm_steps_per_epoch", "lr",
-    "batch_size", "precision", "xla", "strategy", "sample_every", "keep_checkpoints", "deterministic",
+    "ae_epochs",
+    "ae_steps_per_epoch",
+    "ae_lr",
+    "ldm_epochs",
+    "ldm_steps_per_epoch",
+    "lr",
+    "batch_size",
+    "precision",
+    "xla",
+    "strategy",
+    "sample_every",
+    "keep_checkpoints",
+    "deterministic",
 }
 
 
@@ -234,7 +248,13 @@ def train_autoencoder(config: cfg.RunConfig, splits: dict, strategy, resumed: bo
         initial_epoch = restore_latest(autoencoder, os.path.join(run_dir, "checkpoints", AE), t.ae_lr) if resumed else 0
 
     train_ds = dataset.make_dataset(
-        splits["train"], size, t.batch_size, flip=config.data.flip, seed=t.seed, repeat=True, drop_remainder=True,
+        splits["train"],
+        size,
+        t.batch_size,
+        flip=config.data.flip,
+        seed=t.seed,
+        repeat=True,
+        drop_remainder=True,
         skip=initial_epoch * steps * t.batch_size,
     ).map(lambda x: (x, x))
     val_ds = None
@@ -260,10 +280,18 @@ def train_autoencoder(config: cfg.RunConfig, splits: dict, strategy, resumed: bo
     runs.save_weights(autoencoder.decoder, os.path.join(run_dir, "decoder.weights.h5"))
     figures.loss_curves(history_csv, os.path.join(run_dir, "figures", "autoencoder_loss.png"), "autoencoder (MSE)")
     if splits["validate"]:
-        originals = next(iter(dataset.make_dataset(splits["validate"][::max(1, len(splits["validate"]) // 8)], size, 8, shuffle=False)))
+        originals = next(
+            iter(
+                dataset.make_dataset(
+                    splits["validate"][:: max(1, len(splits["validate"]) // 8)], size, 8, shuffle=False
+                )
+            )
+        )
         latents = autoencoder.encoder(originals, training=False)
         recons = autoencoder.decoder(latents, training=False)
-        figures.reconstructions(originals.numpy(), latents.numpy(), recons.numpy(), os.path.join(run_dir, "figures", "reconstructions.png"))
+        figures.reconstructions(
+            originals.numpy(), latents.numpy(), recons.numpy(), os.path.join(run_dir, "figures", "reconstructions.png")
+        )
     return autoencoder
 
 
@@ -299,7 +327,9 @@ class TensorBoardSamples(keras.callbacks.Callback):
             tf.summary.image("samples", (images + 1.0) / 2.0, step=epoch + 1, max_outputs=self.n)
 
 
-def decode_samples(model: LatentDiffusion, decoder, config: cfg.RunConfig, n: int, seed: int, steps: int = 50) -> np.ndarray:
+def decode_samples(
+    model: LatentDiffusion, decoder, config: cfg.RunConfig, n: int, seed: int, steps: int = 50
+) -> np.ndarray:
     """n images (n, H, W, 1) in [-1, 1]: DDIM latents from the EMA UNet, ÷ scale factor, decoded."""
     h, c = config.latent_size, config.autoencoder.latent_channels
     steps = min(steps, config.diffusion.timesteps)
@@ -326,7 +356,9 @@ def latent_batches(latents: np.ndarray, batch_size: int, seed: int, skip: int = 
     )
 
 
-def train_diffusion(config: cfg.RunConfig, autoencoder: AutoEncoder, latents: np.ndarray, strategy, resumed: bool) -> LatentDiffusion:
+def train_diffusion(
+    config: cfg.RunConfig, autoencoder: AutoEncoder, latents: np.ndarray, strategy, resumed: bool
+) -> LatentDiffusion:
     """Fit the UNet on `latents` (N, h, w, C), already × scale factor; EMA weights are kept for sampling."""
     run_dir, t = config.train.out, config.train
     steps = t.ldm_steps_per_epoch or max(1, len(latents) // t.batch_size)
@@ -341,15 +373,26 @@ def train_diffusion(config: cfg.RunConfig, autoencoder: AutoEncoder, latents: np
     if initial_epoch:
         print(f"resuming the diffusion model after epoch {initial_epoch}")
     callbacks = stage_callbacks(run_dir, LDM, config, resumed=initial_epoch > 0)
-    callbacks.append(TensorBoardSamples(autoencoder.decoder, config, os.path.join(run_dir, "logs", LDM, "samples"), t.sample_every))
-    model.fit(latent_ds, epochs=t.ldm_epochs, initial_epoch=initial_epoch, steps_per_epoch=steps, callbacks=callbacks,
-              shuffle=False, verbose=2)
+    callbacks.append(
+        TensorBoardSamples(autoencoder.decoder, config, os.path.join(run_dir, "logs", LDM, "samples"), t.sample_every)
+    )
+    model.fit(
+        latent_ds,
+        epochs=t.ldm_epochs,
+        initial_epoch=initial_epoch,
+        steps_per_epoch=steps,
+        callbacks=callbacks,
+        shuffle=False,
+        verbose=2,
+    )
 
     runs.save_weights(model.network, os.path.join(run_dir, "unet.weights.h5"))
     runs.save_weights(model.ema_network, os.path.join(run_dir, "unet_ema.weights.h5"))
     figures.loss_curves(history_csv, os.path.join(run_dir, "figures", "diffusion_loss.png"), "latent diffusion (ε MSE)")
     samples = decode_samples(model, autoencoder.decoder, config, 16, seed=t.seed)
-    figures.image_grid(samples, os.path.join(run_dir, "figures", "samples.png"), title="samples (EMA UNet, DDIM 50 steps)")
+    figures.image_grid(
+        samples, os.path.join(run_dir, "figures", "samples.png"), title="samples (EMA UNet, DDIM 50 steps)"
+    )
     return model
 
 
@@ -369,7 +412,10 @@ def run(argv: list[str]) -> None:
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()  # for the rest of the process: TF has no off switch
     print(cfg.describe(config), flush=True)
-    print(f"strategy: {type(strategy).__name__}, replicas: {strategy.num_replicas_in_sync}, precision: {precision}", flush=True)
+    print(
+        f"strategy: {type(strategy).__name__}, replicas: {strategy.num_replicas_in_sync}, precision: {precision}",
+        flush=True,
+    )
 
     run_dir = config.train.out
     print(f"data: {', '.join(f'{k} {len(v)}' for k, v in splits.items())} images", flush=True)

@@ -1,5 +1,6 @@
 """Shared pytest set-up: quiet TensorFlow logs, a fresh Keras state per test, and the tiny
 data set and tiny trained run that the train, predict and evaluate tests share."""
+
 import csv
 import hashlib
 import os
@@ -15,17 +16,15 @@ from PIL import Image  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Tiny networks: 16×16 images → 4×4×2 latents → a two-level UNet of width 8, T = 20.
-TINY = [
-    "--image-size", "16", "--ae-base-channels", "8", "--ae-channel-mults", "1", "2", "4",
-    "--latent-channels", "2", "--unet-dim", "8", "--unet-dim-mults", "1", "2", "--unet-groups", "4",
-    "--attn-heads", "2", "--attn-dim-head", "8", "--timesteps", "20", "--batch-size", "4",
-    "--ae-steps-per-epoch", "3", "--ldm-steps-per-epoch", "3", "--sample-every", "1", "--precision", "float32",
-]
+TINY = (
+    "--image-size 16 --ae-base-channels 8 --ae-channel-mults 1 2 4 --latent-channels 2 "
+    "--unet-dim 8 --unet-dim-mults 1 2 --unet-groups 4 --attn-heads 2 --attn-dim-head 8 --timesteps 20 "
+    "--batch-size 4 --ae-steps-per-epoch 3 --ldm-steps-per-epoch 3 --sample-every 1 --precision float32"
+).split()
 
 # A one-level UNet and a ×2 autoencoder (8×8×2 latents): fewer layers to trace than TINY
 # alone, same code paths. One epoch of 3 steps per stage.
-RUN_FLAGS = TINY + ["--unet-dim-mults", "1", "--ae-channel-mults", "1", "2", "--ae-epochs", "1", "--ldm-epochs", "1",
-                    "--sample-every", "0"]
+RUN_FLAGS = TINY + "--unet-dim-mults 1 --ae-channel-mults 1 2 --ae-epochs 1 --ldm-epochs 1 --sample-every 0".split()
 
 
 @pytest.fixture(autouse=True)

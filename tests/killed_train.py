@@ -5,6 +5,7 @@
 SIGKILL cannot be caught: no `finally`, no atexit, no flushed buffers, exactly like the
 OOM killer or a pulled plug. POINT is one of KILL_POINTS.
 """
+
 import os
 import signal
 import sys
@@ -32,11 +33,16 @@ def after(cls, method, when):
 
 def kill_during_autoencoder_epoch_2():
     """Mid-epoch: after the 2nd batch of the autoencoder's 2nd epoch."""
-    after(train.StopOnNonFiniteLoss, "on_train_batch_end", lambda cb, batch, *_: cb.stage == train.AE and cb.epoch == 1 and batch == 1)
+    after(
+        train.StopOnNonFiniteLoss,
+        "on_train_batch_end",
+        lambda cb, batch, *_: cb.stage == train.AE and cb.epoch == 1 and batch == 1,
+    )
 
 
 def kill_between_stages():
     """After the autoencoder's weights are saved, before the latent scale factor is."""
+
     def encode(*args, **kwargs):
         die()
 

@@ -1,5 +1,6 @@
 """bench.py: the ratios it derives, its flags, and a tiny end-to-end run so it cannot rot.
 No wall-clock assertions: timings are only checked to be positive and finite."""
+
 import json
 import math
 
@@ -20,8 +21,14 @@ def test_headline_ratios_use_train_py_defaults_and_the_same_run_baseline():
         "unet": {"baseline": stats(10.0), "ours": {default: stats(25.0), "float32, XLA": stats(99.0)}},
         "ae": {"baseline": stats(4.0), "ours": {default: stats(6.0)}},
         "sampling": {"baseline": stats(300.0), "ours": {"ddpm": stats(30.0), "ddim": stats(6.0)}},
-        "data": {"ours": {"peak_rss_mb": stats(700.0), "rss_after_import_mb": stats(650.0), "images_per_s": stats(120.0)},
-                 "baseline": {"peak_rss_mb": stats(1400.0), "rss_after_import_mb": stats(650.0), "images_per_s": stats(90.0)}},
+        "data": {
+            "ours": {"peak_rss_mb": stats(700.0), "rss_after_import_mb": stats(650.0), "images_per_s": stats(120.0)},
+            "baseline": {
+                "peak_rss_mb": stats(1400.0),
+                "rss_after_import_mb": stats(650.0),
+                "images_per_s": stats(90.0),
+            },
+        },
     }
     h = bench.headline(results)
     assert h["unet_train_speedup"] == pytest.approx(2.5)  # the default variant, not the fastest
@@ -60,13 +67,25 @@ def test_smoke_run_writes_both_reports(tmp_path, capsys):
     md, js = tmp_path / "B.md", tmp_path / "b.json"
     assert bench.main(["--mode", "smoke", "--markdown", str(md), "--json", str(js)]) == 0
     results = json.loads(js.read_text())
-    for key in ["unet_train_speedup", "ae_train_speedup", "sampling_speedup_ddim50", "sampling_speedup_ddpm200",
-                "data_peak_rss_ratio", "data_images_per_s"]:
+    for key in [
+        "unet_train_speedup",
+        "ae_train_speedup",
+        "sampling_speedup_ddim50",
+        "sampling_speedup_ddpm200",
+        "data_peak_rss_ratio",
+        "data_images_per_s",
+    ]:
         assert math.isfinite(results["headline"][key]) and results["headline"][key] > 0, key
     assert set(results["unet"]["ours"]) == {"float32", bench.mixed_precision()}  # smoke skips XLA
     assert results["data"]["images"] == 24
     text = md.read_text()
-    for heading in ["## Headline", "### 1. UNet training", "### 2. Autoencoder training", "### 3. Sampling", "### 4. Data"]:
+    for heading in [
+        "## Headline",
+        "### 1. UNet training",
+        "### 2. Autoencoder training",
+        "### 3. Sampling",
+        "### 4. Data",
+    ]:
         assert heading in text
     assert "Mode: smoke" in text and "## Findings" in text and f"wrote {md}" in capsys.readouterr().out
 

@@ -1,4 +1,5 @@
 """config.py: presets, JSON round trip, flags generated from the dataclasses, validation."""
+
 import argparse
 import dataclasses
 import json

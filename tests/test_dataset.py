@@ -3,6 +3,7 @@
 Every input is a tiny image or volume written into tmp_path, so expected values
 can be worked out by hand.
 """
+
 import json
 import pathlib
 import subprocess
@@ -470,9 +471,7 @@ def test_convert_oasis1_splits_by_subject_and_skips_empty_slices(tmp_path):
 
     assert counts == {split: len(list((out / f"keras_png_slices_{split}").glob("*.png"))) for split in SPLITS}
     assert sum(counts.values()) == len(SESSIONS) * len(KEPT_Z)
-    subjects = {
-        split: {p.name[:9] for p in (out / f"keras_png_slices_{split}").glob("*.png")} for split in SPLITS
-    }
+    subjects = {split: {p.name[:9] for p in (out / f"keras_png_slices_{split}").glob("*.png")} for split in SPLITS}
     assert all(subjects.values())
     assert sum(len(s) for s in subjects.values()) == len(set.union(*subjects.values())) == 6  # no subject twice
     z_written = {int(p.stem[-3:]) for p in out.rglob("*.png")}

@@ -101,20 +101,26 @@ def test_schedule_invariants(kind):
         value = getattr(s, field.name)
         if isinstance(value, tf.Tensor):
             assert value.dtype == tf.float32 and value.shape == (T,), field.name
-    n = {f.name: getattr(s, f.name).numpy().astype(np.float64)
-         for f in dataclasses.fields(s) if f.name not in ("kind", "timesteps")}
+    n = {
+        f.name: getattr(s, f.name).numpy().astype(np.float64)
+        for f in dataclasses.fields(s)
+        if f.name not in ("kind", "timesteps")
+    }
     ab = n["alphas_cumprod"]
     assert np.all(np.diff(ab) < 0) and ab[0] <= 1.0 and ab[-1] > 0.0
     assert np.all((n["betas"] > 0) & (n["betas"] < 1))
-    np.testing.assert_allclose(n["sqrt_alphas_cumprod"] ** 2 + n["sqrt_one_minus_alphas_cumprod"] ** 2, 1.0,
-                               atol=1e-6)
+    np.testing.assert_allclose(n["sqrt_alphas_cumprod"] ** 2 + n["sqrt_one_minus_alphas_cumprod"] ** 2, 1.0, atol=1e-6)
     # Posterior q(x_{t-1} | x_t, x_0): no variance at t = 0, positive and <= beta_t after.
     var = n["posterior_variance"]
     assert var[0] == 0.0 and np.all(var[1:] > 0) and np.all(var <= n["betas"] * (1 + 1e-6))
     assert n["posterior_mean_coef1"][0] == pytest.approx(1.0) and n["posterior_mean_coef2"][0] == 0.0
     # Noise-free x_t = sqrt(ab_t) x0 must have posterior mean sqrt(ab_{t-1}) x0.
-    np.testing.assert_allclose(n["posterior_mean_coef1"] + n["posterior_mean_coef2"] * n["sqrt_alphas_cumprod"],
-                               np.sqrt(n["alphas_cumprod_prev"]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        n["posterior_mean_coef1"] + n["posterior_mean_coef2"] * n["sqrt_alphas_cumprod"],
+        np.sqrt(n["alphas_cumprod_prev"]),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_cosine_schedule_follows_cos_squared():
@@ -128,8 +134,9 @@ def test_cosine_schedule_follows_cos_squared():
     assert np.all(s.betas.numpy()[:-1] < 0.999)
 
 
-@pytest.mark.parametrize("kwargs", [dict(kind="quadratic"), dict(timesteps=0),
-                                    dict(beta_start=0.02, beta_end=1e-4), dict(beta_end=1.0)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(kind="quadratic"), dict(timesteps=0), dict(beta_start=0.02, beta_end=1e-4), dict(beta_end=1.0)]
+)
 def test_make_schedule_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         D.make_schedule(**kwargs)
@@ -164,7 +171,8 @@ def test_epsilon_mse_is_zero_for_the_exact_noise():
     noise = tf.random.stateless_normal(x0.shape, seed=[3, 4])
     assert float(D.epsilon_mse(Oracle(s, x0), s, x0, t, noise)) < 1e-8
     assert float(D.epsilon_mse(ZeroNoise(), s, x0, t, noise)) == pytest.approx(
-        float(tf.reduce_mean(noise**2)), rel=1e-6)
+        float(tf.reduce_mean(noise**2)), rel=1e-6
+    )
 
 
 # --------------------------------------------------------------------------- samplers
@@ -215,12 +223,16 @@ def test_ddpm_equals_ddim_with_every_step_and_eta_one(sampler):
     assert max_abs_diff([deterministic], [ddpm]) > 0.1
 
 
-@pytest.mark.parametrize("run", [
-    lambda s: s.ddpm((3, *LATENT), seed=1),
-    lambda s: s.ddim((3, *LATENT), steps=4, eta=0.0, seed=1),
-    lambda s: s.ddim((3, *LATENT), steps=4, eta=1.0, seed=1),
-    lambda s: s.ddim((3, *LATENT), steps=1, seed=1),
-], ids=["ddpm", "ddim-eta0", "ddim-eta1", "ddim-1step"])
+@pytest.mark.parametrize(
+    "run",
+    [
+        lambda s: s.ddpm((3, *LATENT), seed=1),
+        lambda s: s.ddim((3, *LATENT), steps=4, eta=0.0, seed=1),
+        lambda s: s.ddim((3, *LATENT), steps=4, eta=1.0, seed=1),
+        lambda s: s.ddim((3, *LATENT), steps=1, seed=1),
+    ],
+    ids=["ddpm", "ddim-eta0", "ddim-eta1", "ddim-1step"],
+)
 def test_samplers_return_x0_given_the_exact_noise(run):
     # With the exact eps every x0_hat is x0, and the last step returns x0_hat without noise.
     schedule = D.make_schedule("linear", 20, 1e-3, 0.3)
@@ -312,8 +324,9 @@ def trained():
         "t": np.round(np.linspace(0, T - 1, batch_size)).astype(np.int32),
         "noise": rng.standard_normal((batch_size, *LATENT)).astype(np.float32),
     }
-    history = model.fit(tf.data.Dataset.from_tensors(batch).repeat(), epochs=10, steps_per_epoch=20, shuffle=False,
-                        verbose=0)
+    history = model.fit(
+        tf.data.Dataset.from_tensors(batch).repeat(), epochs=10, steps_per_epoch=20, shuffle=False, verbose=0
+    )
     return dict(model=model, losses=history.history["loss"], ema_at_start=ema_at_start)
 
 
@@ -360,8 +373,11 @@ def test_ema_starts_as_a_copy_then_follows_the_warmup_decay():
     np.testing.assert_array_equal(model.train_seed.numpy(), [3, 1])
 
     # evaluate(): the EMA network's loss, no update, training draws untouched.
-    batch = {"latents": latents, "t": np.array([0, 5, 12, 19], np.int32),
-             "noise": np.random.default_rng(1).standard_normal((4, *LATENT)).astype(np.float32)}
+    batch = {
+        "latents": latents,
+        "t": np.array([0, 5, 12, 19], np.int32),
+        "noise": np.random.default_rng(1).standard_normal((4, *LATENT)).astype(np.float32),
+    }
     loss = model.evaluate(tf.data.Dataset.from_tensors(batch), verbose=0)
     expected = D.epsilon_mse(model.ema_network, schedule, batch["latents"], batch["t"], batch["noise"])
     assert loss == pytest.approx(float(expected), rel=1e-5)
@@ -500,11 +516,17 @@ DISTRIBUTED_SCRIPT = textwrap.dedent("""
 @pytest.mark.slow
 def test_mirrored_strategy_matches_one_device():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, "-c", DISTRIBUTED_SCRIPT, json.dumps(FLAT_UNET_KW)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [sys.executable, "-c", DISTRIBUTED_SCRIPT, json.dumps(FLAT_UNET_KW)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    r = json.loads(line[len("RESULT "):])
+    r = json.loads(line[len("RESULT ") :])
     assert r["replicas"] == 2
     # Same batch, same t and eps: the global-batch mean loss and its gradient match one device.
     assert r["losses"][1] == pytest.approx(r["losses"][0], rel=1e-5)

@@ -1,6 +1,7 @@
 """evaluate.py: the metric arithmetic on inputs with known answers (FID, KID, nearest-neighbour
 SSIM, MS-SSIM diversity), finding the Inception weights without any download, and the
 command end to end on one tiny trained run (metrics.json, one-line errors)."""
+
 import json
 import os
 
@@ -109,8 +110,11 @@ def test_msssim_diversity(size):
     assert value == pytest.approx(1.0, abs=1e-5) and scales == evaluate.msssim_scales(size)
     x = images(4, size, seed=3)
     weights = np.array(evaluate.MSSSIM_WEIGHTS[:scales]) / sum(evaluate.MSSSIM_WEIGHTS[:scales])
-    pairs = [float(tf.image.ssim_multiscale(x[i][None], x[j][None], 2.0, power_factors=tuple(weights))[0])
-             for i in range(4) for j in range(i + 1, 4)]
+    pairs = [
+        float(tf.image.ssim_multiscale(x[i][None], x[j][None], 2.0, power_factors=tuple(weights))[0])
+        for i in range(4)
+        for j in range(i + 1, 4)
+    ]
     assert evaluate.msssim_diversity(x)[0] == pytest.approx(np.mean(pairs), abs=1e-6)
     assert np.mean(pairs) < 0.9
     assert evaluate.msssim_diversity(x[:1])[0] is None
@@ -143,8 +147,9 @@ def test_fid_and_kid_through_inception_v3(tmp_path):
     import keras
 
     weights = str(tmp_path / "random_inception.weights.h5")
-    keras.applications.InceptionV3(include_top=False, weights=None, pooling="avg",
-                                   input_shape=(299, 299, 3)).save_weights(weights)
+    keras.applications.InceptionV3(
+        include_top=False, weights=None, pooling="avg", input_shape=(299, 299, 3)
+    ).save_weights(weights)
     scores = evaluate.inception_scores(images(4, seed=5), images(4, seed=6), weights, batch_size=4)
     assert scores["fid"] > 0 and np.isfinite(scores["kid"]) and weights in scores["fid_note"]
 

@@ -3,6 +3,7 @@
 Networks are tiny (width 8, 4 groups) so the file runs in well under a minute on
 2 CPU cores; only the parameter-count tests build the full-size seed models.
 """
+
 import json
 
 import keras
@@ -47,10 +48,13 @@ def test_unet_output_shape_dtype_and_time_dependence(size, channels):
     assert np.abs(eps_a.numpy() - eps_b.numpy()).max() > 1e-4
 
 
-@pytest.mark.parametrize("shape,message", [
-    ((1, 18, 16, 1), "height 18 is not divisible by 4"),
-    ((1, 16, 20, 1), "width 20 is not divisible by 8"),
-])
+@pytest.mark.parametrize(
+    "shape,message",
+    [
+        ((1, 18, 16, 1), "height 18 is not divisible by 4"),
+        ((1, 16, 20, 1), "width 20 is not divisible by 8"),
+    ],
+)
 def test_unet_rejects_sizes_that_do_not_divide(shape, message):
     mults = (1, 2, 4) if "by 4" in message else (1, 2, 4, 8)
     unet = UNet(**{**TINY_UNET, "dim_mults": mults})
@@ -126,8 +130,7 @@ def test_time_embedding_values():
     assert emb.shape == (2, 8)
     np.testing.assert_allclose(emb[0], [0, 0, 0, 0, 1, 1, 1, 1], atol=1e-7)
     freqs = np.exp(-np.log(10000.0) * np.arange(4) / 3)
-    np.testing.assert_allclose(emb[1], np.concatenate([np.sin(3 * freqs), np.cos(3 * freqs)]),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(emb[1], np.concatenate([np.sin(3 * freqs), np.cos(3 * freqs)]), rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- #
@@ -188,9 +191,14 @@ def test_linear_attention_matches_numpy_reference():
 # --------------------------------------------------------------------------- #
 # AutoEncoder
 # --------------------------------------------------------------------------- #
-@pytest.mark.parametrize("size,channels,norm", [
-    ((16, 16), 1, "batch"), ((32, 32), 3, "group"), ((24, 40), 4, "batch"),
-])
+@pytest.mark.parametrize(
+    "size,channels,norm",
+    [
+        ((16, 16), 1, "batch"),
+        ((32, 32), 3, "group"),
+        ((24, 40), 4, "batch"),
+    ],
+)
 def test_autoencoder_shapes(size, channels, norm):
     ae = AutoEncoder(image_channels=channels, latent_channels=2, norm=norm, **TINY_AE)
     x = _images((2, *size, channels))
@@ -210,20 +218,26 @@ def test_decoder_output_is_tanh_bounded():
     assert np.abs(y).max() > 0.9  # saturation was reached, so the bound was really tested
 
 
-@pytest.mark.parametrize("shape,message", [
-    ((1, 30, 32, 1), "height 30 is not divisible by 4"),
-    ((1, 32, 18, 1), "width 18 is not divisible by 4"),
-])
+@pytest.mark.parametrize(
+    "shape,message",
+    [
+        ((1, 30, 32, 1), "height 30 is not divisible by 4"),
+        ((1, 32, 18, 1), "width 18 is not divisible by 4"),
+    ],
+)
 def test_autoencoder_rejects_sizes_that_do_not_divide(shape, message):
     ae = AutoEncoder(**TINY_AE)
     with pytest.raises(ValueError, match=message):
         ae(np.zeros(shape, "float32"))
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(norm="layer"), "unknown norm 'layer'"),
-    (dict(activation="softsign"), "unknown activation 'softsign'"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(norm="layer"), "unknown norm 'layer'"),
+        (dict(activation="softsign"), "unknown activation 'softsign'"),
+    ],
+)
 def test_autoencoder_rejects_unknown_norm_or_activation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         AutoEncoder(**TINY_AE, **kwargs)
@@ -246,8 +260,9 @@ def test_autoencoder_trains_with_compile_fit_and_reloads_identically(tmp_path):
 
 
 def test_autoencoder_config_round_trip():
-    ae = AutoEncoder(image_channels=3, blocks_per_level=2, latent_channels=4, norm="group",
-                     activation="silu", **TINY_AE)
+    ae = AutoEncoder(
+        image_channels=3, blocks_per_level=2, latent_channels=4, norm="group", activation="silu", **TINY_AE
+    )
     config = json.loads(json.dumps(ae.get_config()))
     clone = AutoEncoder.from_config(config)
     assert [tuple(w.shape) for w in clone.weights] == [tuple(w.shape) for w in ae.weights]
@@ -269,7 +284,9 @@ def test_seed_autoencoder_parameter_count():
     ae = AutoEncoder(image_channels=1, base_channels=64, channel_mults=(1, 2, 4))
     widest = max(layer.filters for layer in ae.decoder.layers if hasattr(layer, "filters"))
     n = ae.count_params()
-    print(f"seed AutoEncoder (base 64, mults 1,2,4, widest {widest}): {n:,} parameters "
-          f"(encoder {ae.encoder.count_params():,}, decoder {ae.decoder.count_params():,})")
+    print(
+        f"seed AutoEncoder (base 64, mults 1,2,4, widest {widest}): {n:,} parameters "
+        f"(encoder {ae.encoder.count_params():,}, decoder {ae.decoder.count_params():,})"
+    )
     assert widest == 256
     assert tuple(ae.encoder(np.zeros((1, 128, 128, 1), "float32")).shape) == (1, 32, 32, 1)

@@ -1,6 +1,7 @@
 """predict.py on one tiny trained run: the files it writes, determinism under a seed,
 the interpolation (and the `initial_noise` argument of the samplers it relies on),
 choosing the run, and the one-line errors that leave the run untouched."""
+
 import os
 import shutil
 import subprocess
@@ -43,8 +44,15 @@ def test_writes_every_file_and_the_same_seed_gives_the_same_bytes(tiny_run, load
     out = os.path.join(tiny_run, "predictions")
     assert f"wrote {out}" in capsys.readouterr().out
     names = sorted(os.listdir(out))
-    assert names == ["denoising.png", "interpolation.png", "sample_000.png", "sample_001.png", "sample_002.png",
-                     "sample_003.png", "samples.png"]
+    assert names == [
+        "denoising.png",
+        "interpolation.png",
+        "sample_000.png",
+        "sample_001.png",
+        "sample_002.png",
+        "sample_003.png",
+        "samples.png",
+    ]
     for figure in ["denoising.png", "interpolation.png", "samples.png"]:
         assert os.path.getsize(os.path.join(out, figure)) > 2000
     # The PNGs are exactly the sampler's images at the run's size, converted by round((x + 1) * 127.5).
@@ -197,14 +205,24 @@ def edit_config(run_dir, **unet):
 ERRORS = {
     "no runs": (None, None, "error: no runs under runs/: train one first"),
     "missing run": ("missing", None, "error: run not found: {tmp}/missing"),
-    "not trained": ("run", dict(without=["unet_ema.weights.h5"]),
-                    "error: {tmp}/run is not fully trained yet (unet_ema.weights.h5); finish it with: python train.py --out {tmp}/run --resume"),
-    "other config": ("run", dict(unet_dim=16),
-                     "error: weights in {tmp}/run/unet_ema.weights.h5 do not match config.json (A total of"),
+    "not trained": (
+        "run",
+        dict(without=["unet_ema.weights.h5"]),
+        "error: {tmp}/run is not fully trained yet (unet_ema.weights.h5); "
+        "finish it with: python train.py --out {tmp}/run --resume",
+    ),
+    "other config": (
+        "run",
+        dict(unet_dim=16),
+        "error: weights in {tmp}/run/unet_ema.weights.h5 do not match config.json (A total of",
+    ),
     "bad config": ("run", dict(config_text="{not json"), "error: {tmp}/run/config.json is not a valid run config: "),
     "steps > T": ("run", dict(argv=["--steps", "21"]), "error: --steps must be in [1, 20] (the run's T), got 21"),
-    "out is a file": ("run", dict(argv=["--out", "{tmp}/run/config.json"]),
-                      "error: cannot write to {tmp}/run/config.json: File exists"),
+    "out is a file": (
+        "run",
+        dict(argv=["--out", "{tmp}/run/config.json"]),
+        "error: cannot write to {tmp}/run/config.json: File exists",
+    ),
 }
 
 

@@ -1,6 +1,7 @@
 """Reliability guarantees of train.py, each proven by a run that could break them:
 SIGKILL at several points then --resume (every epoch once, the same weights as an
 uninterrupted run under op determinism), and bad input (one line, exit 1, nothing written)."""
+
 import builtins
 import glob
 import os
@@ -29,7 +30,9 @@ def h5_arrays(path):
 
 def train_process(args, kill_point=None):
     """train.py in a fresh process (killed at `kill_point` if given); returns CompletedProcess."""
-    command = [sys.executable, KILLED_TRAIN, kill_point] if kill_point else [sys.executable, os.path.join(ROOT, "train.py")]
+    command = (
+        [sys.executable, KILLED_TRAIN, kill_point] if kill_point else [sys.executable, os.path.join(ROOT, "train.py")]
+    )
     return subprocess.run(command + args, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
@@ -41,11 +44,17 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_run(tiny_data, tmp
     very weights of a run that was never interrupted."""
     flags = RUN_FLAGS + ["--data", tiny_data, "--ae-epochs", "2", "--ldm-epochs", "2", "--deterministic"]
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    uninterrupted = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")] + flags + ["--out", straight],
-                                     cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    uninterrupted = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "train.py")] + flags + ["--out", straight],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
-    for i, point in enumerate(["autoencoder-epoch-2", "between-stages", "after-diffusion-checkpoint-1",
-                               "writing-diffusion-checkpoint-2"]):
+    for i, point in enumerate(
+        ["autoencoder-epoch-2", "between-stages", "after-diffusion-checkpoint-1", "writing-diffusion-checkpoint-2"]
+    ):
         result = train_process(flags + ["--out", killed] + (["--resume"] if i else []), kill_point=point)
         assert result.returncode == -signal.SIGKILL, (point, result.stderr[-3000:])
     assert os.path.exists(os.path.join(killed, "checkpoints", "diffusion", "partial-epoch-0002.weights.h5"))
@@ -59,9 +68,14 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_run(tiny_data, tmp
     for stage in ["autoencoder", "diffusion"]:
         assert history_epochs(os.path.join(killed, f"history_{stage}.csv")) == [0, 1]
         assert [os.path.basename(p) for p in sorted(glob.glob(os.path.join(killed, "checkpoints", stage, "*")))] == [
-            "epoch-0001.weights.h5", "epoch-0002.weights.h5"]
+            "epoch-0001.weights.h5",
+            "epoch-0002.weights.h5",
+        ]
     for name in ["encoder", "decoder", "unet", "unet_ema"]:
-        ours, reference = h5_arrays(os.path.join(killed, f"{name}.weights.h5")), h5_arrays(os.path.join(straight, f"{name}.weights.h5"))
+        ours, reference = (
+            h5_arrays(os.path.join(killed, f"{name}.weights.h5")),
+            h5_arrays(os.path.join(straight, f"{name}.weights.h5")),
+        )
         assert ours.keys() == reference.keys() and ours
         for key in ours:
             np.testing.assert_allclose(ours[key], reference[key], rtol=0, atol=1e-6, err_msg=f"{name}: {key}")
@@ -83,7 +97,10 @@ def write_garbage_pngs(folder, n):
 BAD_INPUT = {
     "missing data": (["--data", "{tmp}/nowhere"], "data folder not found: {tmp}/nowhere"),
     "empty data": (["--data", "{tmp}/empty"], "no PNG images in {tmp}/empty"),
-    "unreadable data": (["--data", "{tmp}/garbage"], "no usable training image in {tmp}/garbage: all 3 PNG files are unreadable"),
+    "unreadable data": (
+        ["--data", "{tmp}/garbage"],
+        "no usable training image in {tmp}/garbage: all 3 PNG files are unreadable",
+    ),
     "size vs levels": (["--image-size", "20"], "--image-size 20 must be divisible by 8"),
     "zero epochs": (["--ae-epochs", "0"], "--ae-epochs must be positive, got 0"),
     "negative epochs": (["--ldm-epochs", "-2"], "--ldm-epochs must be positive, got -2"),

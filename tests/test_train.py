@@ -1,5 +1,6 @@
 """train.py end to end on tiny sizes: the run directory, a NaN stop, and a MirroredStrategy
 run on two logical CPU devices (kills, resume and bad input: test_reliability.py)."""
+
 import json
 import os
 import subprocess
@@ -32,7 +33,10 @@ def test_end_to_end_run_directory(tiny_data, tmp_path):
         assert (out / "figures" / f"{figure}.png").stat().st_size > 1000
     assert list((out / "logs" / "diffusion").rglob("events.out.tfevents.*"))
     assert list((out / "logs" / "diffusion" / "samples").glob("events.out.tfevents.*"))
-    assert [p.name for p in sorted((out / "checkpoints" / "diffusion").iterdir())] == ["epoch-0001.weights.h5", "epoch-0002.weights.h5"]
+    assert [p.name for p in sorted((out / "checkpoints" / "diffusion").iterdir())] == [
+        "epoch-0001.weights.h5",
+        "epoch-0002.weights.h5",
+    ]
 
 
 def test_non_finite_loss_stops_with_one_line_and_keeps_the_good_checkpoint(tiny_ae_run, tiny_data, tmp_path, capsys):
