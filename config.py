@@ -69,9 +69,19 @@ class UNetConfig:
 class DiffusionConfig:
     timesteps: int = option(1000, "diffusion steps T")
     schedule: str = option("linear", "noise schedule", choices=("linear", "cosine"))
-    beta_start: float = option(1e-4, "linear schedule: first β")
-    beta_end: float = option(0.02, "linear schedule: last β")
+    beta_start: float | None = option(None, "linear schedule: first β; None: 1e-4 × 1000/T")
+    beta_end: float | None = option(None, "linear schedule: last β; None: 0.02 × 1000/T (at most 0.999)")
     ema_decay: float = option(0.999, "decay of the UNet's exponential moving average (used for sampling)")
+
+    def beta_range(self) -> tuple[float, float]:
+        """(first, last) β of the linear schedule: as set, or DDPM's 1e-4 → 0.02 (made for
+        T = 1000) scaled by 1000 / T, as improved-diffusion does, so that the terminal
+        ᾱ_{T-1} ≈ 4e-5 whatever T and training sees (nearly) the N(0, I) that sampling
+        starts from. Unscaled, T = 200 would end at ᾱ = 0.13 (`--preset seed` keeps that)."""
+        scale = 1000.0 / self.timesteps
+        start = 1e-4 * scale if self.beta_start is None else self.beta_start
+        end = min(0.02 * scale, 0.999) if self.beta_end is None else self.beta_end
+        return start, end
 
 
 @dataclass
@@ -118,8 +128,14 @@ SECTIONS = {
 
 @dataclass
 class RunConfig:
-    """Everything that defines a run. `scale_factor` is 1 / std of the training latents,
-    measured after stage 1; samplers divide by it before decoding."""
+    """Everything that defines a run.
+
+    Measured by train.py and recorded with the settings: `scale_factor`, 1 / std of the
+    training latents after stage 1 (samplers divide by it before decoding);
+    `latent_max_abs`, the largest |latent × scale_factor| of the training set (samplers
+    clip their x0 estimate to ± it); `terminal_alpha_bar`, ᾱ_{T-1} of the noise schedule
+    (how close the last noising step gets to the N(0, I) that sampling starts from).
+    """
 
     preset: str = "demo"
     data: DataConfig = field(default_factory=DataConfig)
@@ -128,6 +144,8 @@ class RunConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     scale_factor: float | None = None
+    latent_max_abs: float | None = None
+    terminal_alpha_bar: float | None = None
 
     def autoencoder_kwargs(self) -> dict:
         """Constructor arguments of `modules.AutoEncoder`."""
@@ -180,6 +198,10 @@ class RunConfig:
                 f"--image-size {size} must be divisible by {ae_factor * unet_factor} "
                 f"(autoencoder ×{ae_factor}, then {len(self.unet.unet_dim_mults)} UNet levels ×{unet_factor})"
             )
+        if self.diffusion.schedule == "linear":
+            start, end = self.diffusion.beta_range()
+            if not 0.0 < start <= end < 1.0:
+                raise ValueError(f"--beta-start and --beta-end need 0 < start <= end < 1, got {start:g} and {end:g}")
         width = self.unet.unet_dim
         if any((width * m) % self.unet.unet_groups for m in self.unet.unet_dim_mults):
             raise ValueError(f"--unet-groups {self.unet.unet_groups} must divide every UNet width {width}×mult")
@@ -265,7 +287,7 @@ def from_dict(raw: dict) -> RunConfig:
             if isinstance(value, list):
                 values[key] = tuple(value)
         sections[name] = cls(**values)
-    unknown = set(raw) - {"preset", "scale_factor"}
+    unknown = set(raw) - {"preset", "scale_factor", "latent_max_abs", "terminal_alpha_bar"}
     if unknown:
         raise ValueError(f"config has unknown keys: {', '.join(sorted(unknown))}")
     return RunConfig(**sections, **raw)
@@ -361,7 +383,9 @@ def explicit_flags(argv: list[str]) -> set[str]:
 
 def describe(config: RunConfig) -> str:
     """Settings as aligned `section.name = value` lines, printed at the start of a run."""
-    lines = [f"preset = {config.preset}", f"scale_factor = {config.scale_factor}"]
+    lines = [f"preset = {config.preset}"] + [
+        f"{name} = {getattr(config, name)}" for name in ("scale_factor", "latent_max_abs", "terminal_alpha_bar")
+    ]
     for section_name in SECTIONS:
         for key, value in dataclasses.asdict(getattr(config, section_name)).items():
             lines.append(f"{section_name}.{key} = {value}")

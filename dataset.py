@@ -36,7 +36,7 @@ complete. Errors a user can cause raise `DataError`; the command line prints
 its message as one line and exits with status 1 (``--debug`` or
 ``OASIS_LDM_DEBUG=1`` shows the traceback instead).
 
-TensorFlow is imported inside the two functions that need it, so that the
+TensorFlow is imported inside the functions that need it, so that the
 command line starts in a fraction of a second and without TensorFlow's
 start-up logs.
 """
@@ -79,6 +79,12 @@ PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 # Files of the nilearn package used by the demo data set (nilearn/datasets/data).
 MNI152_T1 = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+# Held-out slabs of the demo set: (centre as a fraction of the brain-bearing slices, bottom
+# to top; slices). Contiguous slabs, so a held-out slice is a new height, not the neighbour
+# of a training slice 1 mm away.
+DEMO_SLABS = {"validate": ((0.35, 8), (0.65, 8)), "test": ((0.2, 4), (0.8, 4))}
+DEMO_GUARD = 3  # slices left out on each side of a slab: held-out slices are >= 4 mm from training ones
+DEMO_VERSION = 2  # 1: every 10th slice to validate, every 20th to test (neighbours of training slices)
 
 # How many bad paths a warning or an error message names before "...".
 SHOW_PATHS = 3
@@ -314,6 +320,14 @@ def make_dataset(
     return images.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
 
 
+def with_mirrors(images: tf.data.Dataset) -> tf.data.Dataset:
+    """`images` (batches), then the same batches mirrored left-right: what the diffusion
+    stage trains on when `flip` is on (each training image's latent and its mirror's)."""
+    import tensorflow as tf
+
+    return images.concatenate(images.map(lambda x: tf.reverse(x, axis=[2])))
+
+
 def load_image(path, image_size: int) -> tf.Tensor:
     """One PNG file as float32 (image_size, image_size, 1) in [-1, 1].
 
@@ -404,24 +418,33 @@ def _make_split_folders(root: pathlib.Path) -> dict[str, pathlib.Path]:
     return folders
 
 
-def _build_atomically(out, build) -> pathlib.Path:
+def _build_atomically(out, build, replace: bool = False) -> pathlib.Path:
     """Make the folder `out` with `build(tmp_folder) -> manifest dict`, atomically.
 
     `build` fills a temporary sibling folder, the manifest is written last, and
     the folder is renamed to `out`: `out` exists only when complete. The
     temporary folder is removed if `build` fails; one left by a killed process
-    (`.NAME.partial-*`) is never read and may be deleted.
+    (`.NAME.partial-*`) is never read and may be deleted. With `replace`, an
+    existing `out` (one this module made) is moved aside only once the new
+    folder is complete, then deleted.
     """
     out = pathlib.Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if not replace and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out} already exists and is not empty; remove it or choose another output folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tag = uuid.uuid4().hex[:8]
+    tmp = out.parent / f".{out.name}.partial-{tag}"
     tmp.mkdir()  # unlike tempfile.mkdtemp, keeps the user's default permissions
     try:
         manifest = build(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, out)  # replaces an empty `out`, fails on a non-empty one
+        if replace and out.exists():
+            old = out.parent / f".{out.name}.old-{tag}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)  # replaces an empty `out`, fails on a non-empty one
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -443,17 +466,24 @@ def ensure_demo_dataset(out="data/demo") -> pathlib.Path:
     adult brain, 1 mm voxels) that the nilearn package ships, so nothing is
     downloaded. nilearn's copy is already skull-stripped (brain on black), so
     the brain mask is simply "intensity > 0". Slices are 256x256 uint8 PNGs,
-    brain centred, anterior up, in the OASIS layout. Of the kept slices, taken
-    from bottom to top, every 10th goes to validate, every 20th (offset 5) to
-    test, the others (about 120) to train; neighbouring slices are alike, so
-    validation here only checks that training works.
+    brain centred, anterior up, in the OASIS layout. Validation and test are
+    contiguous slabs at other heights than the training slices (`DEMO_SLABS`,
+    `demo_splits`), so held-out metrics measure slices the model has not seen
+    a 1-mm neighbour of.
 
-    Idempotent: returns at once when `out` holds a complete demo set
-    (its manifest exists). Raises `DataError` when `out` holds something else.
+    Idempotent: returns at once when `out` holds a complete demo set of this
+    version (its manifest exists); an older demo set there is replaced, in one
+    rename. Raises `DataError` when `out` holds something else.
     """
     out = pathlib.Path(out).expanduser()
-    if (out / MANIFEST).is_file():
-        return out
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        made = json.loads(manifest.read_text())
+        if made.get("version") == DEMO_VERSION:
+            return out
+        if not str(made.get("source", "")).startswith("nilearn"):
+            raise DataError(f"{out} holds another data set (its {MANIFEST} is not the demo set's)")
+        return _build_atomically(out, _write_demo_slices, replace=True)
     try:
         return _build_atomically(out, _write_demo_slices)
     except OSError:
@@ -462,16 +492,38 @@ def ensure_demo_dataset(out="data/demo") -> pathlib.Path:
         raise
 
 
+def demo_splits(n: int) -> list[str | None]:
+    """The split of each of n slices, bottom to top: "validate" and "test" in the slabs of
+    `DEMO_SLABS`, None (left out) within `DEMO_GUARD` slices of a slab, "train" elsewhere."""
+    splits: list[str | None] = ["train"] * n
+    for split, slabs in DEMO_SLABS.items():
+        for centre, size in slabs:
+            first = round(centre * (n - 1) - (size - 1) / 2)
+            for i in range(max(0, first - DEMO_GUARD), min(n, first + size + DEMO_GUARD)):
+                if splits[i] == "train":
+                    splits[i] = None
+            for i in range(first, first + size):
+                splits[i] = split
+    return splits
+
+
 def _write_demo_slices(folder: pathlib.Path) -> dict:
     """Write the demo PNG slices into `folder` (OASIS layout); return the manifest."""
     volume = _mni152_uint8()
     folders = _make_split_folders(folder)
     counts = dict.fromkeys(SPLITS, 0)
-    for i, (z, image) in enumerate(_brain_slices(volume)):
-        split = "validate" if i % 10 == 0 else "test" if i % 20 == 5 else "train"
+    slices = _brain_slices(volume)
+    for (z, image), split in zip(slices, demo_splits(len(slices)), strict=True):
+        if split is None:
+            continue
         _write_png(_on_canvas(image), folders[split] / f"mni152_z{z:03d}.png")
         counts[split] += 1
-    return {"source": f"nilearn {MNI152_T1}", "slices": counts}
+    return {
+        "source": f"nilearn {MNI152_T1}",
+        "version": DEMO_VERSION,
+        "split": f"held-out slabs {DEMO_SLABS}, {DEMO_GUARD} slices left out on each side",
+        "slices": counts,
+    }
 
 
 def _mni152_uint8() -> np.ndarray:

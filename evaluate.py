@@ -10,17 +10,26 @@ samples, --sampler ddim|ddpm, --steps 50 (at most T), --eta 0.0, --seed 0, --bat
 evenly spaced; default 0 = all), --inception-weights PATH (InceptionV3 "notop" weights
 for FID/KID), --debug.
 
-Metrics (images in [-1, 1]; SSIM with max_val = 2, filter 11, as tf.image.ssim):
+Metrics (SSIM and MS-SSIM on images mapped from [-1, 1] to [0, 1] with max_val = 1,
+11-px Gaussian filter, as tf.image.ssim; see runs.unit_range for why not on [-1, 1]):
     ae_ssim, ae_psnr            autoencoder reconstruction of every validation image (mean)
-    sample_nn_ssim_median       per sample, the highest SSIM to any training image; median
+    sample_nn_ssim_median       per sample, the highest SSIM to any image the diffusion model
+                                trained on (the training images and, when the run flips, their
+                                mirror images); median
     sample_nn_ssim_max          ... and the largest: near 1 means a memorised training image
-    real_nn_ssim_median         the same for validation images, the yardstick for the above
+    real_nn_ssim_median         the same for validation images, the yardstick for the above:
+                                how close a real slice the model never saw is to the training set
     sample_msssim_diversity     mean MS-SSIM over all pairs of samples (lower = more diverse)
     real_msssim_diversity       the same over the real images
     fid, kid                    Fréchet and kernel Inception distances, samples vs real images
+    fid_real, kid_real          the same for real vs real (validation vs as many training
+                                images): the scale to read fid and kid against
 
 "Real images" are up to n validation images, evenly spaced over the sorted split (the
 data folder and split are the run's: config.data.data, find_splits with the run's seed).
+
+Also writes RUN/figures/memorisation.png: the 8 samples closest to an image the model
+trained on, each above that image, with their SSIM.
 
 MS-SSIM needs 2^(scales-1) × 11 pixels for the 11-px filter at its coarsest scale, so it
 uses as many of the standard five scales as the image size allows (3 at 64 px, 4 at
@@ -33,6 +42,8 @@ ImageNet weights are never downloaded: they are read from --inception-weights or
 Keras' cache (~/.keras/models/, or $KERAS_HOME/models/); without them fid and kid are
 null and `fid_note` says why. FID from a few dozen images is biased upward: compare
 values only at the same n. KID (unbiased MMD², kernel (x·y/d + 1)³) is unbiased at any n.
+Keras' InceptionV3 is not the network published FIDs use (pytorch-fid's port of the
+TF-slim Inception graph), so these values compare only with each other, not with papers.
 
 metrics.json also records n, the sampler, steps, seed, the run, TensorFlow and Keras
 versions and the device, so that no number is quoted without its conditions.
@@ -47,6 +58,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -57,6 +69,7 @@ import tensorflow as tf  # noqa: E402
 import cli  # noqa: E402
 import config as cfg  # noqa: E402
 import dataset  # noqa: E402
+import figures  # noqa: E402
 import runs  # noqa: E402
 
 # Standard MS-SSIM weights of the five scales (Wang et al. 2003), finest first.
@@ -66,6 +79,11 @@ SSIM_FILTER = 11  # tf.image.ssim's default filter size
 PAIRWISE_BUDGET = 2**23
 INCEPTION_SIZE = 299
 INCEPTION_NOTOP = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"  # Keras' cache name
+FID_NOTE = (
+    "Keras InceptionV3 (ImageNet) features, not pytorch-fid's port of the TF-slim graph that published FIDs use: "
+    "compare with this project's values only, at equal n"
+)
+MEMORISATION_PAIRS = 8  # columns of memorisation.png
 
 
 # ---------------------------------------------------------------------------- SSIM-based metrics
@@ -73,30 +91,53 @@ INCEPTION_NOTOP = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"  # 
 
 @tf.function(reduce_retracing=True)
 def pairwise_ssim(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
-    """SSIM of every pair: a (n, H, W, 1), b (m, H, W, 1) in [-1, 1] → (n, m).
+    """SSIM of every pair: a (n, H, W, 1), b (m, H, W, 1) in [-1, 1] → (n, m), computed on [0, 1].
 
     One broadcast tf.image.ssim call on (n, 1, ...) against (1, m, ...): no Python loop.
     """
-    return tf.image.ssim(a[:, None], b[None], max_val=2.0)
+    return tf.image.ssim(runs.unit_range(a)[:, None], runs.unit_range(b)[None], max_val=1.0)
 
 
-def nearest_ssim(queries: np.ndarray, references) -> np.ndarray:
-    """For each query image, the highest SSIM to any reference image.
+@dataclass
+class Nearest:
+    """For n query images, the reference image of highest SSIM to each.
+
+    scores: float64 (n,) in [-1, 1]; index: int64 (n,), that reference's position in the
+    reference stream; images: float32 (n, H, W, 1), the reference itself.
+    """
+
+    scores: np.ndarray
+    index: np.ndarray
+    images: np.ndarray
+
+
+def nearest_ssim(queries: np.ndarray, references) -> Nearest:
+    """For each query image, the reference image of highest SSIM (ties: the first).
 
     queries: (n, H, W, 1) in [-1, 1]; references: an iterable of (m_i, H, W, 1) batches
     (e.g. a tf.data.Dataset, so the training set never has to fit in memory), or one
-    array. Returns float64 (n,) in [-1, 1]; each query against itself gives 1.
+    array. Each query against itself gives 1.
     """
     if isinstance(references, np.ndarray):
         references = [references]
     queries = tf.constant(queries, tf.float32)
     best = np.full(len(queries), -np.inf)
+    index = np.full(len(queries), -1, np.int64)
+    images = np.zeros(queries.shape, np.float32)
     per_chunk = max(1, PAIRWISE_BUDGET // int(np.prod(queries.shape)))
+    seen = 0
     for batch in references:
+        batch = np.asarray(batch, np.float32)
         for start in range(0, len(batch), per_chunk):
-            scores = pairwise_ssim(queries, tf.cast(batch[start : start + per_chunk], tf.float32))
-            best = np.maximum(best, tf.reduce_max(scores, axis=1).numpy())
-    return best
+            chunk = batch[start : start + per_chunk]
+            scores = pairwise_ssim(queries, tf.constant(chunk)).numpy()
+            top = scores.argmax(axis=1)
+            better = scores[np.arange(len(top)), top] > best
+            best[better] = scores[better, top[better]]
+            index[better] = seen + start + top[better]
+            images[better] = chunk[top[better]]
+        seen += len(batch)
+    return Nearest(best, index, images)
 
 
 def msssim_scales(image_size: int) -> int:
@@ -122,7 +163,13 @@ def msssim_diversity(images: np.ndarray) -> tuple[float | None, int]:
     for start in range(0, len(i), per_chunk):
         a = tf.gather(images, i[start : start + per_chunk])
         b = tf.gather(images, j[start : start + per_chunk])
-        total += float(tf.reduce_sum(tf.image.ssim_multiscale(a, b, max_val=2.0, power_factors=tuple(weights))))
+        total += float(
+            tf.reduce_sum(
+                tf.image.ssim_multiscale(
+                    runs.unit_range(a), runs.unit_range(b), max_val=1.0, power_factors=tuple(weights)
+                )
+            )
+        )
     return total / len(i), scales
 
 
@@ -156,7 +203,9 @@ def fid(features_a: np.ndarray, features_b: np.ndarray) -> float:
     """FID of two feature sets (n, d) and (m, d): the Fréchet distance of their Gaussian fits
     (mean, covariance with ddof = 1). Needs n, m ≥ 2."""
     a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
-    return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    # atleast_2d: np.cov of one feature column is 0-d
+    cov_a, cov_b = (np.atleast_2d(np.cov(x, rowvar=False)) for x in (a, b))
+    return frechet_distance(a.mean(0), cov_a, b.mean(0), cov_b)
 
 
 def kid(features_a: np.ndarray, features_b: np.ndarray) -> float:
@@ -234,27 +283,31 @@ def inception_features(model: keras.Model, images: np.ndarray, batch_size: int =
     return np.concatenate(out)
 
 
-def inception_scores(samples: np.ndarray, real: np.ndarray, weights: str | None, batch_size: int) -> dict:
-    """{"fid", "kid", "fid_note"}: null scores and the reason whenever they cannot be computed."""
+def inception_scores(
+    samples: np.ndarray, real: np.ndarray, train: np.ndarray, weights: str | None, batch_size: int
+) -> dict:
+    """{"fid", "kid"} of samples vs real (validation) images, {"fid_real", "kid_real"} of real vs
+    `train` (training images, as many as real), and "fid_note"; null scores and the reason
+    whenever they cannot be computed. All images (N, H, W, 1) in [-1, 1]."""
+    null = {"fid": None, "kid": None, "fid_real": None, "kid_real": None}
     path, reason = find_inception_weights(weights)
     if path is None:
-        return {"fid": None, "kid": None, "fid_note": reason}
-    if len(samples) < 2 or len(real) < 2:
-        return {
-            "fid": None,
-            "kid": None,
-            "fid_note": f"needs at least 2 samples and 2 real images, got {len(samples)} and {len(real)}",
-        }
+        return {**null, "fid_note": f"{reason}; {FID_NOTE}"}
+    if min(len(samples), len(real), len(train)) < 2:
+        counts = f"{len(samples)}, {len(real)} and {len(train)}"
+        return {**null, "fid_note": f"needs at least 2 samples, real and training images, got {counts}"}
     try:
         model = inception_model(path)
     except cli.UserError as e:
-        return {"fid": None, "kid": None, "fid_note": str(e)}
-    fa, fb = inception_features(model, samples, batch_size), inception_features(model, real, batch_size)
+        return {**null, "fid_note": str(e)}
+    fs, fr, ft = (inception_features(model, x, batch_size) for x in (samples, real, train))
     return {
-        "fid": fid(fa, fb),
-        "kid": kid(fa, fb),
-        "fid_note": f"InceptionV3 ({path}) pool features of {len(samples)} samples vs {len(real)} real images; "
-        f"FID is biased at small n: compare at equal n",
+        "fid": fid(fs, fr),
+        "kid": kid(fs, fr),
+        "fid_real": fid(fr, ft),
+        "kid_real": kid(fr, ft),
+        "fid_note": f"InceptionV3 ({path}) pool features of {len(samples)} samples vs {len(real)} validation "
+        f"images (fid_real: those vs {len(train)} training images); FID is biased at small n. {FID_NOTE}",
     }
 
 
@@ -308,6 +361,26 @@ def device_name() -> str:
     return f"CPU {model}, {os.cpu_count()} cores"
 
 
+def memorisation_figure(samples: np.ndarray, nearest: Nearest, train_paths: list[str], path: str, title: str) -> None:
+    """memorisation.png: the MEMORISATION_PAIRS samples of highest SSIM to a training image
+    (or mirror image), each above that image. nearest: of `samples` first (more may follow);
+    its index counts the training images, then (≥ len(train_paths)) their mirror images."""
+    k = min(MEMORISATION_PAIRS, len(samples))
+    order = np.argsort(-nearest.scores[: len(samples)], kind="stable")[:k]
+    names = []
+    for i in nearest.index[order]:
+        stem = os.path.splitext(os.path.basename(train_paths[i % len(train_paths)]))[0]
+        names.append(stem + (" (mirror)" if i >= len(train_paths) else ""))
+    figures.nearest_pairs(
+        samples[order],
+        nearest.images[order],
+        [f"SSIM {s:.3f}" for s in nearest.scores[order]],
+        names,
+        path,
+        title=f"{title}: the {k} closest to a training image (bottom)",
+    )
+
+
 # ---------------------------------------------------------------------------- metrics.json
 
 
@@ -319,13 +392,15 @@ def _number(x) -> float | None:
 DESCRIPTIONS = {
     "ae_ssim": "autoencoder reconstruction SSIM, validation",
     "ae_psnr": "autoencoder reconstruction PSNR (dB), validation",
-    "sample_nn_ssim_median": "samples: median SSIM to the nearest training image",
+    "sample_nn_ssim_median": "samples: median SSIM to the nearest training image (or mirror)",
     "sample_nn_ssim_max": "samples: max of that (≈1 = memorised image)",
-    "real_nn_ssim_median": "validation: median SSIM to the nearest training image",
+    "real_nn_ssim_median": "validation: the same, the yardstick for the two above",
     "sample_msssim_diversity": "samples: mean pairwise MS-SSIM (lower = more diverse)",
     "real_msssim_diversity": "real: mean pairwise MS-SSIM",
     "fid": "Fréchet Inception distance, samples vs real",
     "kid": "kernel Inception distance, samples vs real",
+    "fid_real": "FID, validation vs training images (the scale for fid)",
+    "kid_real": "KID, validation vs training images",
 }
 
 
@@ -388,19 +463,25 @@ def evaluate(
 
     print(
         f"nearest training image (SSIM) of {len(samples)} samples and {len(real)} real images "
-        f"among {len(train_paths)} training images",
+        f"among {len(train_paths)} training images" + (" and their mirror images" if config.data.flip else ""),
         flush=True,
     )
-    references = dataset.make_dataset(train_paths, size, batch_size, shuffle=False).as_numpy_iterator()
-    nearest = nearest_ssim(np.concatenate([samples, real]), references)
-    sample_nn, real_nn = nearest[: len(samples)], nearest[len(samples) :]
+    # Stage 2 trained on the training images and, with --flip, their mirror images: search both.
+    references = dataset.make_dataset(train_paths, size, batch_size, shuffle=False)
+    if config.data.flip:
+        references = dataset.with_mirrors(references)
+    nearest = nearest_ssim(np.concatenate([samples, real]), references.as_numpy_iterator())
+    sample_nn, real_nn = nearest.scores[: len(samples)], nearest.scores[len(samples) :]
+    figure = os.path.join(run.directory, "figures", "memorisation.png")
+    memorisation_figure(samples, nearest, train_paths, figure, title=f"{run.name}: {len(samples)} samples")
 
     print("MS-SSIM diversity", flush=True)
     sample_div, scales = msssim_diversity(samples)
     real_div, _ = msssim_diversity(real)
 
     print("FID / KID", flush=True)
-    inception = inception_scores(samples, real, inception_weights, batch_size)
+    train_for_fid = load_images(evenly_spaced(splits["train"], len(real)), size, batch_size)
+    inception = inception_scores(samples, real, train_for_fid, inception_weights, batch_size)
     if len(train_paths) < len(splits["train"]):
         notes.append(
             f"nearest neighbours among {len(train_paths)} of {len(splits['train'])} training images (--max-train)"
@@ -420,7 +501,8 @@ def evaluate(
         "n_train": len(splits["train"]),
         "n_validation": len(splits["validate"]),
         "n_real": len(real),
-        "nn_reference_images": len(train_paths),
+        "nn_reference_images": len(train_paths) * (2 if config.data.flip else 1),
+        "nn_includes_mirrors": config.data.flip,
         "msssim_scales": scales,
         "ae_ssim": _number(ae_ssim),
         "ae_psnr": _number(ae_psnr),
@@ -431,7 +513,10 @@ def evaluate(
         "real_msssim_diversity": _number(real_div),
         "fid": _number(inception["fid"]),
         "kid": _number(inception["kid"]),
+        "fid_real": _number(inception["fid_real"]),
+        "kid_real": _number(inception["kid_real"]),
         "fid_note": inception["fid_note"],
+        "memorisation_figure": figure,
         "notes": notes,
         "tensorflow": tf.__version__,
         "keras": keras.__version__,

@@ -161,3 +161,19 @@ def image_strip(images: np.ndarray, labels, path: str | os.PathLike, title: str 
     if title:
         fig.suptitle(title)
     save_figure(fig, path)
+
+
+def nearest_pairs(top: np.ndarray, bottom: np.ndarray, top_labels, bottom_labels, path, title: str = "") -> None:
+    """Two rows of images (N, H, W, 1) in [-1, 1], column i pairing top[i] with bottom[i]
+    (e.g. a sample and its nearest training image), each titled with its label."""
+    n = len(top)
+    fig = Figure(figsize=(1.7 * n, 4.0 + (0.4 if title else 0)))
+    axes = fig.subplots(2, n, squeeze=False)
+    for row, (images, labels) in enumerate(((top, top_labels), (bottom, bottom_labels))):
+        for ax, image, label in zip(axes[row], images, labels, strict=True):
+            ax.imshow(np.asarray(image)[:, :, 0], cmap="gray", vmin=-1, vmax=1)
+            ax.set_title(str(label), fontsize=8)
+            ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    save_figure(fig, path)

@@ -95,6 +95,7 @@ def interpolate(
         eta=eta,
         seed=runs.batch_seed(seed, 0),
         initial_noise=noises,
+        clip_x0=run.config.latent_max_abs,
     )
     return runs.decode(run, latents.numpy(), points)
 

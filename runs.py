@@ -32,7 +32,7 @@ import tensorflow as tf
 
 import config as cfg
 from cli import UserError
-from diffusion import LatentDiffusion, make_schedule
+from diffusion import LatentDiffusion, NoiseSchedule, make_schedule
 from modules import AutoEncoder, UNet
 
 RUNS_ROOT = "runs"
@@ -132,13 +132,25 @@ def dtype_policy(name: str):
         keras.config.set_dtype_policy(previous)
 
 
+def unit_range(images) -> tf.Tensor:
+    """Images in [-1, 1] → float32 in [0, 1]: (x + 1) / 2. The range SSIM and MS-SSIM are computed on.
+
+    SSIM is not invariant to shifting both images: its luminance term
+    (2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1) collapses where window means are near 0,
+    which on [-1, 1] is mid-grey tissue (means 0.05 and 0.0 give 0.14 there, 0.999 on
+    [0, 1]). The literature and TensorFlow's docs use non-negative images with max_val 1.
+    """
+    return (tf.cast(images, tf.float32) + 1.0) / 2.0
+
+
 def ssim(y_true, y_pred):
-    """Mean SSIM of images in [-1, 1] (dynamic range 2)."""
-    return tf.reduce_mean(tf.image.ssim(tf.cast(y_true, tf.float32), tf.cast(y_pred, tf.float32), max_val=2.0))
+    """Mean SSIM of images in [-1, 1], computed on [0, 1] with max_val 1 (see `unit_range`);
+    11-px Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, as tf.image.ssim."""
+    return tf.reduce_mean(tf.image.ssim(unit_range(y_true), unit_range(y_pred), max_val=1.0))
 
 
 def psnr(y_true, y_pred):
-    """Mean PSNR in dB of images in [-1, 1] (dynamic range 2)."""
+    """Mean PSNR in dB of images in [-1, 1] (dynamic range 2; the same as [0, 1] with max_val 1)."""
     return tf.reduce_mean(tf.image.psnr(tf.cast(y_true, tf.float32), tf.cast(y_pred, tf.float32), max_val=2.0))
 
 
@@ -157,11 +169,20 @@ def compile_autoencoder(autoencoder: AutoEncoder, config: cfg.RunConfig) -> None
     )
 
 
+def noise_schedule(config: cfg.RunConfig) -> NoiseSchedule:
+    """The run's noise schedule (linear β over `DiffusionConfig.beta_range()`, or cosine)."""
+    d = config.diffusion
+    return make_schedule(d.schedule, d.timesteps, *d.beta_range())
+
+
 def build_diffusion(config: cfg.RunConfig) -> LatentDiffusion:
     """UNet + noise schedule + EMA copy, built for the run's latent shape."""
-    d = config.diffusion
-    schedule = make_schedule(d.schedule, d.timesteps, d.beta_start, d.beta_end)
-    model = LatentDiffusion(UNet(**config.unet_kwargs()), schedule, ema_decay=d.ema_decay, seed=config.train.seed)
+    model = LatentDiffusion(
+        UNet(**config.unet_kwargs()),
+        noise_schedule(config),
+        ema_decay=config.diffusion.ema_decay,
+        seed=config.train.seed,
+    )
     h, c = config.latent_size, config.autoencoder.latent_channels
     model.build((None, h, h, c))
     return model
@@ -334,6 +355,11 @@ def generate(
 ) -> Samples:
     """n decoded samples of the EMA UNet, in batches of `batch_size` (a progress bar over batches).
 
+    The sampler's x0 estimate is clipped to ± the run's `latent_max_abs` (the range of the
+    training latents; no clipping for runs made before it was recorded): without it, a
+    schedule whose last ᾱ is tiny (cosine: 2.4e-9) multiplies any error of the first ε
+    estimate by 1/sqrt(ᾱ) ≈ 20,000, and the sample diverges.
+
     num_states: K = 0, or 2..(steps + 1) states of each sample's reverse process to keep
     (see `Samples`). Batch b uses `batch_seed(seed, b)`.
     """
@@ -350,6 +376,7 @@ def generate(
             eta=eta,
             seed=batch_seed(seed, b),
             num_intermediates=num_states,
+            clip_x0=run.config.latent_max_abs,
         )
         if num_states:
             out, batch_states, timesteps = out

@@ -68,9 +68,11 @@ def parse_args(argv: list[str]) -> tuple[cfg.RunConfig, argparse.Namespace]:
 def resolve_config(config: cfg.RunConfig, args: argparse.Namespace, argv: list[str]) -> cfg.RunConfig:
     """The configuration to train with; reads the run directory, writes nothing.
 
-    A fresh run refuses an --out that already holds a run. Reopening one (--resume,
-    --stage ldm) takes its saved config.json and applies only the flags typed on this
-    command line that do not change the models (epochs, steps, learning rates, precision, ...).
+    A fresh run refuses an --out that already holds a run, and writes the linear β range
+    it resolves (scaled with T unless set) and the schedule's terminal ᾱ into its config.
+    Reopening one (--resume, --stage ldm) takes its saved config.json and applies only the
+    flags typed on this command line that do not change the models (epochs, steps, learning
+    rates, precision, ...).
     """
     run_dir = config.train.out
     config_path = os.path.join(run_dir, "config.json")
@@ -78,6 +80,9 @@ def resolve_config(config: cfg.RunConfig, args: argparse.Namespace, argv: list[s
         if os.path.exists(config_path):
             raise cli.UserError(f"{run_dir} already holds a run; add --resume to continue it, or choose another --out")
         validate(config)
+        d = config.diffusion
+        d.beta_start, d.beta_end = d.beta_range()
+        config.terminal_alpha_bar = float(runs.noise_schedule(config).alphas_cumprod[-1])
         return config
 
     if not os.path.exists(config_path):
@@ -304,7 +309,7 @@ def encode_training_set(encoder: keras.Model, config: cfg.RunConfig, paths: list
     """
     images = dataset.make_dataset(paths, config.data.image_size, config.train.batch_size, shuffle=False)
     if config.data.flip:
-        images = images.concatenate(images.map(lambda x: tf.reverse(x, axis=[2])))
+        images = dataset.with_mirrors(images)
     return np.concatenate([encoder(x, training=False).numpy() for x in images])
 
 
@@ -333,7 +338,7 @@ def decode_samples(
     """n images (n, H, W, 1) in [-1, 1]: DDIM latents from the EMA UNet, ÷ scale factor, decoded."""
     h, c = config.latent_size, config.autoencoder.latent_channels
     steps = min(steps, config.diffusion.timesteps)
-    latents = model.sample(n, (h, h, c), sampler="ddim", steps=steps, seed=seed)
+    latents = model.sample(n, (h, h, c), sampler="ddim", steps=steps, seed=seed, clip_x0=config.latent_max_abs)
     return decoder(latents / config.scale_factor, training=False).numpy()
 
 
@@ -412,6 +417,13 @@ def run(argv: list[str]) -> None:
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()  # for the rest of the process: TF has no off switch
     print(cfg.describe(config), flush=True)
+    d, terminal = config.diffusion, float(runs.noise_schedule(config).alphas_cumprod[-1])
+    print(
+        f"noise schedule: {d.schedule}, T = {d.timesteps}, terminal alpha_bar = {terminal:.3g} "
+        f"(SNR {terminal / (1 - terminal):.3g})"
+        + ("; training never sees the pure noise that sampling starts from" if terminal > 0.01 else ""),
+        flush=True,
+    )
     print(
         f"strategy: {type(strategy).__name__}, replicas: {strategy.num_replicas_in_sync}, precision: {precision}",
         flush=True,
@@ -439,8 +451,12 @@ def run(argv: list[str]) -> None:
         latents = encode_training_set(autoencoder.encoder, config, splits["train"])
     if config.scale_factor is None:
         config.scale_factor = float(1.0 / latents.std())
+        config.latent_max_abs = float(np.abs(latents).max() * config.scale_factor)
         cfg.save_config(config, os.path.join(run_dir, "config.json"))
-        print(f"latent scale factor: {config.scale_factor:.4f} (1 / std of {latents.size} latent values)")
+        print(
+            f"latent scale factor: {config.scale_factor:.4f} (1 / std of {latents.size} latent values); "
+            f"scaled latents lie within ±{config.latent_max_abs:.2f}, where samplers clip their x0 estimate"
+        )
 
     if train_diffusion_now:
         resumed = args.resume or config.train.stage == "ldm"

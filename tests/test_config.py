@@ -44,6 +44,20 @@ def test_seed_preset_has_the_original_sizes():
     assert seed.train.batch_size == 64 and seed.train.lr == 1e-4
 
 
+def test_linear_betas_scale_with_T_unless_set():
+    """DDPM's 1e-4 → 0.02 was made for T = 1000: by default it is scaled by 1000 / T (so T = 200
+    ends at β = 0.1 and ᾱ_{T-1} ≈ 4e-5 rather than 0.13); explicit values and the seed preset win."""
+    assert parse("demo", []).diffusion.beta_range() == pytest.approx((1e-4, 0.02))
+    assert parse("demo", ["--timesteps", "200"]).diffusion.beta_range() == pytest.approx((5e-4, 0.1))
+    assert parse("demo", ["--timesteps", "10"]).diffusion.beta_range() == pytest.approx((0.01, 0.999))  # capped
+    assert parse("demo", ["--timesteps", "200", "--beta-end", "0.05"]).diffusion.beta_range() == pytest.approx(
+        (5e-4, 0.05)
+    )
+    assert cfg.preset("seed").diffusion.beta_range() == (1e-4, 0.02)
+    with pytest.raises(ValueError, match="--beta-start and --beta-end need 0 < start <= end < 1, got 0.1 and 0.05"):
+        parse("demo", ["--beta-start", "0.1", "--beta-end", "0.05"]).validate()
+
+
 def test_json_round_trip(tmp_path):
     config = parse("oasis", ["--timesteps", "50"])
     config.scale_factor = 0.8125

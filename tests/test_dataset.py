@@ -390,7 +390,7 @@ def test_demo_dataset_is_made_once_complete_and_atomically(tmp_path):
 
     assert dataset.ensure_demo_dataset(out) == out
     splits = dataset.find_splits(out)
-    assert len(splits["train"]) >= 100 and splits["validate"] and splits["test"]
+    assert {k: len(v) for k, v in splits.items()} == {"train": 94, "validate": 16, "test": 8}
     assert not any("junk" in p for paths in splits.values() for p in paths)
     assert list(tmp_path.glob(".demo.partial-*")) == [leftover]  # its own temporary folder is gone
     manifest = json.loads((out / "manifest.json").read_text())
@@ -410,6 +410,42 @@ def test_demo_dataset_is_made_once_complete_and_atomically(tmp_path):
     assert dataset.ensure_demo_dataset(out) == out
     assert time.perf_counter() - start < 0.5
     assert {p: pathlib.Path(p).stat().st_mtime_ns for p in splits["train"]} == before
+
+
+def test_demo_holds_out_slabs_at_least_4_mm_from_any_training_slice(tmp_path):
+    """Validation and test are contiguous slabs (two heights each), with 3 slices left out
+    on each side, so no held-out slice is a 1-mm neighbour of a training slice."""
+    out = dataset.ensure_demo_dataset(tmp_path / "demo")
+    heights = {
+        split: [int(pathlib.Path(p).stem.split("_z")[1]) for p in paths]
+        for split, paths in dataset.find_splits(out).items()
+    }
+    for split in ("validate", "test"):
+        assert min(abs(a - b) for a in heights[split] for b in heights["train"]) == 4
+        runs_of_slices = np.split(heights[split], np.flatnonzero(np.diff(heights[split]) != 1) + 1)
+        assert [len(r) for r in runs_of_slices] == ([8, 8] if split == "validate" else [4, 4])
+    # The splitter alone, 142 slices: the 8-slice validation slab centred at 0.35 · 141 = 49.35
+    # is 46..53, the 4-slice test slab at 0.2 · 141 = 28.2 is 27..30, each with 3 left out around.
+    splits = dataset.demo_splits(142)
+    picked = [splits[i] for i in (0, 23, 24, 27, 30, 31, 45, 46, 53, 54, 141)]
+    assert picked == ["train", "train", None, "test", "test", None, None, "validate", "validate", None, "train"]
+
+
+def test_an_older_demo_set_is_replaced_and_a_foreign_manifest_refused(tmp_path):
+    out = tmp_path / "demo"
+    save_png(out / "keras_png_slices_train" / "mni152_z001.png", gray(0, 256))
+    (out / "manifest.json").write_text(json.dumps({"source": "nilearn x", "slices": {"train": 1}}))  # version 1
+    dataset.ensure_demo_dataset(out)
+    assert json.loads((out / "manifest.json").read_text())["version"] == dataset.DEMO_VERSION
+    assert not (out / "keras_png_slices_train" / "mni152_z001.png").exists()
+    assert list(tmp_path.iterdir()) == [out]  # no temporary or old folder left beside it
+
+    other = tmp_path / "other"
+    save_png(other / "mine.png", gray(0))
+    (other / "manifest.json").write_text(json.dumps({"source": "my scanner"}))
+    with pytest.raises(DataError, match="holds another data set"):
+        dataset.ensure_demo_dataset(other)
+    assert (other / "mine.png").exists()
 
 
 def test_demo_does_not_overwrite_a_foreign_folder(tmp_path):

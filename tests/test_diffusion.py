@@ -1,7 +1,8 @@
 """Tests of diffusion.py: the schedule, q(x_t | x_0), the samplers and LatentDiffusion training.
 
-The networks are tiny ``modules.UNet``s on 8x8x2 latents, or two analytic stand-ins
-whose exact sampler outputs are known (``ZeroNoise``, ``Oracle``). The tf.distribute
+The networks are tiny ``modules.UNet``s on 8x8x2 latents, or analytic stand-ins whose
+exact sampler outputs are known (``ZeroNoise``, ``Oracle`` for a one-point data set, and
+``gaussian_eps`` for Gaussian data). The tf.distribute
 check runs in a subprocess because logical CPU devices must be configured before
 TensorFlow initialises its devices.
 """
@@ -78,22 +79,31 @@ class Oracle(keras.layers.Layer):
 # --------------------------------------------------------------------------- schedule
 
 
-def test_linear_schedule_closed_form_has_no_off_by_one():
-    T, b0, b1 = 200, 1e-4, 0.02
+# alpha_bar_t of the linear schedule 1e-4..0.02 with T = 1000, computed as the exact rational
+# product prod_{s<=t} (1 - beta_s) with fractions.Fraction and rounded to 11 digits: an
+# independent check of the float64 cumprod behind make_schedule.
+LINEAR_1000_ALPHA_BAR = {0: 0.9999, 9: 0.99810520479, 99: 0.89701814567, 499: 0.078587242882, 999: 4.0358297654e-5}
+
+
+def test_linear_schedule_matches_exact_products_and_has_no_off_by_one():
+    """beta_t runs linearly from beta_start (index 0) to beta_end (index T-1) and alpha_bar_t
+    equals the exact products above; rtol 1e-6 allows the float32 storage (6e-8)."""
+    T, b0, b1 = 1000, 1e-4, 0.02
     s = D.make_schedule("linear", T, beta_start=b0, beta_end=b1)
-    betas = np.linspace(b0, b1, T)
-    np.testing.assert_allclose(s.betas.numpy(), betas, rtol=1e-6)
-    assert s.betas.numpy()[0] == pytest.approx(b0, rel=1e-6)
-    assert s.betas.numpy()[-1] == pytest.approx(b1, rel=1e-6)
-    np.testing.assert_allclose(s.alphas_cumprod.numpy(), np.cumprod(1.0 - betas), rtol=1e-5)
+    np.testing.assert_allclose(s.betas.numpy(), b0 + (b1 - b0) * np.arange(T) / (T - 1), rtol=1e-6)
+    ab = s.alphas_cumprod.numpy()
+    for t, value in LINEAR_1000_ALPHA_BAR.items():
+        assert ab[t] == pytest.approx(value, rel=1e-6), t
     # Index 0 is one noising step: alpha_bar_0 = 1 - beta_0 (the original had 1 here).
-    assert s.alphas_cumprod.numpy()[0] == pytest.approx(1.0 - b0, abs=1e-7)
+    assert ab[0] == pytest.approx(1.0 - b0, abs=1e-7)
     assert s.alphas_cumprod_prev.numpy()[0] == 1.0
-    np.testing.assert_array_equal(s.alphas_cumprod_prev.numpy()[1:], s.alphas_cumprod.numpy()[:-1])
+    np.testing.assert_array_equal(s.alphas_cumprod_prev.numpy()[1:], ab[:-1])
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 def test_schedule_invariants(kind):
+    """dtypes, shapes and ranges, and every derived field against its definition on the stored
+    values (rtol 1e-6 / atol 1e-6: float32 storage of float64 values)."""
     T = 1000
     s = D.make_schedule(kind, T)
     assert (s.kind, s.timesteps) == (kind, T)
@@ -109,18 +119,45 @@ def test_schedule_invariants(kind):
     ab = n["alphas_cumprod"]
     assert np.all(np.diff(ab) < 0) and ab[0] <= 1.0 and ab[-1] > 0.0
     assert np.all((n["betas"] > 0) & (n["betas"] < 1))
-    np.testing.assert_allclose(n["sqrt_alphas_cumprod"] ** 2 + n["sqrt_one_minus_alphas_cumprod"] ** 2, 1.0, atol=1e-6)
-    # Posterior q(x_{t-1} | x_t, x_0): no variance at t = 0, positive and <= beta_t after.
+    np.testing.assert_allclose(n["alphas"], 1.0 - n["betas"], rtol=0, atol=1e-7)
+    # The defining recursion alpha_bar_t = alpha_bar_{t-1} alpha_t, at every index (a ratio, not a cumprod).
+    np.testing.assert_allclose(ab[1:] / ab[:-1], n["alphas"][1:], rtol=1e-6)
+    np.testing.assert_allclose(n["sqrt_alphas_cumprod"] ** 2, ab, rtol=1e-6)
+    np.testing.assert_allclose(n["sqrt_one_minus_alphas_cumprod"] ** 2, 1.0 - ab, rtol=0, atol=1e-6)
+    # Posterior q(x_{t-1} | x_t, x_0): exactly x_0 at t = 0, and a variance <= beta_t after
+    # (its values are checked by test_posterior_is_the_gaussian_conditional).
     var = n["posterior_variance"]
     assert var[0] == 0.0 and np.all(var[1:] > 0) and np.all(var <= n["betas"] * (1 + 1e-6))
-    assert n["posterior_mean_coef1"][0] == pytest.approx(1.0) and n["posterior_mean_coef2"][0] == 0.0
-    # Noise-free x_t = sqrt(ab_t) x0 must have posterior mean sqrt(ab_{t-1}) x0.
-    np.testing.assert_allclose(
-        n["posterior_mean_coef1"] + n["posterior_mean_coef2"] * n["sqrt_alphas_cumprod"],
-        np.sqrt(n["alphas_cumprod_prev"]),
-        rtol=1e-5,
-        atol=1e-6,
-    )
+    assert n["posterior_mean_coef1"][0] == 1.0 and n["posterior_mean_coef2"][0] == 0.0
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_posterior_is_the_gaussian_conditional(kind):
+    """c1_t, c2_t and beta~_t against E and Var of x_{t-1} given (x_0, x_t), obtained by generic
+    Gaussian conditioning of the joint covariance of (x_0, x_{t-1}, x_t): no posterior formula
+    involved. Inputs are the stored alpha_t, beta_t (float64 from there on); rtol 1e-6 allows the
+    float32 storage of the schedule (6e-8, compounded by the ratios: seen 1.3e-7)."""
+    s = D.make_schedule(kind, 1000)
+    alpha, beta = s.alphas.numpy().astype(np.float64), s.betas.numpy().astype(np.float64)
+    # log alpha_t from whichever stored value is relatively accurate (1 - alpha_bar_{t-1} near
+    # t = 0 is a difference of numbers near 1, so it must not come from the rounded alpha_t).
+    log_alpha = np.where(beta < 0.5, np.log1p(-beta), np.log(alpha))
+    log_ab_prev = np.concatenate([[0.0], np.cumsum(log_alpha)[:-1]])
+    # (x_0, x_{t-1}, x_t) as linear maps of three independent N(0, 1) draws w: x_0 = w_0 (any
+    # prior gives the same conditional), x_{t-1} ~ q(x_{t-1} | x_0) and one more noising step.
+    loading = np.zeros((len(beta), 3, 3))
+    loading[:, 0, 0] = 1.0
+    loading[:, 1, 0], loading[:, 1, 1] = np.exp(log_ab_prev / 2), np.sqrt(-np.expm1(log_ab_prev))
+    loading[:, 2, :2] = np.sqrt(alpha)[:, None] * loading[:, 1, :2]
+    loading[:, 2, 2] = np.sqrt(beta)
+    cov = loading @ loading.transpose(0, 2, 1)
+    given = [0, 2]  # condition x_{t-1} (row 1) on x_0 and x_t
+    cov_gg, cov_yg = cov[:, given][:, :, given], cov[:, 1, given]
+    weights = np.linalg.solve(cov_gg, cov_yg[..., None])[..., 0]  # E[x_{t-1} | .] = w_0 x_0 + w_1 x_t
+    variance = cov[:, 1, 1] - np.sum(weights * cov_yg, axis=-1)
+    np.testing.assert_allclose(s.posterior_mean_coef1.numpy(), weights[:, 0], rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(s.posterior_mean_coef2.numpy(), weights[:, 1], rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(s.posterior_variance.numpy(), variance, rtol=1e-6, atol=1e-12)
 
 
 def test_cosine_schedule_follows_cos_squared():
@@ -223,21 +260,133 @@ def test_ddpm_equals_ddim_with_every_step_and_eta_one(sampler):
     assert max_abs_diff([deterministic], [ddpm]) > 0.1
 
 
+def point_mass_start(schedule, x0, seed):
+    """x_T drawn from the true q(x_T | x_0) (not N(0, I)), and its noise z: x_T = sqrt(ab) x0 + sqrt(1 - ab) z."""
+    z = tf.random.stateless_normal(x0.shape, seed=[seed, 0]).numpy()
+    ab = schedule.alphas_cumprod.numpy()[-1]
+    return (np.sqrt(ab) * x0 + np.sqrt(1.0 - ab) * z).astype(np.float32), z
+
+
+@pytest.mark.parametrize("steps", [4, 1])
+def test_ddim_eta0_with_the_exact_noise_retraces_the_forward_path(steps):
+    """Data = one point x0 and eps_hat exact: x0_hat = x0 and eps_hat = z at every step, so every
+    DDIM (eta = 0) state at index t is exactly sqrt(ab_t) x0 + sqrt(1 - ab_t) z, ending at x0.
+    That pins x0_hat and the sqrt(ab_prev) and direction coefficients of each update (by hand,
+    1% off in sqrt(alpha_bar) or alpha_bar moves the states by 0.03 and 0.2); 1e-5 is float32
+    round-off, amplified by 1 / sqrt(ab_T) ~ 6."""
+    schedule = D.make_schedule("linear", 20, 1e-3, 0.3)
+    x0 = np.random.default_rng(1).standard_normal((3, *LATENT)).astype(np.float32)
+    x_T, z = point_mass_start(schedule, x0, seed=2)
+    sampler = D.Sampler(Oracle(schedule, x0), schedule)
+    final, states, labels = sampler.ddim(x0.shape, steps=steps, eta=0.0, initial_noise=x_T, num_intermediates=steps + 1)
+    ab = np.concatenate([[1.0], schedule.alphas_cumprod.numpy()])  # by label: label L is index L - 1
+    expected = (
+        np.sqrt(ab[labels])[:, None, None, None, None] * x0 + np.sqrt(1.0 - ab[labels])[:, None, None, None, None] * z
+    )
+    np.testing.assert_allclose(states.numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(final.numpy(), x0, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "run",
     [
-        lambda s: s.ddpm((3, *LATENT), seed=1),
-        lambda s: s.ddim((3, *LATENT), steps=4, eta=0.0, seed=1),
-        lambda s: s.ddim((3, *LATENT), steps=4, eta=1.0, seed=1),
-        lambda s: s.ddim((3, *LATENT), steps=1, seed=1),
+        lambda s, **kw: s.ddpm((5000, 2, 2, 1), num_intermediates=21, **kw),
+        lambda s, **kw: s.ddim((5000, 2, 2, 1), steps=5, eta=1.0, num_intermediates=6, **kw),
     ],
-    ids=["ddpm", "ddim-eta0", "ddim-eta1", "ddim-1step"],
+    ids=["ddpm", "ddim-eta1"],
 )
-def test_samplers_return_x0_given_the_exact_noise(run):
-    # With the exact eps every x0_hat is x0, and the last step returns x0_hat without noise.
+def test_stochastic_samplers_with_the_exact_noise_follow_the_forward_marginals(run):
+    """Data = one point x0 and eps_hat exact: then q(x_{t-1} | x_t, x0) is the true reverse kernel,
+    so started from q(x_T | x0), DDPM (and DDIM, eta = 1) states at index t are distributed as
+    q(x_t | x0) = N(sqrt(ab_t) x0, 1 - ab_t), and the noise-free last step returns x0 itself.
+
+    Per state the standardised residual r = (x - sqrt(ab_t) x0) / sqrt(1 - ab_t) of 20,000
+    elements must be N(0, 1): |mean| < 0.035 and |std - 1| < 0.025 are 5 standard errors
+    (1 / sqrt(N) and 1 / sqrt(2N)). By hand, DDPM fails it with c1 or c2 1% off or beta~ 10% off."""
     schedule = D.make_schedule("linear", 20, 1e-3, 0.3)
-    x0 = np.random.default_rng(1).standard_normal((3, *LATENT)).astype(np.float32)
-    np.testing.assert_allclose(run(D.Sampler(Oracle(schedule, x0), schedule)).numpy(), x0, atol=1e-4)
+    x0 = np.tile(np.array([1.5, -0.5, 0.0, 2.0], np.float32).reshape(1, 2, 2, 1), (5000, 1, 1, 1))
+    x_T, _ = point_mass_start(schedule, x0, seed=3)
+    final, states, labels = run(D.Sampler(Oracle(schedule, x0), schedule), seed=4, initial_noise=x_T)
+    states = states.numpy().astype(np.float64)
+    assert labels[0] == 20 and labels[-1] == 0
+    ab = schedule.alphas_cumprod.numpy().astype(np.float64)
+    for state, label in zip(states[:-1], labels[:-1], strict=True):
+        r = (state - np.sqrt(ab[label - 1]) * x0) / np.sqrt(1.0 - ab[label - 1])
+        assert abs(r.mean()) < 0.035 and abs(r.std() - 1.0) < 0.025, (label, r.mean(), r.std())
+    np.testing.assert_allclose(final.numpy(), x0, atol=1e-5)
+
+
+# Gaussian data x0 ~ N(MU, SIGMA^2) per element, whose exact noise predictor is known.
+MU, SIGMA = 0.5, 0.5
+GAUSSIAN_SHAPE = (2000, 10, 1, 1)  # N = 20,000 independent samples
+
+# name: (run, (mean tolerance, relative std tolerance)). With S = T the samplers are nearly exact:
+# a float64 propagation of these updates' mean and variance gives biases of at most 0.0016 in the
+# mean and 0.8% in the std (DDPM's "fixed small" variance), and 20,000 samples add a standard error
+# of SIGMA / sqrt(N) = 0.0035 to the mean and 1 / sqrt(2N) = 0.5% to the std, so 0.015 and 3% leave
+# about 4 standard errors on top of the bias (float32 is far below both). S = 50 DDIM has a real
+# discretisation bias (float64: std 3-6% low at eta 0, 7-11% low at eta 1), hence 0.02 and 15%.
+GAUSSIAN_RUNS = {
+    "ddpm": (lambda s: s.ddpm(GAUSSIAN_SHAPE, seed=0), (0.015, 0.03)),
+    "ddim-eta0-S=T": (lambda s: s.ddim(GAUSSIAN_SHAPE, steps=1000, eta=0.0, seed=0), (0.015, 0.03)),
+    "ddim-eta1-S=T": (lambda s: s.ddim(GAUSSIAN_SHAPE, steps=1000, eta=1.0, seed=0), (0.015, 0.03)),
+    "ddim-eta0-S=50": (lambda s: s.ddim(GAUSSIAN_SHAPE, steps=50, eta=0.0, seed=0), (0.02, 0.15)),
+    "ddim-eta1-S=50": (lambda s: s.ddim(GAUSSIAN_SHAPE, steps=50, eta=1.0, seed=0), (0.02, 0.15)),
+}
+
+
+def gaussian_eps(schedule, mu=MU, sigma=SIGMA):
+    """The exact noise predictor E[eps | x_t] for x0 ~ N(mu, sigma^2) per element.
+
+    x_t = sqrt(a) x0 + sqrt(1 - a) eps (a = alpha_bar_t) and eps are jointly Gaussian, so
+    E[eps | x_t] = sqrt(1 - a) (x_t - sqrt(a) mu) / (a sigma^2 + 1 - a).
+    """
+
+    def network(x_t, t, training=False):
+        a = tf.reshape(tf.gather(schedule.alphas_cumprod, t), [-1, 1, 1, 1])
+        return tf.sqrt(1.0 - a) * (x_t - tf.sqrt(a) * mu) / (a * sigma**2 + 1.0 - a)
+
+    return network
+
+
+def gaussian_sample_moments(kind, name, sampler_schedule=None):
+    """(mean, std) of GAUSSIAN_RUNS[name] on the T = 1000 ``kind`` schedule, fed the exact predictor.
+
+    ``sampler_schedule`` (default: the same schedule) is what the sampler uses, to perturb it alone.
+    """
+    schedule = D.make_schedule(kind, 1000)
+    sampler = D.Sampler(gaussian_eps(schedule), schedule if sampler_schedule is None else sampler_schedule)
+    x = GAUSSIAN_RUNS[name][0](sampler).numpy().astype(np.float64)
+    return x.mean(), x.std()
+
+
+@pytest.mark.parametrize("name", GAUSSIAN_RUNS)
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_samplers_reproduce_gaussian_data_from_its_exact_noise_predictor(kind, name):
+    """Fed the exact eps for N(MU, SIGMA^2) data, DDPM and DDIM must sample N(MU, SIGMA^2).
+
+    Unlike a single-point data set (where x0_hat = x0 whatever the coefficients), this needs
+    the right posterior mean/variance and DDIM coefficients; tolerances: see GAUSSIAN_RUNS.
+    """
+    mean_tol, std_tol = GAUSSIAN_RUNS[name][1]
+    mean, std = gaussian_sample_moments(kind, name)
+    assert abs(mean - MU) < mean_tol, (mean, std)
+    assert abs(std / SIGMA - 1.0) < std_tol, (mean, std)
+
+
+@pytest.mark.parametrize(
+    "name,field",
+    [("ddpm", "posterior_mean_coef1"), ("ddim-eta0-S=50", "sqrt_alphas_cumprod")],
+    ids=["ddpm-c1", "ddim-x0-hat"],
+)
+def test_gaussian_check_catches_a_one_percent_coefficient_error(name, field):
+    """The check above can fail: 1.01 x c1 (DDPM) or x0_hat / 1.01 (DDIM, via sqrt(alpha_bar)) in
+    the sampler's schedule alone moves the sample mean by more than twice its tolerance (by hand:
+    0.539 and 0.431 for MU = 0.5; 1.01 x c2 diverges to ~10)."""
+    schedule = D.make_schedule("linear", 1000)
+    perturbed = dataclasses.replace(schedule, **{field: getattr(schedule, field) * 1.01})
+    mean, _ = gaussian_sample_moments("linear", name, sampler_schedule=perturbed)
+    assert abs(mean - MU) > 2 * GAUSSIAN_RUNS[name][1][0], mean
 
 
 def test_ddpm_last_step_is_the_posterior_mean_without_noise():
@@ -355,6 +504,33 @@ def test_model_sample_uses_the_ema_network(trained):
     assert max_abs_diff([ema.numpy()], [online.numpy()]) > 1e-3
     final, states, labels = model.sample(2, LATENT, sampler="ddpm", seed=9, num_intermediates=4)
     assert states.shape == (4, 2, *LATENT) and labels[0] == 50 and labels[-1] == 0
+
+
+@pytest.mark.slow
+def test_cosine_schedule_samples_stay_in_the_data_range_with_x0_clipping():
+    """(~40 s) A two-level UNet fitted for 200 steps on a toy (4×4×2 latents ±A, A a fixed ±1
+    pattern) under the cosine schedule, T = 100: its ᾱ_{T-1} is tiny, so DDIM's first x0
+    estimate multiplies the network's error by 1/sqrt(ᾱ) and the unclipped sampler ends
+    hundreds of units outside the data. Clipping x0_hat to the training range (runs.generate
+    passes the run's latent_max_abs) keeps every sample within it, most near a mode."""
+    keras.utils.set_random_seed(0)
+    shape = (4, 4, 2)
+    pattern = np.where(np.random.default_rng(0).random(shape) > 0.5, 1.0, -1.0).astype(np.float32)
+    schedule = D.make_schedule("cosine", 100)
+    assert float(schedule.alphas_cumprod[-1]) < 1e-6
+    model = D.LatentDiffusion(tiny_unet(), schedule, ema_decay=0.9, seed=1)
+    model.build((None, *shape))
+    model.compile(optimizer=keras.optimizers.Adam(3e-3))
+    toy = tf.data.Dataset.from_tensor_slices(np.stack([pattern, -pattern] * 64)).shuffle(128, seed=0)
+    model.fit(toy.repeat().batch(32), steps_per_epoch=200, epochs=1, verbose=0)
+
+    unclipped = model.sample(64, shape, steps=10, seed=1).numpy()
+    clipped = model.sample(64, shape, steps=10, seed=1, clip_x0=1.0).numpy()
+    assert np.abs(unclipped).max() > 10
+    assert np.abs(clipped).max() <= 1.0 + 1e-5
+    # Mean |x - nearest mode| per element (the two modes are 2 apart): 0.16 measured.
+    to_nearest_mode = np.minimum(np.abs(clipped - pattern).mean((1, 2, 3)), np.abs(clipped + pattern).mean((1, 2, 3)))
+    assert np.median(to_nearest_mode) < 0.3, to_nearest_mode
 
 
 def test_ema_starts_as_a_copy_then_follows_the_warmup_decay():

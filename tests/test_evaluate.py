@@ -1,15 +1,21 @@
-"""evaluate.py: the metric arithmetic on inputs with known answers (FID, KID, nearest-neighbour
-SSIM, MS-SSIM diversity), finding the Inception weights without any download, and the
-command end to end on one tiny trained run (metrics.json, one-line errors)."""
+"""evaluate.py: the metric arithmetic on inputs with known answers (SSIM against an independent
+NumPy SSIM and against hand-computed constant images, the nearest-neighbour search, MS-SSIM
+diversity, FID and KID against closed forms), finding the Inception weights without any
+download, and the command end to end on one tiny trained run (metrics.json, the memorisation
+figure, mirror images in the search, one-line errors)."""
 
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
+import dataset
 import evaluate
+import figures
 import runs
 from conftest import snapshot
 from test_predict import copy_run
@@ -30,16 +36,196 @@ def images(n, size=16, seed=0):
     return np.tanh(tf.image.resize(x, (size, size)).numpy()).astype(np.float32)
 
 
-# ---------------------------------------------------------------------------- FID and KID
+def perturbed(x, scale, seed):
+    """x plus Gaussian noise of standard deviation `scale`, clipped to [-1, 1]."""
+    noise = np.random.default_rng(seed).standard_normal(x.shape)
+    return np.clip(x + scale * noise, -1.0, 1.0).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------- an independent SSIM
+
+# Wang et al. (2003), finest scale first; written out here, not read from evaluate.MSSSIM_WEIGHTS.
+WANG_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+
+
+def blur(x):
+    """The 11×11 Gaussian (sigma 1.5, sum 1) weighted mean of every window of a 2-D array, 'valid' region only."""
+    g = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5**2))
+    g /= g.sum()
+    rows = np.apply_along_axis(np.convolve, 1, x, g, mode="valid")
+    return np.apply_along_axis(np.convolve, 0, rows, g, mode="valid")
+
+
+def ssim_maps(x, y):
+    """The luminance and contrast-structure maps of SSIM (K1 = 0.01, K2 = 0.03, L = 1) of 2-D images in [0, 1]."""
+    c1, c2 = 0.01**2, 0.03**2
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    return (2 * mx * my + c1) / (mx**2 + my**2 + c1), (2 * cxy + c2) / (vx + vy + c2)
+
+
+def unit(image):
+    """One (H, W, 1) image in [-1, 1] as a float64 (H, W) array in [0, 1]."""
+    return (np.asarray(image, np.float64)[..., 0] + 1.0) / 2.0
+
+
+def numpy_ssim(a, b):
+    """SSIM of two (H, W, 1) images in [-1, 1], on [0, 1]: the mean of the SSIM map over the valid region."""
+    luminance, cs = ssim_maps(unit(a), unit(b))
+    return float(np.mean(luminance * cs))
+
+
+def numpy_msssim(a, b, scales):
+    """MS-SSIM of two (H, W, 1) images in [-1, 1] with the first `scales` weights renormalised:
+    Π mean(cs_k)^w_k over the finer scales × mean(SSIM)^w at the coarsest, each clipped at 0,
+    halving the image by 2×2 means between scales (sizes that stay even, as 22 and 64 px: TF pads odd ones)."""
+    weights = np.array(WANG_WEIGHTS[:scales]) / sum(WANG_WEIGHTS[:scales])
+    x, y, value = unit(a), unit(b), 1.0
+    for k, w in enumerate(weights):
+        if k:
+            h = x.shape[0] // 2
+            x, y = (z.reshape(h, 2, h, 2).mean(axis=(1, 3)) for z in (x, y))
+        luminance, cs = ssim_maps(x, y)
+        value *= max(0.0, float(np.mean(luminance * cs if k == scales - 1 else cs))) ** w
+    return value
+
+
+# ---------------------------------------------------------------------------- SSIM
+
+
+def test_ssim_of_an_image_with_itself_is_one():
+    x = images(3, 24, seed=1)
+    assert float(runs.ssim(x, x)) == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_allclose(np.diag(evaluate.pairwise_ssim(x, x).numpy()), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("a, b", [(0.0, 0.2), (-1.0, 1.0), (0.6, 0.9)])
+def test_ssim_of_constant_images_is_the_luminance_term_on_zero_one(a, b):
+    """Constant images have no variance, so the contrast-structure term is C2 / C2 = 1 and SSIM is
+    (2 a' b' + C1) / (a'² + b'² + C1) of the values mapped to [0, 1], C1 = (0.01 · 1)². The same
+    formula on [-1, 1] with L = 2 gives a different value (0.0099 instead of 0.9836 for 0.0 vs 0.2):
+    this pins the [0, 1] mapping. Tolerance 3e-3: tf.image.ssim takes variances as E[x²] − μ² in
+    float32, which for a constant image is a few ulps (~1e-6) instead of 0, and divided by C2 = 9e-4
+    that moves the contrast term; over a 41 × 41 grid of constants in [-1, 1] the error is at most 2e-3."""
+    x, y = np.full((2, 16, 16, 1), a, np.float32), np.full((2, 16, 16, 1), b, np.float32)
+    p, q = (a + 1) / 2, (b + 1) / 2
+    expected = (2 * p * q + 1e-4) / (p**2 + q**2 + 1e-4)
+    on_minus_one_one = (2 * a * b + 4e-4) / (a**2 + b**2 + 4e-4)
+    assert abs(expected - on_minus_one_one) > 0.05
+    if (a, b) == (0.0, 0.2):
+        assert expected == pytest.approx(0.6001 / 0.6101) and on_minus_one_one == pytest.approx(0.0004 / 0.0404)
+    assert float(runs.ssim(x, y)) == pytest.approx(expected, abs=3e-3)
+    np.testing.assert_allclose(evaluate.pairwise_ssim(x, y).numpy(), expected, atol=3e-3)
+
+
+def test_ssim_matches_an_independent_numpy_ssim():
+    """runs.ssim (mean over a batch) and evaluate.pairwise_ssim (every pair) against numpy_ssim above,
+    on random 24-px images and noisy copies (about 0.8 against a copy, about 0 and negative between
+    unrelated images, so the check is not only near 1). Tolerance 1e-4: float32 against float64."""
+    x = (np.random.default_rng(3).uniform(-1, 1, (3, 24, 24, 1)) * 0.8).astype(np.float32)
+    y = perturbed(x, 0.3, seed=4)
+    expected = np.array([[numpy_ssim(a, b) for b in y] for a in x])
+    assert 0.5 < np.diag(expected).min() and np.diag(expected).max() < 0.95 and expected.min() < 0
+    assert float(runs.ssim(x, y)) == pytest.approx(np.mean(np.diag(expected)), abs=1e-4)
+    np.testing.assert_allclose(evaluate.pairwise_ssim(x, y).numpy(), expected, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------- nearest neighbours
+
+
+def test_nearest_ssim_finds_planted_duplicates_across_batches_and_chunks(monkeypatch):
+    """Nine distractors in batches of 3, 4 and 2, searched two references at a time: a noisy copy
+    of reference 5 and an exact copy of reference 8 find those (index across batches and chunks,
+    the image itself, the score of numpy_ssim), a third query the best of the numpy_ssim loop."""
+    references = images(9, seed=2)
+    queries = np.stack([perturbed(references[5], 0.05, seed=7), references[8], images(1, seed=9)[0]])
+    expected = np.array([[numpy_ssim(q, r) for r in references] for q in queries])
+    assert np.sort(expected[:2], axis=1)[:, -2].max() < 0.9  # the planted copies stand out
+    monkeypatch.setattr(evaluate, "PAIRWISE_BUDGET", 3 * 16 * 16 * 2)  # chunks of 2 references
+    got = evaluate.nearest_ssim(queries, [references[:3], references[3:7], references[7:]])
+    assert got.index.dtype == np.int64 and got.scores.dtype == np.float64 and got.images.dtype == np.float32
+    assert got.index.tolist() == [5, 8, int(expected[2].argmax())]
+    np.testing.assert_array_equal(got.images, references[got.index])
+    np.testing.assert_allclose(got.scores, expected.max(axis=1), atol=1e-4)
+    assert got.scores[1] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_nearest_ssim_ties_go_to_the_first_reference(monkeypatch):
+    """The query's exact copy appears three times: twice in one batch (one chunk), once in a later
+    batch; the first copy (index 1) wins. Also with one array of references instead of batches."""
+    x, distractors = images(1, seed=5), images(3, seed=6)
+    references = np.concatenate([distractors[:1], x, x, distractors[1:], x])  # x at 1, 2 and 5
+    got = evaluate.nearest_ssim(x, [references[:3], references[3:]])
+    assert got.index.tolist() == [1] and got.scores[0] == pytest.approx(1.0, abs=1e-6)
+    assert evaluate.nearest_ssim(x, references).index.tolist() == [1]
+    monkeypatch.setattr(evaluate, "PAIRWISE_BUDGET", 16 * 16)  # one reference per chunk
+    assert evaluate.nearest_ssim(x, [references[:3], references[3:]]).index.tolist() == [1]
+
+
+def asymmetric_pngs(folder, n, row):
+    """n 32×32 PNGs of a bright bar against the left edge (width 4 + 2i, rows row … row + 15 + i)
+    on a faint left-to-right ramp: no image is close to any image's mirror."""
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i in range(n):
+        image = np.tile(np.linspace(0, 60, 32), (32, 1))
+        image[row : row + 16 + i, : 4 + 2 * i] = 220
+        paths.append(os.path.join(folder, f"slice_{row}_{i}.png"))
+        Image.fromarray(image.astype(np.uint8)).save(paths[-1])
+    return paths
+
+
+def test_with_mirrors_puts_each_mirror_after_all_the_images(tmp_path):
+    """dataset.with_mirrors + nearest_ssim: the mirror of training image 2 is found as reference
+    n + 2 with SSIM 1; without the mirrors its best match is far below 1."""
+    paths = asymmetric_pngs(tmp_path, 5, row=4)
+    train = evaluate.load_images(paths, 16, 2)
+    query = train[2:3, :, ::-1]
+    with_mirrors = dataset.with_mirrors(dataset.make_dataset(paths, 16, 2, shuffle=False))
+    got = evaluate.nearest_ssim(query, with_mirrors.as_numpy_iterator())
+    assert got.index.tolist() == [5 + 2] and got.scores[0] == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_array_equal(got.images[0], query[0])
+    assert evaluate.nearest_ssim(query, train).scores[0] < 0.9
+
+
+# ---------------------------------------------------------------------------- MS-SSIM diversity
+
+
+def test_msssim_scales_fit_the_image():
+    """The coarsest of k scales, size / 2^(k-1), must be ≥ 11 px: 21 px fits one, 22 px two, 176 px five."""
+    expected = {11: 1, 16: 1, 21: 1, 22: 2, 43: 2, 44: 3, 64: 3, 128: 4, 175: 4, 176: 5, 256: 5}
+    assert {size: evaluate.msssim_scales(size) for size in expected} == expected
+
+
+@pytest.mark.parametrize("size, scales", [(16, 1), (22, 2), (64, 3)])
+def test_msssim_diversity_matches_an_independent_msssim(size, scales):
+    """Identical images give 1; four distinct ones the mean over their six pairs of numpy_msssim with
+    as many scales as fit (at 16 px that is plain SSIM). Tolerance 1e-4: float32 against float64."""
+    same = np.repeat(images(1, size), 4, axis=0)
+    assert evaluate.msssim_diversity(same) == (pytest.approx(1.0, abs=1e-5), scales)
+    x = images(4, size, seed=3)
+    pairs = [numpy_msssim(x[i], x[j], scales) for i in range(4) for j in range(i + 1, 4)]
+    if scales == 1:
+        assert pairs == pytest.approx([max(0.0, numpy_ssim(x[i], x[j])) for i in range(4) for j in range(i + 1, 4)])
+    value, got_scales = evaluate.msssim_diversity(x)
+    assert got_scales == scales and value == pytest.approx(np.mean(pairs), abs=1e-4)
+    assert np.mean(pairs) < 0.9  # distinct images: not the trivial 1
+    assert evaluate.msssim_diversity(x[:1]) == (None, scales)
+
+
+# ---------------------------------------------------------------------------- FID
 
 
 def test_frechet_distance_closed_forms():
     rng = np.random.default_rng(0)
     mu1, mu2 = rng.standard_normal(5), rng.standard_normal(5)
-    s1, s2 = rng.uniform(0.1, 3.0, 5), rng.uniform(0.1, 3.0, 5)
-    # Diagonal covariances: ||Δμ||² + Σ (√s1 − √s2)².
-    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(s1) - np.sqrt(s2)) ** 2)
-    assert evaluate.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-9)
+    l1, l2 = rng.uniform(0.1, 3.0, 5), rng.uniform(0.1, 3.0, 5)
+    # Commuting covariances (diagonal, or diagonal in one rotated basis Q): ||Δμ||² + Σ (√λ1 − √λ2)².
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(l1) - np.sqrt(l2)) ** 2)
+    assert evaluate.frechet_distance(mu1, np.diag(l1), mu2, np.diag(l2)) == pytest.approx(expected, rel=1e-9)
+    q, _ = np.linalg.qr(rng.standard_normal((5, 5)))
+    rotated = evaluate.frechet_distance(mu1, q @ np.diag(l1) @ q.T, mu2, q @ np.diag(l2) @ q.T)
+    assert rotated == pytest.approx(expected, rel=1e-9)
     # A full covariance and a multiple c² of it: Tr(S + c² S − 2 c S) = (1 − c)² Tr S.
     a = rng.standard_normal((5, 5))
     full = a @ a.T + 0.1 * np.eye(5)
@@ -50,20 +236,54 @@ def test_frechet_distance_closed_forms():
     assert evaluate.frechet_distance(mu1, low, mu1, low) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_frechet_distance_of_non_commuting_2x2_covariances():
+    """For 2×2 M = S1 S2 (positive eigenvalues): Tr √M = √(Tr M + 2 √det M), since (√λ1 + √λ2)² =
+    λ1 + λ2 + 2 √(λ1 λ2). A closed form that needs no matrix square root."""
+    s1, s2 = np.diag([1.0, 4.0]), np.array([[2.0, 1.0], [1.0, 2.0]])
+    m = s1 @ s2
+    trace_sqrt = np.sqrt(np.trace(m) + 2 * np.sqrt(np.linalg.det(m)))
+    expected = 1.0**2 + 2.0**2 + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt
+    got = evaluate.frechet_distance(np.zeros(2), s1, np.array([1.0, -2.0]), s2)
+    assert got == pytest.approx(expected, rel=1e-9)
+    assert got != pytest.approx(5.0 + np.sum((np.sqrt([1.0, 4.0]) - np.sqrt([1.0, 3.0])) ** 2), rel=1e-3)
+
+
 def test_fid_of_feature_sets():
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((50, 8))
+    # By hand: first coordinates with means 1 and 2, variances (ddof = 1) 2 and 3; a constant second one.
+    a, b = [[0.0, 1.0], [2.0, 1.0]], [[1.0, 1.0], [1.0, 1.0], [4.0, 1.0]]
+    assert evaluate.fid(a, b) == pytest.approx(1 + (np.sqrt(2) - np.sqrt(3)) ** 2)
+    x = np.random.default_rng(1).standard_normal((50, 8))
     assert evaluate.fid(x, x) == pytest.approx(0.0, abs=1e-8)
-    # Large samples of N(0, I) and N(1, 4 I) in 4-d: close to 4·1² + 4·(1 − 2)² = 8.
-    a = rng.standard_normal((20000, 4))
-    b = 1.0 + 2.0 * rng.standard_normal((20000, 4))
-    assert evaluate.fid(a, b) == pytest.approx(8.0, rel=0.03)
+
+
+def test_fid_of_one_dimensional_features():
+    """The same sets in 1-d (np.cov of one column is 0-d: fid must still take (n, 1) features):
+    means 1 and 2, variances 2 and 3 (ddof 1)."""
+    assert evaluate.fid([[0.0], [2.0]], [[1.0], [1.0], [4.0]]) == pytest.approx(1 + (np.sqrt(2) - np.sqrt(3)) ** 2)
+
+
+def test_fid_of_large_samples_approaches_the_closed_form():
+    """20,000 points each of two 4-d Gaussians with covariances diagonal in one rotated basis:
+    the closed form is ||Δμ||² + Σ (√λ1 − √λ2)² = 5.4395. Over 100 seeds this estimate has a
+    standard deviation of 0.052 and no visible bias: 0.2 is ~4 standard deviations."""
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((4, 4)))
+    l1, l2 = np.array([1.0, 2.0, 0.5, 3.0]), np.array([4.0, 1.0, 2.0, 0.25])
+    mu2 = np.array([1.0, -1.0, 0.5, 0.0])
+    expected = np.sum(mu2**2) + np.sum((np.sqrt(l1) - np.sqrt(l2)) ** 2)
+    assert expected == pytest.approx(5.4395, abs=1e-4)
+    a = (rng.standard_normal((20000, 4)) * np.sqrt(l1)) @ q.T
+    b = mu2 + (rng.standard_normal((20000, 4)) * np.sqrt(l2)) @ q.T
+    assert evaluate.fid(a, b) == pytest.approx(expected, abs=0.2)
+
+
+# ---------------------------------------------------------------------------- KID
 
 
 def test_kid_known_answers():
     # 1-d by hand, k(x, y) = (x y + 1)³: Kxx off-diagonal 1, Kyy 7³ = 343, Kxy mean (1 + 1 + 27 + 64) / 4.
     assert evaluate.kid(np.array([[0.0], [1.0]]), np.array([[2.0], [3.0]])) == pytest.approx(1 + 343 - 2 * 23.25)
-    # Against a direct double loop over pairs.
+    # Against a direct double loop over pairs, d = 3 (so k = (x·y / 3 + 1)³).
     rng = np.random.default_rng(2)
     x, y = rng.standard_normal((6, 3)), rng.standard_normal((5, 3)) + 0.5
 
@@ -74,50 +294,44 @@ def test_kid_known_answers():
     yy = sum(k(y[i], y[j]) for i in range(5) for j in range(5) if i != j) / 20
     xy = sum(k(x[i], y[j]) for i in range(6) for j in range(5)) / 30
     assert evaluate.kid(x, y) == pytest.approx(xx + yy - 2 * xy, rel=1e-10)
-    # Unbiased: two samples of one distribution give ≈ 0; a shifted one clearly more.
+
+
+def test_kid_of_signs_by_counting():
+    """Features ±1 in 1-d: k(x, y) = (x y + 1)³ is 8 for equal signs, 0 otherwise. For a set with
+    a plus and b minus signs and one with c and e: 8 [(a(a−1) + b(b−1)) / (n(n−1)) + (c(c−1) +
+    e(e−1)) / (m(m−1)) − 2 (ac + be) / (nm)]. With n² for n(n−1) the tiny case would give −3, not
+    −4/3. As the sets grow with proportions ½ and ¾ the value nears the population MMD²,
+    Σ_j C(3, j) (E xʲ − E yʲ)² = 3 (0 − ½)² + 3 (1 − 1)² + (0 − ½)² = 1 (E x = E x³ = 0 and ½,
+    E x² = 1), up to O(1/n) (there is no sampling noise: 0.02 is ample at n = 1000)."""
+
+    def signs(plus, minus):
+        return np.array([[1.0]] * plus + [[-1.0]] * minus)
+
+    def by_counting(a, b, c, e):
+        n, m = a + b, c + e
+        return 8 * ((a * (a - 1) + b * (b - 1)) / (n * (n - 1)) + (c * (c - 1) + e * (e - 1)) / (m * (m - 1)))
+
+    assert evaluate.kid(signs(2, 2), signs(3, 1)) == pytest.approx(8 / 3 + 4 - 8)
+    for a, b, c, e in [(2, 2, 3, 1), (5, 1, 2, 7), (500, 500, 750, 250)]:
+        expected = by_counting(a, b, c, e) - 16 * (a * c + b * e) / ((a + b) * (c + e))
+        assert evaluate.kid(signs(a, b), signs(c, e)) == pytest.approx(expected, rel=1e-9)
+    assert evaluate.kid(signs(500, 500), signs(750, 250)) == pytest.approx(1.0, abs=0.02)
+
+
+def test_kid_is_unbiased():
+    """Two independent samples of N(0, I) (2,000 × 4-d) give ≈ 0: over 40 seeds this estimate has a
+    standard deviation of 0.0034, so 0.02 is ~6 of them, while a shift by 1 gives > 0.5. The same
+    set twice is not 0 but exactly (2/n)(mean off-diagonal k − mean diagonal k) < 0, as the unbiased
+    form drops the diagonal from Kxx and Kyy but not from Kxy (a biased MMD² would give 0)."""
+    rng = np.random.default_rng(2)
     a, b = rng.standard_normal((2000, 4)), rng.standard_normal((2000, 4))
-    assert abs(evaluate.kid(a, b)) < 0.01
+    assert abs(evaluate.kid(a, b)) < 0.02
     assert evaluate.kid(a, b + 1.0) > 0.5
-    assert abs(evaluate.kid(a, a)) < 0.01  # the same set twice: only the diagonal terms differ, O(1/n)
-
-
-# ---------------------------------------------------------------------------- SSIM metrics
-
-
-def test_nearest_ssim_of_a_set_against_itself_is_one():
-    x = images(5)
-    np.testing.assert_allclose(evaluate.nearest_ssim(x, x), 1.0, atol=1e-5)
-
-
-def test_nearest_ssim_matches_a_loop_over_pairs(monkeypatch):
-    queries, references = images(3, seed=1), images(7, seed=2)
-    expected = [max(float(tf.image.ssim(q[None], r[None], max_val=2.0)[0]) for r in references) for q in queries]
-    monkeypatch.setattr(evaluate, "PAIRWISE_BUDGET", 3 * 16 * 16 * 2)  # chunks of 2 references
-    batches = [references[:4], references[4:]]  # and references arriving in batches
-    got = evaluate.nearest_ssim(queries, batches)
-    np.testing.assert_allclose(got, expected, atol=1e-5)
-    assert max(expected) < 0.9  # the test images are not near-copies of each other
-
-
-def test_msssim_scales_fit_the_image():
-    assert [evaluate.msssim_scales(s) for s in (11, 16, 21, 22, 64, 128, 176, 256)] == [1, 1, 1, 2, 3, 4, 5, 5]
-
-
-@pytest.mark.parametrize("size", [16, 64])
-def test_msssim_diversity(size):
-    same = np.repeat(images(1, size), 4, axis=0)
-    value, scales = evaluate.msssim_diversity(same)
-    assert value == pytest.approx(1.0, abs=1e-5) and scales == evaluate.msssim_scales(size)
-    x = images(4, size, seed=3)
-    weights = np.array(evaluate.MSSSIM_WEIGHTS[:scales]) / sum(evaluate.MSSSIM_WEIGHTS[:scales])
-    pairs = [
-        float(tf.image.ssim_multiscale(x[i][None], x[j][None], 2.0, power_factors=tuple(weights))[0])
-        for i in range(4)
-        for j in range(i + 1, 4)
-    ]
-    assert evaluate.msssim_diversity(x)[0] == pytest.approx(np.mean(pairs), abs=1e-6)
-    assert np.mean(pairs) < 0.9
-    assert evaluate.msssim_diversity(x[:1])[0] is None
+    small = a[:300]
+    kernel = (small @ small.T / 4 + 1) ** 3
+    off_diagonal = (kernel.sum() - np.trace(kernel)) / (300 * 299)
+    expected = 2 / 300 * (off_diagonal - np.mean(np.diag(kernel)))
+    assert expected < 0 and evaluate.kid(small, small) == pytest.approx(expected, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------- Inception weights
@@ -133,64 +347,182 @@ def test_inception_weights_are_only_looked_up_never_downloaded(tmp_path, no_kera
     assert evaluate.find_inception_weights(None) == (cached, "")
 
 
-def test_unloadable_inception_weights_give_null_scores_with_the_reason(tmp_path):
+NULL_SCORES = {"fid": None, "kid": None, "fid_real": None, "kid_real": None}
+
+
+def test_inception_scores_are_null_with_the_reason(tmp_path, no_keras_cache):
+    """No weights, unreadable weights, and too few images: all four scores null, and fid_note says why."""
+    scores = evaluate.inception_scores(images(3), images(3), images(3), None, batch_size=4)
+    assert {k: scores[k] for k in NULL_SCORES} == NULL_SCORES
+    assert "InceptionV3 ImageNet weights not found" in scores["fid_note"] and "pytorch-fid" in scores["fid_note"]
     bad = tmp_path / "inception.h5"
     bad.write_text("not an HDF5 file")
-    scores = evaluate.inception_scores(images(3), images(3), str(bad), batch_size=4)
-    assert scores["fid"] is None and scores["kid"] is None
+    scores = evaluate.inception_scores(images(3), images(3), images(3), str(bad), batch_size=4)
+    assert {k: scores[k] for k in NULL_SCORES} == NULL_SCORES
     assert scores["fid_note"].startswith(f"cannot read {bad}")
+    scores = evaluate.inception_scores(images(3), images(3), images(1), str(bad), batch_size=4)
+    assert {k: scores[k] for k in NULL_SCORES} == NULL_SCORES
+    assert scores["fid_note"] == "needs at least 2 samples, real and training images, got 3, 3 and 1"
 
 
 @pytest.mark.slow
-def test_fid_and_kid_through_inception_v3(tmp_path):
-    """A randomly initialised InceptionV3 saved to a file stands in for the ImageNet weights."""
+def test_fid_and_kid_through_inception_v3(tmp_path, monkeypatch):
+    """A randomly initialised InceptionV3 saved to a file stands in for the ImageNet weights. fid/kid
+    are samples vs real and fid_real/kid_real real vs training: evaluate.fid and evaluate.kid (spied
+    on, not replaced) get exactly the features of those pairs, taken here with a second model loaded
+    from the same file. (Each 2048-d FID costs two 2048 × 2048 eigendecompositions, so none is redone.)"""
     import keras
 
     weights = str(tmp_path / "random_inception.weights.h5")
     keras.applications.InceptionV3(
         include_top=False, weights=None, pooling="avg", input_shape=(299, 299, 3)
     ).save_weights(weights)
-    scores = evaluate.inception_scores(images(4, seed=5), images(4, seed=6), weights, batch_size=4)
-    assert scores["fid"] > 0 and np.isfinite(scores["kid"]) and weights in scores["fid_note"]
+    calls = {}
+
+    def spying_on(name):
+        measure = getattr(evaluate, name)
+
+        def spy(a, b):
+            value = measure(a, b)
+            calls[value] = (name, a, b)
+            return value
+
+        return spy
+
+    for name in ("fid", "kid"):
+        monkeypatch.setattr(evaluate, name, spying_on(name))
+    samples, real, train = images(4, seed=5), images(3, seed=6), images(3, seed=7)
+    scores = evaluate.inception_scores(samples, real, train, weights, batch_size=4)
+    assert len(calls) == 4
+    model = evaluate.inception_model(weights)
+    fs, fr, ft = (evaluate.inception_features(model, x, batch_size=4) for x in (samples, real, train))
+    assert fs.shape == (4, 2048) and np.all(np.isfinite(fs))
+    for key, pair in [("fid", (fs, fr)), ("kid", (fs, fr)), ("fid_real", (fr, ft)), ("kid_real", (fr, ft))]:
+        assert np.isfinite(scores[key]), key
+        name, a, b = calls[scores[key]]
+        assert name == key.split("_")[0], key
+        np.testing.assert_allclose(a, pair[0], rtol=1e-5, atol=1e-9, err_msg=key)
+        np.testing.assert_allclose(b, pair[1], rtol=1e-5, atol=1e-9, err_msg=key)
+    assert scores["fid"] >= 0 and scores["fid_real"] >= 0
+    assert weights in scores["fid_note"] and "pytorch-fid" in scores["fid_note"]
+    assert "4 samples vs 3 validation images" in scores["fid_note"] and "3 training images" in scores["fid_note"]
+
+
+# ---------------------------------------------------------------------------- the memorisation figure
+
+
+def test_memorisation_figure_shows_the_closest_samples_with_their_training_images(monkeypatch):
+    """The 8 of 10 samples of highest SSIM (ties in sample order), each above its reference image,
+    named after the training file (index ≥ 4 training paths: that file's mirror). The two real
+    images after the samples in `nearest` score higher but are not samples: left out."""
+    shown = {}
+    monkeypatch.setattr(figures, "nearest_pairs", lambda *args, **kwargs: shown.update(args=args, kwargs=kwargs))
+    samples = images(10, seed=8)
+    scores = np.array([0.1, 0.9, 0.5, 0.9, 0.2, 0.95, 0.3, 0.4, 0.6, 0.7, 0.99, 0.99])
+    index = np.array([0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3])
+    references = images(12, seed=9)
+    nearest = evaluate.Nearest(scores, index, references)
+    paths = [f"/data/s{i}.png" for i in range(4)]
+    evaluate.memorisation_figure(samples, nearest, paths, "/out/memorisation.png", title="demo")
+    top, bottom, top_labels, bottom_labels, path = shown["args"]
+    order = [5, 1, 3, 9, 8, 2, 7, 6]
+    np.testing.assert_array_equal(top, samples[order])
+    np.testing.assert_array_equal(bottom, references[order])
+    assert top_labels == ["SSIM 0.950", "SSIM 0.900", "SSIM 0.900", "SSIM 0.700"] + [
+        f"SSIM {s:.3f}" for s in (0.6, 0.5, 0.4, 0.3)
+    ]
+    assert bottom_labels == ["s1 (mirror)", "s1", "s3", "s1", "s0", "s2", "s3 (mirror)", "s2 (mirror)"]
+    assert path == "/out/memorisation.png" and shown["kwargs"]["title"].startswith("demo: the 8 closest")
 
 
 # ---------------------------------------------------------------------------- the command
 
 
 def test_autoencoder_scores_average_over_images_not_batches(tiny_run):
+    """Batches of 2, 2 and 1: the mean over the 5 images of numpy_ssim and of 10 log10(2² / MSE)."""
     run = runs.load_run(tiny_run, encoder=True)
     _, splits = evaluate.run_splits(run.config)
-    paths = splits["train"][:5]  # batches of 2, 2, 1
+    paths = splits["train"][:5]
     ssim, psnr = evaluate.autoencoder_scores(run, paths, batch_size=2)
     x = evaluate.load_images(paths, 16, 5)
     recon = run.autoencoder.decoder(run.autoencoder.encoder(x)).numpy()
-    assert ssim == pytest.approx(float(np.mean(tf.image.ssim(x, recon, 2.0))), abs=1e-5)
-    assert psnr == pytest.approx(float(np.mean(tf.image.psnr(x, recon, 2.0))), abs=1e-4)
+    assert ssim == pytest.approx(np.mean([numpy_ssim(a, b) for a, b in zip(x, recon, strict=True)]), abs=1e-4)
+    mse = np.mean((x.astype(np.float64) - recon) ** 2, axis=(1, 2, 3))
+    assert psnr == pytest.approx(np.mean(10 * np.log10(4.0 / mse)), abs=1e-3)
 
 
-def test_evaluate_writes_metrics_json(tiny_run, no_keras_cache, capsys):
+def test_evaluate_writes_metrics_json_and_the_memorisation_figure(tiny_run, no_keras_cache, capsys):
+    """The real-image metrics have known answers (no model involved): each validation image's best
+    numpy_ssim over the training images and their mirror images (the run flips), and the SSIM of
+    the two validation images (one MS-SSIM scale at 16 px)."""
     before = snapshot(tiny_run)
     assert evaluate.main(["--run", tiny_run, "--n", "6", "--steps", "3", "--batch-size", "6"]) == 0
     printed = capsys.readouterr().out
     with open(os.path.join(tiny_run, "metrics.json")) as f:
         m = json.load(f)
     after = snapshot(tiny_run)
-    assert after.pop("metrics.json") and after == before  # nothing else written into the run
+    figure = os.path.join(tiny_run, "figures", "memorisation.png")
+    assert after.pop("metrics.json") and after.pop("figures/memorisation.png")
+    assert after == before  # nothing else written into the run
+    with Image.open(figure) as png:
+        assert png.format == "PNG" and png.width > png.height > 100
+    assert m["memorisation_figure"] == figure
 
     assert (m["run"], m["n"], m["sampler"], m["steps"], m["seed"], m["image_size"]) == ("tiny", 6, "ddim", 3, 0, 16)
-    assert (m["n_train"], m["n_validation"], m["n_real"], m["nn_reference_images"]) == (21, 2, 2, 21)
+    config = runs.read_config(tiny_run)
+    assert config.data.flip is True and m["nn_includes_mirrors"] is True
+    assert (m["n_train"], m["n_validation"], m["n_real"], m["nn_reference_images"]) == (21, 2, 2, 42)
     assert m["tensorflow"] == tf.__version__ and m["device"].startswith(("CPU", "NVIDIA", "GPU"))
-    assert -1 <= m["ae_ssim"] <= 1 and 0 < m["ae_psnr"] < 100
-    for key in ["sample_nn_ssim_median", "sample_nn_ssim_max", "real_nn_ssim_median"]:
-        assert -1 <= m[key] <= 1, key
-    assert m["sample_nn_ssim_median"] <= m["sample_nn_ssim_max"]
+
+    _, splits = evaluate.run_splits(config)
+    real = evaluate.load_images(splits["validate"], 16, 2)
+    train = evaluate.load_images(splits["train"], 16, 8)
+    train = np.concatenate([train, train[:, :, ::-1]])
+    best = [max(numpy_ssim(r, t) for t in train) for r in real]
+    assert m["real_nn_ssim_median"] == pytest.approx(np.median(best), abs=1e-4)
+    assert m["real_msssim_diversity"] == pytest.approx(max(0.0, numpy_ssim(real[0], real[1])), abs=1e-4)
     assert m["msssim_scales"] == 1  # 16 px: one 11-px scale
-    for key in ["sample_msssim_diversity", "real_msssim_diversity"]:
-        assert 0 <= m[key] <= 1, key
-    assert m["fid"] is None and m["kid"] is None
+
+    assert m["sample_nn_ssim_median"] <= m["sample_nn_ssim_max"] <= 1 + 1e-6
+    assert 0 < m["ae_ssim"] <= 1 and 0 < m["ae_psnr"] < 100
+    assert 0 <= m["sample_msssim_diversity"] <= 1
+    assert {k: m[k] for k in NULL_SCORES} == NULL_SCORES
     assert "InceptionV3 ImageNet weights not found" in m["fid_note"] and no_keras_cache in m["fid_note"]
-    assert "fid" in printed and "null" in printed and "InceptionV3 ImageNet weights not found" in printed
+    assert "pytorch-fid" in m["fid_note"]
+    assert "fid_real" in printed and "null" in printed and "InceptionV3 ImageNet weights not found" in printed
     assert f"wrote {os.path.join(tiny_run, 'metrics.json')}" in printed
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_nearest_neighbours_include_mirror_images_when_the_run_flips(
+    flip, tiny_run, tmp_path, no_keras_cache, monkeypatch
+):
+    """evaluate.evaluate on asymmetric images with 'samples' that are the mirror of training image 2
+    and a copy of training image 4: with flip, the mirror is found (SSIM 1, reference index 5 + 2,
+    "(mirror)" in the figure); without, only the copy scores 1 and the mirror far less."""
+    run = runs.load_run(copy_run(tiny_run, tmp_path / "run"), encoder=True)
+    run.config.data.flip = flip
+    train_paths = asymmetric_pngs(tmp_path / "data", 5, row=4)
+    splits = {"train": train_paths, "validate": asymmetric_pngs(tmp_path / "data", 2, row=10), "test": []}
+    train = evaluate.load_images(train_paths, 16, 4)
+    samples = np.stack([train[2, :, ::-1], train[4]])
+    monkeypatch.setattr(runs, "generate", lambda *args, **kwargs: SimpleNamespace(images=samples))
+    found, real_search, shown = [], evaluate.nearest_ssim, {}
+    monkeypatch.setattr(evaluate, "nearest_ssim", lambda q, r: found.append(real_search(q, r)) or found[-1])
+    monkeypatch.setattr(figures, "nearest_pairs", lambda *args, **kwargs: shown.update(names=args[3]))
+
+    m = evaluate.evaluate(run, str(tmp_path / "data"), splits, 2, "ddim", 3, 0.0, 0, 4, 0, None)
+    nearest = found[0]
+    assert (m["nn_includes_mirrors"], m["nn_reference_images"]) == (flip, 10 if flip else 5)
+    assert m["sample_nn_ssim_max"] == pytest.approx(1.0, abs=1e-6)
+    if flip:
+        assert nearest.index[:2].tolist() == [5 + 2, 4]
+        np.testing.assert_allclose(nearest.scores[:2], 1.0, atol=1e-6)
+        assert shown["names"] == ["slice_4_2 (mirror)", "slice_4_4"]
+    else:
+        assert nearest.index[1] == 4 and nearest.scores[1] == pytest.approx(1.0, abs=1e-6)
+        assert nearest.scores[0] < 0.9 and m["sample_nn_ssim_median"] < 0.95
+        assert shown["names"][0] == "slice_4_4"
 
 
 @pytest.mark.parametrize("case", ["no data", "no encoder", "no runs"])

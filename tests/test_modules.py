@@ -162,6 +162,8 @@ def _attention_inputs(layer, x, logit_boost):
 
 
 def test_full_attention_matches_numpy_softmax_even_for_huge_logits():
+    """Logits beyond exp's float32 range stay finite (the max-subtraction); the softmax is then
+    nearly one-hot, so the 1/sqrt(d) scale is checked at moderate logits below."""
     heads, dim_head = 2, 4
     layer = FullAttention(8, heads=heads, dim_head=dim_head)
     x = _images((2, 4, 4, 8))
@@ -175,17 +177,101 @@ def test_full_attention_matches_numpy_softmax_even_for_huge_logits():
     np.testing.assert_allclose(out, expected, rtol=1e-3, atol=1e-3)
 
 
+def _group_norm_1(a, gamma, beta, eps=1e-5):
+    """GroupNormalization(groups=1): each example normalised over (h, w, C), then per-channel gamma, beta."""
+    mean, var = a.mean(axis=(1, 2, 3), keepdims=True), a.var(axis=(1, 2, 3), keepdims=True)
+    return (a - mean) / np.sqrt(var + eps) * gamma + beta
+
+
+def _randomise(layer, x, qkv_std, seed=0):
+    """Build ``layer`` on x and set every weight to a random value; returns them in float64 by name.
+
+    Random norm scales/offsets and a non-zero output bias make every weight matter (Keras
+    initialises gamma = 1, beta = bias = 0); qkv_std sets the size of q, k, v.
+    """
+    layer(x)
+    rng = np.random.default_rng(seed)
+    values = {}
+    for sub, attr in (
+        ("pre_norm", "gamma"),
+        ("pre_norm", "beta"),
+        ("to_qkv", "kernel"),
+        ("to_out", "kernel"),
+        ("to_out", "bias"),
+        ("out_norm", "gamma"),
+        ("out_norm", "beta"),
+    ):
+        if not hasattr(layer, sub):  # out_norm: LinearAttention only
+            continue
+        variable = getattr(getattr(layer, sub), attr)
+        shape = tuple(variable.shape)
+        if attr == "gamma":
+            value = 1.0 + 0.2 * rng.standard_normal(shape)
+        elif sub == "to_qkv":
+            value = qkv_std * rng.standard_normal(shape)
+        else:
+            value = 0.3 * rng.standard_normal(shape)
+        variable.assign(value.astype("float32"))
+        values[f"{sub}.{attr}"] = value.astype("float32").astype("float64")
+    return values
+
+
+def _numpy_qkv(w, x, heads):
+    """q, k, v (B, heads, n, d) in float64: pre-norm, then the 1x1 conv as a per-pixel matmul."""
+    h = _group_norm_1(x.astype("float64"), w["pre_norm.gamma"], w["pre_norm.beta"])
+    qkv = h @ w["to_qkv.kernel"][0, 0]
+    return (_heads(a, heads) for a in np.split(qkv, 3, axis=-1))
+
+
+def _numpy_full_attention(w, x, heads, dim_head, scale=True):
+    """x + to_out(softmax(q k^T / sqrt(d)) v) in float64 (scale=False drops the 1/sqrt(d))."""
+    q, k, v = _numpy_qkv(w, x, heads)
+    logits = np.einsum("bhid,bhjd->bhij", q, k) / (np.sqrt(dim_head) if scale else 1.0)
+    attended = _merge(np.einsum("bhij,bhjd->bhid", _softmax(logits, -1), v), *x.shape[1:3])
+    return x + attended @ w["to_out.kernel"][0, 0] + w["to_out.bias"], logits
+
+
+def _numpy_linear_attention(w, x, heads, dim_head, scale=True):
+    """x + out_norm(to_out(softmax_d(q) / sqrt(d) (softmax_n(k)^T v))) in float64."""
+    q, k, v = _numpy_qkv(w, x, heads)
+    q = _softmax(q, -1) / (np.sqrt(dim_head) if scale else 1.0)  # over features
+    k = _softmax(k, -2)  # over positions
+    out_heads = np.einsum("bhnd,bhde->bhne", q, np.einsum("bhnd,bhne->bhde", k, v))
+    projected = _merge(out_heads, *x.shape[1:3]) @ w["to_out.kernel"][0, 0] + w["to_out.bias"]
+    return x + _group_norm_1(projected, w["out_norm.gamma"], w["out_norm.beta"])
+
+
+def test_full_attention_matches_numpy_at_moderate_logits():
+    """softmax(q k^T / sqrt(d)) v against a float64 NumPy forward pass from the layer's own weights.
+
+    The logits are O(1) (std about 1.5), where the softmax is far from one-hot, so dropping
+    the 1/sqrt(d) scale (a factor 2 here) moves the output by up to 0.8 (0.25 on average),
+    far above the tolerance; 1e-5 allows float32 round-off on outputs of O(1) (seen: 4e-7).
+    """
+    heads, dim_head = 2, 4
+    layer = FullAttention(8, heads=heads, dim_head=dim_head)
+    x = _images((2, 4, 4, 8))
+    w = _randomise(layer, x, qkv_std=0.4)
+    expected, logits = _numpy_full_attention(w, x, heads, dim_head)
+    assert 0.5 < logits.std() < 3.0
+    assert _softmax(logits, -1).max(-1).mean() < 0.6  # many keys share the weight: not one-hot
+    np.testing.assert_allclose(layer(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_linear_attention_matches_numpy_reference():
+    """Linear attention against a float64 NumPy forward pass from the layer's own (random) weights.
+
+    With Keras' zero-initialised output bias, out_norm (GroupNorm) cancels any global scale
+    of q except through its epsilon, so a missing d ** -0.5 would move the output by only
+    ~1e-3; with the random bias it moves it by up to 0.9. 1e-5 allows float32 round-off
+    (seen: 4e-7).
+    """
     heads, dim_head = 2, 4
     layer = LinearAttention(8, heads=heads, dim_head=dim_head)
     x = _images((2, 4, 6, 8))
-    q, k, v = (_heads(a, heads) for a in _attention_inputs(layer, x, logit_boost=1.0))
-    q = _softmax(q, -1) / np.sqrt(dim_head)  # over features
-    k = _softmax(k, -2)  # over positions
-    out_heads = np.einsum("bhnd,bhde->bhne", q, np.einsum("bhnd,bhne->bhde", k, v))
-    projected = layer.to_out(_merge(out_heads, 4, 6).astype("float32"))
-    expected = x + layer.out_norm(projected).numpy()
-    np.testing.assert_allclose(layer(x).numpy(), expected, rtol=1e-4, atol=1e-5)
+    w = _randomise(layer, x, qkv_std=0.4)
+    expected = _numpy_linear_attention(w, x, heads, dim_head)
+    np.testing.assert_allclose(layer(x).numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- #

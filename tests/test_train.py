@@ -22,6 +22,12 @@ def test_end_to_end_run_directory(tiny_data, tmp_path):
     assert code == 0
     saved = json.loads((out / "config.json").read_text())
     assert saved["scale_factor"] > 0 and saved["data"]["image_size"] == 16
+    # T = 20: β scaled by 1000 / T (the end capped at 0.999), written out with the terminal ᾱ
+    # = Π (1 - β_t) and the range of the scaled training latents that samplers clip to.
+    betas = np.linspace(0.005, 0.999, 20)
+    assert (saved["diffusion"]["beta_start"], saved["diffusion"]["beta_end"]) == pytest.approx((0.005, 0.999))
+    assert saved["terminal_alpha_bar"] == pytest.approx(np.prod(1 - betas), rel=1e-4)
+    assert saved["latent_max_abs"] > 1.0  # unit-std latents reach beyond ±1
     for name in ["encoder", "decoder", "unet", "unet_ema"]:
         assert (out / f"{name}.weights.h5").stat().st_size > 0
     assert history_epochs(out / "history_autoencoder.csv") == [0]
