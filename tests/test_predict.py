@@ -2,6 +2,8 @@
 the interpolation (and the `initial_noise` argument of the samplers it relies on),
 choosing the run, and the one-line errors that leave the run untouched."""
 
+import copy
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -92,6 +94,19 @@ def test_models_compute_in_float32_whatever_the_global_policy(tiny_run, loaded):
 def test_another_seed_gives_other_images(loaded):
     a, b = (runs.generate(loaded, 4, steps=4, seed=seed, batch_size=4, progress=False).images for seed in (7, 8))
     assert all(np.abs(a[i] - b[i]).max() > 1e-2 for i in range(4))
+
+
+def test_sampling_clips_x0_to_the_runs_latent_range(loaded):
+    """DDIM's last step returns its (clipped) x0 estimate, so every latent lies within ± the
+    run's latent_max_abs; a run without it (made before it was recorded) is not clipped."""
+    assert loaded.config.latent_max_abs > 1.0  # recorded by train.py
+    config = copy.deepcopy(loaded.config)
+    config.latent_max_abs = 0.5
+    clipped = runs.generate(dataclasses.replace(loaded, config=config), 4, steps=4, seed=7, progress=False)
+    assert np.abs(clipped.latents).max() <= 0.5 + 1e-6
+    config.latent_max_abs = None
+    free = runs.generate(dataclasses.replace(loaded, config=config), 4, steps=4, seed=7, progress=False)
+    assert np.abs(free.latents).max() > 0.5
 
 
 def test_batches_use_distinct_seeds(loaded):
