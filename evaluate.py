@@ -5,7 +5,7 @@
     python evaluate.py --run runs/oasis --inception-weights ~/inception_v3_notop.h5
 
 Options: --run RUN (a folder, or a name under runs/; default: the newest run), --n 64
-samples, --sampler ddim|ddpm, --steps 50 (at most T), --eta 0.0, --seed 0, --batch-size 16,
+samples, --sampler ddim|dpmpp|ddpm, --steps 50 (DPM-Solver++: 20; at most T), --eta 0.0, --seed 0, --batch-size 16,
 --max-train N (compare with at most N training images in the nearest-neighbour search,
 evenly spaced; default 0 = all), --inception-weights PATH (InceptionV3 "notop" weights
 for FID/KID), --debug.
@@ -492,7 +492,7 @@ def evaluate(
         "run_dir": os.path.abspath(run.directory),
         "n": n,
         "sampler": sampler,
-        "steps": steps if sampler == "ddim" else config.diffusion.timesteps,
+        "steps": runs.sampler_steps(config, sampler, steps),
         "eta": eta if sampler == "ddim" else None,
         "seed": seed,
         "sampler_label": runs.sampler_label(sampler, steps, eta, config),
@@ -533,9 +533,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = cli.FlagParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", help=f"run folder, or a name under {runs.RUNS_ROOT}/ (default: the newest run)")
     parser.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
-    parser.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="default: ddim")
     parser.add_argument(
-        "--steps", type=int, help=f"DDIM steps, in [1, T] (default: {runs.DEFAULT_STEPS}, or T if smaller)"
+        "--sampler",
+        choices=runs.SAMPLERS,
+        default="ddim",
+        help="ddim, dpmpp (DPM-Solver++(2M), deterministic), or ddpm (all T steps); default: ddim",
+    )
+    parser.add_argument(
+        "--steps", type=int, help="DDIM or DPM-Solver++ steps, in [1, T] (default: 50 and 20, or T if smaller)"
     )
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (default: 0)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
@@ -555,7 +560,7 @@ def run(argv: list[str]) -> None:
     args = parse_args(argv)
     run_dir = runs.resolve_run(args.run)
     config = runs.read_config(run_dir)
-    args.steps = runs.choose_steps(config, args.steps)
+    args.steps = runs.choose_steps(config, args.steps, args.sampler)
     runs.check_sampling_args(config, args.n, args.sampler, args.steps, args.eta, args.seed, args.batch_size)
     data_dir, splits = run_splits(config)  # before the models: a missing data folder fails at once
     loaded = runs.load_run(run_dir, encoder=True)

@@ -5,8 +5,8 @@
     python predict.py --run demo --sampler ddpm --out /tmp/samples
 
 Options: --run RUN (a folder, or a name under runs/; default: the run whose config.json
-is newest), --n 16, --sampler ddim|ddpm, --steps 50 (DDIM only, at most T; DDPM runs all T),
---eta 0.0 (DDIM noise, 0 = deterministic), --seed 0, --batch-size 16, --out DIR
+is newest), --n 16, --sampler ddim|dpmpp|ddpm, --steps 50 (DDIM; DPM-Solver++: 20; at most T;
+DDPM runs all T), --eta 0.0 (DDIM noise, 0 = deterministic), --seed 0, --batch-size 16, --out DIR
 (default RUN/predictions), --debug (tracebacks instead of one-line errors; or set
 OASIS_LDM_DEBUG=1).
 
@@ -183,11 +183,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = cli.FlagParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", help=f"run folder, or a name under {runs.RUNS_ROOT}/ (default: the newest run)")
     parser.add_argument("--n", type=int, default=16, help="number of samples (default: 16)")
-    parser.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="default: ddim")
+    parser.add_argument(
+        "--sampler",
+        choices=runs.SAMPLERS,
+        default="ddim",
+        help="ddim, dpmpp (DPM-Solver++(2M), deterministic), or ddpm (all T steps); default: ddim",
+    )
     parser.add_argument(
         "--steps",
         type=int,
-        help=f"DDIM steps, in [1, T] (default: {runs.DEFAULT_STEPS}, or T if smaller; DDPM uses all T)",
+        help="DDIM or DPM-Solver++ steps, in [1, T] (default: 50 and 20, or T if smaller; DDPM uses all T)",
     )
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like (default: 0)")
     parser.add_argument("--seed", type=int, default=0, help="same seed and batch size, same images (default: 0)")
@@ -201,7 +206,7 @@ def run(argv: list[str]) -> None:
     args = parse_args(argv)
     run_dir = runs.resolve_run(args.run)
     config = runs.read_config(run_dir)
-    args.steps = runs.choose_steps(config, args.steps)
+    args.steps = runs.choose_steps(config, args.steps, args.sampler)
     runs.check_sampling_args(config, args.n, args.sampler, args.steps, args.eta, args.seed, args.batch_size)
     loaded = runs.load_run(run_dir)
     out_dir = args.out or os.path.join(run_dir, "predictions")

@@ -32,11 +32,12 @@ import tensorflow as tf
 
 import config as cfg
 from cli import UserError
-from diffusion import LatentDiffusion, NoiseSchedule, make_schedule
+from diffusion import SAMPLERS, LatentDiffusion, NoiseSchedule, make_schedule
 from modules import AutoEncoder, UNet
 
 RUNS_ROOT = "runs"
-DEFAULT_STEPS = 50  # DDIM steps when --steps is not given (T when the run has fewer)
+# Network evaluations per sample when --steps is not given (T when the run has fewer; DDPM always runs T).
+DEFAULT_STEPS = {"ddim": 50, "dpmpp": 20}
 
 
 # ---------------------------------------------------------------------------- the folder
@@ -286,13 +287,15 @@ def batch_seed(seed: int, index: int) -> int:
 
 
 def sampler_steps(config: cfg.RunConfig, sampler: str, steps: int) -> int:
-    """Number of network evaluations of one sample: DDIM's `steps`, DDPM's T."""
-    return steps if sampler == "ddim" else config.diffusion.timesteps
+    """Number of network evaluations of one sample: DDIM's and DPM-Solver++'s `steps`, DDPM's T."""
+    return config.diffusion.timesteps if sampler == "ddpm" else steps
 
 
-def choose_steps(config: cfg.RunConfig, steps: int | None) -> int:
-    """--steps as given, or (None) DEFAULT_STEPS capped at the run's T."""
-    return min(DEFAULT_STEPS, config.diffusion.timesteps) if steps is None else steps
+def choose_steps(config: cfg.RunConfig, steps: int | None, sampler: str = "ddim") -> int:
+    """--steps as given, or (None) the sampler's DEFAULT_STEPS capped at the run's T."""
+    if steps is not None:
+        return steps
+    return min(DEFAULT_STEPS.get(sampler, DEFAULT_STEPS["ddim"]), config.diffusion.timesteps)
 
 
 def check_sampling_args(
@@ -300,20 +303,26 @@ def check_sampling_args(
 ) -> None:
     """UserError for sampling options the run cannot honour (checked before any work)."""
     T = config.diffusion.timesteps
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if n < 1 or batch_size < 1:
         raise UserError(f"--n and --batch-size must be positive, got {n} and {batch_size}")
-    if sampler == "ddim" and not 1 <= steps <= T:
+    if sampler != "ddpm" and not 1 <= steps <= T:
         raise UserError(f"--steps must be in [1, {T}] (the run's T), got {steps}")
     if eta < 0:
         raise UserError(f"--eta must be >= 0, got {eta}")
+    if eta and sampler != "ddim":
+        raise UserError(f"--eta applies to the ddim sampler only, got --eta {eta:g} with {sampler}")
     if seed < 0:
         raise UserError(f"--seed must be >= 0, got {seed}")
 
 
 def sampler_label(sampler: str, steps: int, eta: float, config: cfg.RunConfig) -> str:
-    """E.g. "DDIM 50 steps, eta 0" or "DDPM 1000 steps", for figure titles and tables."""
+    """E.g. "DDIM 50 steps, eta 0", "DPM-Solver++(2M) 20 steps" or "DDPM 1000 steps", for titles and tables."""
     if sampler == "ddim":
         return f"DDIM {steps} steps, eta {eta:g}"
+    if sampler == "dpmpp":
+        return f"DPM-Solver++(2M) {steps} steps"
     return f"DDPM {config.diffusion.timesteps} steps"
 
 

@@ -180,8 +180,25 @@ def test_slerp_known_values():
 def test_default_steps_are_capped_at_t():
     config = cfg.preset("demo")
     assert (config.diffusion.timesteps, runs.choose_steps(config, None), runs.choose_steps(config, 7)) == (1000, 50, 7)
+    assert runs.choose_steps(config, None, "dpmpp") == 20
     config.diffusion.timesteps = 20
     assert runs.choose_steps(config, None) == 20
+    config.diffusion.timesteps = 10
+    assert runs.choose_steps(config, None, "dpmpp") == 10
+    assert runs.sampler_label("dpmpp", 20, 0.0, config) == "DPM-Solver++(2M) 20 steps"
+    assert [runs.sampler_steps(config, s, 7) for s in ("ddim", "dpmpp", "ddpm")] == [7, 7, 10]
+
+
+def test_dpmpp_through_the_command_line(tiny_run, loaded, tmp_path, capsys):
+    """--sampler dpmpp: the default 20 steps (capped at T = 20), in the log line and the PNGs."""
+    out = tmp_path / "dpmpp"
+    assert (
+        predict.main(["--run", tiny_run, "--sampler", "dpmpp", "--n", "2", "--batch-size", "2", "--out", str(out)]) == 0
+    )
+    assert "DPM-Solver++(2M) 20 steps" in capsys.readouterr().out
+    expected = runs.generate(loaded, 2, "dpmpp", 20, batch_size=2, progress=False).images
+    with Image.open(out / "sample_001.png") as png:
+        np.testing.assert_array_equal(np.asarray(png), predict.to_uint8(expected)[1, :, :, 0])
 
 
 def test_to_uint8_and_batch_seeds():
@@ -233,6 +250,11 @@ ERRORS = {
     ),
     "bad config": ("run", dict(config_text="{not json"), "error: {tmp}/run/config.json is not a valid run config: "),
     "steps > T": ("run", dict(argv=["--steps", "21"]), "error: --steps must be in [1, 20] (the run's T), got 21"),
+    "eta without ddim": (
+        "run",
+        dict(argv=["--sampler", "dpmpp", "--eta", "1"]),
+        "error: --eta applies to the ddim sampler only, got --eta 1 with dpmpp",
+    ),
     "out is a file": (
         "run",
         dict(argv=["--out", "{tmp}/run/config.json"]),
