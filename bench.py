@@ -3,6 +3,7 @@
     python bench.py                     # the original's sizes, median of 3 repeats: ~21 min on 2 CPU cores
     python bench.py --quick             # demo-size networks, 2 repeats, no XLA: a check in under 5 minutes
     python bench.py --only unet data    # some of the four measurements
+    python bench.py --only sampling --keep-others   # re-measure one, keep the rest of bench.json
     python bench.py --render bench.json # measure nothing, re-write BENCHMARKS.md from the JSON
 
 Writes BENCHMARKS.md (tables) and bench.json (the same figures). Every figure is a ratio
@@ -20,9 +21,10 @@ What is measured (the original design's approach → ours):
    (`original_autoencoder_step` against train.py's compiled fit step, metrics included).
 3. Seconds to 16 decoded samples. Baseline `original_sampler`: one image at a time,
    eagerly, T DDPM steps with NumPy arithmetic between UNet calls. Ours: what predict.py
-   runs, the compiled batched DDPM (T steps) and DDIM (50 steps) samplers, then one decoder
-   call, float32. The baseline's images are independent and identical in cost, so it times
-   one image and multiplies by 16 (--quick also times only some of the T steps).
+   runs, the compiled batched DDPM (T steps: like for like with the baseline), DDIM (50
+   steps) and DPM-Solver++(2M) (20 steps) samplers, then one decoder call, float32. The
+   baseline's images are independent and identical in cost, so it times one image and
+   multiplies by 16 (--quick also times only some of the T steps).
 4. Data: images/s and peak resident memory over one epoch of N PNG slices (copies of the
    demo set, in a temporary folder), each approach in its own subprocess: our streaming
    `dataset.make_dataset` against `original_load_all` (decode every file into one NumPy
@@ -86,11 +88,15 @@ class BenchConfig:
     timesteps: int = option(200, "diffusion steps T (the original's 200)")
     samples: int = option(16, "images per sampling measurement")
     ddim_steps: int = option(50, "DDIM steps")
+    dpmpp_steps: int = option(20, "DPM-Solver++(2M) steps")
     baseline_sample_steps: int = option(0, "reverse steps the baseline sampler times per repeat (0: all T)")
     data_images: int = option(10000, "PNG slices in the data benchmark")
     data_image_size: int = option(128, "data benchmark: images are resized to this size")
     data_batch: int = option(64, "data benchmark: batch size")
     xla: bool = option(True, "also time the XLA-compiled variants of our training steps")
+    keep_others: bool = option(
+        False, "with --only: keep the other benchmarks' results from --json (same mode and CPU model only)"
+    )
     markdown: str = option("BENCHMARKS.md", "where to write the tables")
     json: str = option("bench.json", "where to write the figures as JSON")
 
@@ -127,6 +133,7 @@ MODES = {
         timesteps=10,
         samples=2,
         ddim_steps=5,
+        dpmpp_steps=3,
         baseline_sample_steps=3,
         data_images=24,
         data_image_size=16,
@@ -356,10 +363,10 @@ def bench_sampling(bench: BenchConfig) -> dict:
         latents = diffusion.sample(n, (h, h, c), sampler=sampler, steps=sampler_steps, seed=0)
         return decoder(latents, training=False).numpy()  # (predict.py divides by the scale factor first)
 
-    for name, sampler, sampler_steps in (("ddpm", "ddpm", bench.timesteps), ("ddim", "ddim", bench.ddim_steps)):
+    for sampler, sampler_steps in (("ddpm", bench.timesteps), ("ddim", bench.ddim_steps), ("dpmpp", bench.dpmpp_steps)):
         seconds = time_calls(functools.partial(ours, sampler, sampler_steps), bench.warmup, bench.repeats)
-        result["ours"][name] = summary(seconds)
-        print(f"  sampling {name}: {result['ours'][name]['median']:.2f} s", flush=True)
+        result["ours"][sampler] = summary(seconds)
+        print(f"  sampling {sampler}: {result['ours'][sampler]['median']:.2f} s", flush=True)
     keras.backend.clear_session()  # drop this model's graphs before the next one
     return result
 
@@ -505,6 +512,8 @@ def headline(results: dict) -> dict:
         s = results["sampling"]
         figures["sampling_speedup_ddim50"] = s["baseline"]["median"] / s["ours"]["ddim"]["median"]
         figures["sampling_speedup_ddpm200"] = s["baseline"]["median"] / s["ours"]["ddpm"]["median"]
+        if "dpmpp" in s["ours"]:  # bench.json files before session 3 have no DPM-Solver++ row
+            figures["sampling_speedup_dpmpp20"] = s["baseline"]["median"] / s["ours"]["dpmpp"]["median"]
     if "data" in results:
         d = results["data"]
         figures["data_peak_rss_ratio"] = d["ours"]["peak_rss_mb"]["median"] / d["baseline"]["peak_rss_mb"]["median"]
@@ -640,7 +649,8 @@ def markdown(results: dict, bench: BenchConfig, mode: str) -> str:
         "unet_train_speedup": ("≥ 1.3", lambda v: v >= 1.3),
         "ae_train_speedup": ("≥ 1.3", lambda v: v >= 1.3),
         "sampling_speedup_ddim50": ("≥ 40", lambda v: v >= 40),
-        "sampling_speedup_ddpm200": ("", None),
+        "sampling_speedup_ddpm200": ("like for like", None),
+        "sampling_speedup_dpmpp20": ("≥ 100", lambda v: v >= 100),
         "data_peak_rss_ratio": ("≤ 0.25", lambda v: v <= 0.25),
         "data_rss_growth_ratio": ("", None),
         "data_images_per_s": ("", None),
@@ -696,8 +706,13 @@ def markdown(results: dict, bench: BenchConfig, mode: str) -> str:
             f"{h['sampling_speedup_ddpm200']:.1f} |",
             f"| ours: compiled, batched, DDIM {bench.ddim_steps} steps | {_cell(s['ours']['ddim'], '.2f')} | "
             f"{h['sampling_speedup_ddim50']:.1f} |",
-            "",
         ]
+        if "dpmpp" in s["ours"]:
+            lines.append(
+                f"| ours: compiled, batched, DPM-Solver++(2M) {bench.dpmpp_steps} steps | "
+                f"{_cell(s['ours']['dpmpp'], '.2f')} | {h['sampling_speedup_dpmpp20']:.1f} |"
+            )
+        lines.append("")
     if "data" in results:
         d = results["data"]
         lines += [
@@ -773,6 +788,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {bench.markdown} from {render}")
         return 0
     results = {"mode": mode, "settings": dataclasses.asdict(bench), "machine": machine()}
+    if bench.keep_others and os.path.exists(bench.json):
+        with open(bench.json) as f:
+            earlier = json.load(f)
+        if earlier["mode"] != mode or earlier["machine"]["cpu"] != results["machine"]["cpu"]:
+            raise SystemExit(
+                f"error: --keep-others: {bench.json} was measured in --mode {earlier['mode']} on "
+                f"{earlier['machine']['cpu']}; this is --mode {mode} on {results['machine']['cpu']}: re-run all"
+            )
+        results.update({name: earlier[name] for name in BENCHMARKS if name in earlier and name not in bench.only})
     print(f"bench.py --mode {mode} on {results['machine']['cpu']} ({results['machine']['cores']} cores)", flush=True)
     steps = {"unet": bench_unet, "ae": bench_autoencoder, "sampling": bench_sampling, "data": bench_data}
     for name in BENCHMARKS:
