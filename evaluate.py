@@ -531,20 +531,7 @@ def evaluate(
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = cli.FlagParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", help=f"run folder, or a name under {runs.RUNS_ROOT}/ (default: the newest run)")
-    parser.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
-    parser.add_argument(
-        "--sampler",
-        choices=runs.SAMPLERS,
-        default="ddim",
-        help="ddim, dpmpp (DPM-Solver++(2M), deterministic), or ddpm (all T steps); default: ddim",
-    )
-    parser.add_argument(
-        "--steps", type=int, help="DDIM or DPM-Solver++ steps, in [1, T] (default: 50 and 20, or T if smaller)"
-    )
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (default: 0)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default: 16)")
+    runs.add_sampling_arguments(parser, n=64)
     parser.add_argument(
         "--max-train",
         type=int,

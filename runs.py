@@ -286,6 +286,27 @@ def batch_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] >> 1)
 
 
+def add_sampling_arguments(parser, n: int) -> None:
+    """The flags predict.py and evaluate.py share: --run, --n (default `n`), --sampler, --steps,
+    --eta, --seed, --batch-size (checked against the run by `check_sampling_args`)."""
+    parser.add_argument("--run", help=f"run folder, or a name under {RUNS_ROOT}/ (default: the newest run)")
+    parser.add_argument("--n", type=int, default=n, help=f"number of samples (default: {n})")
+    parser.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        default="ddim",
+        help="ddim, dpmpp (DPM-Solver++(2M), deterministic), or ddpm (all T steps); default: ddim",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help="DDIM or DPM-Solver++ steps, in [1, T] (default: 50 and 20, or T if smaller; DDPM uses all T)",
+    )
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="same seed and batch size, same images (default: 0)")
+    parser.add_argument("--batch-size", type=int, default=16, help="samples per sampler call (default: 16)")
+
+
 def sampler_steps(config: cfg.RunConfig, sampler: str, steps: int) -> int:
     """Number of network evaluations of one sample: DDIM's and DPM-Solver++'s `steps`, DDPM's T."""
     return config.diffusion.timesteps if sampler == "ddpm" else steps
