@@ -581,7 +581,8 @@ def findings(results: dict, bench: BenchConfig) -> list[str]:
             f"- Sampling: the original's sampler spends {per_call * 1e3:.0f} ms per UNet call on one image (eager "
             f"Keras calls layer by layer, with Python in between); the compiled sampler takes {per_step * 1e3:.0f} ms "
             f"per step for all {n} images, {per_call * n / per_step:.1f}× less per image-step. DDIM then needs "
-            f"{bench.ddim_steps} of the {t} steps."
+            f"{bench.ddim_steps} of the {t} steps"
+            + (f", DPM-Solver++ {bench.dpmpp_steps}." if "dpmpp" in s["ours"] else ".")
         )
     if "data" in results:
         d = results["data"]
