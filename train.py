@@ -69,7 +69,7 @@ def resolve_config(config: cfg.RunConfig, args: argparse.Namespace, argv: list[s
     """The configuration to train with; reads the run directory, writes nothing.
 
     A fresh run refuses an --out that already holds a run, and writes the linear β range
-    it resolves (scaled with T unless set) and the schedule's terminal ᾱ into its config.
+    it resolves (scaled with T unless set) into its config.
     Reopening one (--resume, --stage ldm) takes its saved config.json and applies only the
     flags typed on this command line that do not change the models (epochs, steps, learning
     rates, precision, ...).
@@ -82,7 +82,6 @@ def resolve_config(config: cfg.RunConfig, args: argparse.Namespace, argv: list[s
         validate(config)
         d = config.diffusion
         d.beta_start, d.beta_end = d.beta_range()
-        config.terminal_alpha_bar = float(runs.noise_schedule(config).alphas_cumprod[-1])
         return config
 
     if not os.path.exists(config_path):
@@ -408,6 +407,8 @@ def run(argv: list[str]) -> None:
     config, args = parse_args(argv)
     strategy = make_strategy(config.train.strategy)  # first: MultiWorker needs to start before other ops
     config = resolve_config(config, args, argv)
+    if config.terminal_alpha_bar is None:  # a fresh run, or one made before it was recorded
+        config.terminal_alpha_bar = float(runs.noise_schedule(config).alphas_cumprod[-1])
     # Find the data before anything is written: a bad --data leaves no run directory behind.
     splits = dataset.find_splits(dataset.resolve_data_dir(config.data.data), seed=config.train.seed)
     runs.start_run_dir(config)
@@ -417,7 +418,7 @@ def run(argv: list[str]) -> None:
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()  # for the rest of the process: TF has no off switch
     print(cfg.describe(config), flush=True)
-    d, terminal = config.diffusion, float(runs.noise_schedule(config).alphas_cumprod[-1])
+    d, terminal = config.diffusion, config.terminal_alpha_bar
     print(
         f"noise schedule: {d.schedule}, T = {d.timesteps}, terminal alpha_bar = {terminal:.3g} "
         f"(SNR {terminal / (1 - terminal):.3g})"
