@@ -21,7 +21,8 @@ What this module provides:
   PNG), so that no bad file can stop training in the middle of an epoch.
 - `make_dataset` / `load_image`: a streaming `tf.data` pipeline (files are read
   and decoded as batches are needed, so memory does not grow with the number
-  of files).
+  of files), or for a small training set the same batches gathered from images
+  decoded once into memory.
 - `ensure_demo_dataset`: the default data set, axial slices of the MNI ICBM152
   T1 template that the nilearn package ships (offline, no download), written
   once to `data/demo`.
@@ -66,6 +67,7 @@ SPLITS = ("train", "validate", "test")
 SPLIT_FOLDER = "keras_png_slices_{}"  # .format(split); the OASIS download's names
 CANVAS = 256  # side of the PNG slices this module writes, as in the OASIS download
 MANIFEST = "manifest.json"  # written last into folders this module makes
+IN_MEMORY_BYTES = 256 * 2**20  # make_dataset(in_memory=None) keeps a training set this small in memory
 
 # A slice is "near-empty", and not written, when its brain area is below this
 # fraction of the largest axial slice of the same volume.
@@ -274,8 +276,10 @@ def make_dataset(
     drop_remainder: bool = False,
     repeat: bool = False,
     skip: int = 0,
+    in_memory: bool | None = False,
 ) -> tf.data.Dataset:
-    """A streaming dataset of image batches, float32 (B, image_size, image_size, 1) in [-1, 1].
+    """A dataset of image batches, float32 (B, image_size, image_size, 1) in [-1, 1],
+    streamed from the files or (in_memory) decoded once and gathered from memory.
 
     paths: PNG files, best checked first (`find_splits` does).
     shuffle: a new order every epoch: the file names (all of them: strings are
@@ -288,35 +292,58 @@ def make_dataset(
         decoding them. With a seed, ``skip = k · batch_size`` starts the stream
         exactly at batch k of the unskipped one (order and flips alike): a
         resumed run goes on where it stopped.
+    in_memory: False streams (each image is read, decoded and resized when a
+        batch needs it); True decodes and resizes every image once, before the
+        first batch, and keeps them (N·size²·4 bytes); None chooses True when
+        that is at most `IN_MEMORY_BYTES`. Order, flips and `skip` are the same
+        either way (the seeded shuffle permutes indices instead of names), so
+        both give identical batches: the choice only moves the decoding cost
+        off the training steps (on 2 CPU cores the streaming decode competes
+        with the train step for the same cores).
 
     A file that still fails to decode (changed since it was checked) is skipped
-    with a logged warning rather than stopping training.
+    with a logged warning rather than stopping training (in memory: it is left
+    out of the decoded set, which then orders the remaining images differently).
     """
     import tensorflow as tf  # here, not at the top: see the module docstring
 
     paths = [str(p) for p in paths]
     if not paths:
         raise DataError("no image files to make a dataset from")
-    names = tf.data.Dataset.from_tensor_slices(paths)
+    if in_memory is None:
+        in_memory = len(paths) * image_size * image_size * 4 <= IN_MEMORY_BYTES
+    if in_memory:
+        decoded = tf.concat(list(make_dataset(paths, image_size, 256, shuffle=False)), axis=0)
+        keys = tf.data.Dataset.range(len(decoded))  # image i of `decoded`
+
+        def load(index):
+            return tf.gather(decoded, index)
+
+    else:
+        keys = tf.data.Dataset.from_tensor_slices(paths)
+
+        def load(path):
+            return load_image(path, image_size)
+
     if shuffle:
-        names = names.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-    # One coin per file, drawn with the names (a random op in the parallel map below
-    # would not be reproducible), so that `skip` skips coins and names together.
+        keys = keys.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+    # One coin per image, drawn with the keys (a random op in the parallel map below
+    # would not be reproducible), so that `skip` skips coins and keys together.
     if flip:
         coins = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
     else:
         coins = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).repeat()  # never heads
-    stream = tf.data.Dataset.zip(names, coins)
+    stream = tf.data.Dataset.zip(keys, coins)
     if repeat:
         stream = stream.repeat()
     if skip:
         stream = stream.skip(skip)
 
-    def decode(path, coin):
-        image = load_image(path, image_size)
+    def flipped(key, coin):
+        image = load(key)
         return tf.where(coin % 2 == 1, tf.reverse(image, axis=[1]), image)
 
-    images = stream.map(decode, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
+    images = stream.map(flipped, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
     return images.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
 
 

@@ -293,6 +293,36 @@ def test_skip_starts_exactly_at_a_later_batch_of_the_same_stream(tmp_path):
     assert not np.array_equal(full[3], full[4])
 
 
+def test_in_memory_gives_the_same_batches_as_streaming(tmp_path):
+    """Shuffle, flips, repeat and skip act on indices in memory and on names when streaming:
+    the same seed must give the same images, so a run's batches do not depend on the choice."""
+    left = np.zeros((12, 12), np.uint8)
+    left[:, :5] = 255
+    paths = [save_png(tmp_path / f"{i:02d}.png", left // (1 + i)) for i in range(7)]
+    options = dict(shuffle=True, flip=True, seed=5, repeat=True, drop_remainder=True, skip=4)
+    streamed = np.stack([b.numpy() for b in dataset.make_dataset(paths, 8, 3, **options).take(6)])
+    cached = np.stack([b.numpy() for b in dataset.make_dataset(paths, 8, 3, in_memory=True, **options).take(6)])
+    np.testing.assert_array_equal(streamed, cached)
+    assert len({float(img.mean()) for img in streamed.reshape(-1, 64)}) > 3  # not all one image
+
+    # The in-memory pipeline reads no file after it is built.
+    ds = dataset.make_dataset(paths, 8, 3, in_memory=True, **options)
+    for p in paths:
+        pathlib.Path(p).unlink()
+    np.testing.assert_array_equal(np.stack([b.numpy() for b in ds.take(6)]), cached)
+
+
+def test_in_memory_none_chooses_by_size(tmp_path, monkeypatch):
+    paths = distinct_images(tmp_path, 4)
+    monkeypatch.setattr(dataset, "IN_MEMORY_BYTES", 4 * 8 * 8 * 4)  # exactly four 8×8 float32 images
+    ds = dataset.make_dataset(paths, 8, 4, shuffle=False, in_memory=None)
+    pathlib.Path(paths[0]).unlink()
+    assert batch_levels(ds) == [[0, 20, 40, 60]]  # decoded before the file went away
+    monkeypatch.setattr(dataset, "IN_MEMORY_BYTES", 4 * 8 * 8 * 4 - 1)
+    streamed = dataset.make_dataset(paths[1:] + paths[:1], 8, 4, shuffle=False, in_memory=None)
+    assert batch_levels(streamed) == [[20, 40, 60]]  # streamed: the missing file is skipped when read
+
+
 def test_flip_mirrors_left_right(tmp_path):
     half = np.zeros((8, 8), np.uint8)
     half[:, :4] = 255  # left half white
