@@ -16,7 +16,11 @@ What is measured (the original design's approach → ours):
 1. UNet training throughput, images/s, on random latents. Baseline `original_unet_step`:
    an eager `GradientTape` step with t and ε drawn in NumPy, float32. Ours: the compiled
    `LatentDiffusion.train_step` that train.py runs (EMA update included) in float32 and in
-   mixed precision (bf16 on a CPU, fp16 on a GPU), each with XLA off and on.
+   mixed precision (bf16 on a CPU, fp16 on a GPU), each with XLA off and on. A second
+   baseline, "original's UNet, compiled": `original_unet`, an independent plain-Keras
+   functional re-implementation of the original's UNet, trained by that same compiled
+   step in float32; ours (float32) over it is what our implementation gives, ours over
+   the eager baseline what compilation gives.
 2. Autoencoder training throughput, images/s, on random images: the same comparison
    (`original_autoencoder_step` against train.py's compiled fit step, metrics included).
 3. Seconds to 16 decoded samples. Baseline `original_sampler`: one image at a time,
@@ -30,8 +34,9 @@ What is measured (the original design's approach → ours):
    `dataset.make_dataset` against `original_load_all` (decode every file into one NumPy
    array, then batch from it).
 
-The baselines share the project's networks, noise schedule and loss, so only the method
-differs. Networks are untrained: speed does not depend on the weights.
+The eager baselines share the project's networks (the `seed` preset's: layout "original"),
+noise schedule and loss, so only the method differs. Networks are untrained: speed does not
+depend on the weights.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import datetime
 import functools
 import glob
 import json
+import math
 import os
 import platform
 import resource
@@ -58,11 +64,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from keras import ops  # noqa: E402
 
 import config as cfg  # noqa: E402
 import dataset  # noqa: E402
 import runs  # noqa: E402
-from diffusion import epsilon_mse, make_schedule  # noqa: E402
+from diffusion import LatentDiffusion, epsilon_mse, make_schedule  # noqa: E402
 
 BENCHMARKS = ("unet", "ae", "sampling", "data")
 option = cfg.option
@@ -183,15 +190,21 @@ def variant_name(precision: str, xla: bool) -> str:
     return f"{precision}{', XLA' if xla else ''}"
 
 
+def default_variant(machine: dict) -> str:
+    """The variant train.py runs on the measured machine (bench.json files before session 4
+    have no `train_py_xla`: XLA was off by default then)."""
+    return variant_name(machine["train_py_precision"], machine.get("train_py_xla", False))
+
+
 def run_config(bench: BenchConfig, precision: str = "float32", xla: bool = False) -> cfg.RunConfig:
-    """The `seed` preset (the original's design) at the benchmark's sizes."""
+    """The `seed` preset (the original's design and networks, layout "original") at the benchmark's sizes."""
     config = cfg.preset("seed")
     config.data.image_size = bench.latent_size * 4
     config.autoencoder.latent_channels = bench.latent_channels
     config.autoencoder.ae_base_channels = bench.ae_base_channels
     config.unet.unet_dim, config.unet.unet_dim_mults = bench.unet_dim, tuple(bench.unet_dim_mults)
     config.diffusion.timesteps = bench.timesteps
-    config.train.precision, config.train.xla = precision, xla
+    config.train.precision, config.train.xla = precision, "on" if xla else "off"
     return config
 
 
@@ -217,6 +230,93 @@ def original_unet_step(unet, optimizer, schedule, x0: np.ndarray, rng: np.random
     grads = tape.gradient(loss, unet.trainable_variables)
     optimizer.apply_gradients(zip(grads, unet.trainable_variables, strict=True))
     return float(loss)
+
+
+def original_unet(size, channels=1, dim=64, dim_mults=(1, 2, 4, 8), groups=8, heads=4, dim_head=32) -> keras.Model:
+    """The original's UNet (lucidrains' early layout), re-implemented independently of modules.py
+    as a plain functional Keras graph: [x_t (B, size, size, channels), t (B,) int32] -> eps, float32.
+
+    The wiring of `modules.UNet(layout="original")` (see its docstring), the same parameter
+    count: init conv7x7 to dim // 3 * 2; per level two ResNet blocks (the first changes the
+    width), linear attention, ONE skip, a stride-2 conv4x4 (not at the last level); middle
+    block, full attention, block; per level but the first, deepest first, concat skip, two
+    blocks, linear attention, stride-2 transposed conv4x4; a block and a 1x1 conv. The
+    attention is keras.ops maths on the functional graph, so its sizes are fixed at `size`.
+    """
+    L, hidden = keras.layers, heads * dim_head
+    x_in, t_in = keras.Input((size, size, channels), name="x_t"), keras.Input((), dtype="int32", name="t")
+    half = dim // 2
+    freqs = np.exp(-math.log(10000.0) * np.arange(half) / (half - 1)).astype("float32")
+    angles = ops.cast(t_in, "float32")[:, None] * freqs
+    emb = L.Dense(4 * dim, activation="gelu")(ops.concatenate([ops.sin(angles), ops.cos(angles)], axis=-1))
+    emb = L.Dense(4 * dim)(emb)
+
+    def resnet(x, width):  # conv-norm-(scale, shift from t)-silu, conv-norm-silu, + (1x1) skip
+        scale, shift = ops.split(L.Dense(2 * width)(ops.silu(emb))[:, None, None, :], 2, axis=-1)
+        h = L.GroupNormalization(groups, epsilon=1e-5)(L.Conv2D(width, 3, padding="same")(x))
+        h = ops.silu(h * (1.0 + scale) + shift)
+        h = ops.silu(L.GroupNormalization(groups, epsilon=1e-5)(L.Conv2D(width, 3, padding="same")(h)))
+        return h + (L.Conv2D(width, 1)(x) if x.shape[-1] != width else x)
+
+    def heads_of(x):  # pre-norm, 1x1 conv to q, k, v, each (B, heads, h*w, dim_head)
+        qkv = L.Conv2D(3 * hidden, 1, use_bias=False)(L.GroupNormalization(1, epsilon=1e-5)(x))
+        shape = (-1, x.shape[1] * x.shape[2], heads, dim_head)
+        return [ops.transpose(ops.reshape(a, shape), (0, 2, 1, 3)) for a in ops.split(qkv, 3, axis=-1)]
+
+    def merged(out, x):  # (B, heads, h*w, dim_head) -> (B, h, w, hidden)
+        return ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (-1, x.shape[1], x.shape[2], hidden))
+
+    def linear_attention(x):
+        q, k, v = heads_of(x)
+        q, k = ops.softmax(q, axis=-1) * dim_head**-0.5, ops.softmax(k, axis=-2)
+        out = ops.einsum("bhnd,bhde->bhne", q, ops.einsum("bhnd,bhne->bhde", k, v))
+        return x + L.GroupNormalization(1, epsilon=1e-5)(L.Conv2D(x.shape[-1], 1)(merged(out, x)))
+
+    def full_attention(x):
+        q, k, v = heads_of(x)
+        weights = ops.softmax(ops.einsum("bhid,bhjd->bhij", q, k) * dim_head**-0.5, axis=-1)
+        return x + L.Conv2D(x.shape[-1], 1)(merged(ops.einsum("bhij,bhjd->bhid", weights, v), x))
+
+    dims = [dim // 3 * 2] + [dim * m for m in dim_mults]
+    in_out = list(zip(dims[:-1], dims[1:], strict=True))
+    x, skips = L.Conv2D(dims[0], 7, padding="same")(x_in), []
+    for i, (_, dim_out) in enumerate(in_out):
+        x = linear_attention(resnet(resnet(x, dim_out), dim_out))
+        skips.append(x)
+        if i < len(in_out) - 1:
+            x = L.Conv2D(dim_out, 4, strides=2, padding="same")(x)
+    x = resnet(full_attention(resnet(x, dims[-1])), dims[-1])
+    for dim_in, _ in reversed(in_out[1:]):
+        x = resnet(resnet(L.Concatenate()([x, skips.pop()]), dim_in), dim_in)
+        x = L.Conv2DTranspose(dim_in, 4, strides=2, padding="same")(linear_attention(x))
+    x = resnet(x, dim)
+    eps = L.Conv2D(channels, 1, dtype="float32")(x)
+    return keras.Model([x_in, t_in], eps, name="original_unet")
+
+
+class OriginalUNet(keras.Model):
+    """`original_unet`'s graph behind the `network(x_t, t, training=...)` call and the `get_config`
+    that `LatentDiffusion` needs (its EMA copy is rebuilt from the config), so the original's UNet
+    trains in exactly our compiled train step."""
+
+    def __init__(self, size, channels=1, dim=64, dim_mults=(1, 2, 4, 8), groups=8, heads=4, dim_head=32, **kwargs):
+        super().__init__(**kwargs)
+        self.arch = dict(
+            size=size,
+            channels=channels,
+            dim=dim,
+            dim_mults=tuple(dim_mults),
+            groups=groups,
+            heads=heads,
+            dim_head=dim_head,
+        )
+        self.graph = original_unet(**self.arch)
+
+    def call(self, x_t, t, training=None):
+        return self.graph([x_t, t], training=training)
+
+    def get_config(self):
+        return {"name": self.name, **self.arch}
 
 
 def original_autoencoder_step(autoencoder, optimizer, x: np.ndarray) -> float:
@@ -279,7 +379,7 @@ def bench_unet(bench: BenchConfig) -> dict:
         bench.warmup,
         bench.repeats,
     )
-    result = {"baseline": throughput(seconds, images), "params": unet.count_params()}
+    result = {"baseline": throughput(seconds, images), "params": unet.count_params(), "layout": unet.layout}
     keras.backend.clear_session()  # drop this model's graphs before the next one
 
     def build(config):
@@ -288,6 +388,33 @@ def bench_unet(bench: BenchConfig) -> dict:
         return model
 
     result["ours"] = time_compiled_variants(bench, "unet", build, x0, bench.unet_steps, images)
+
+    # The original's UNet (plain Keras) in our compiled step, float32, XLA off.
+    with runs.dtype_policy("float32"):
+        u = config.unet
+        network = OriginalUNet(
+            bench.latent_size,
+            bench.latent_channels,
+            u.unet_dim,
+            u.unet_dim_mults,
+            u.unet_groups,
+            u.attn_heads,
+            u.attn_dim_head,
+            name="original_unet",
+        )
+        model = LatentDiffusion(
+            network, runs.noise_schedule(config), config.diffusion.ema_decay, seed=config.train.seed
+        )
+        model.build((None, *shape))
+        runs.compile_diffusion(model, config)
+    step = compiled_step(model, x0)
+    seconds = time_calls(lambda: [step() for _ in range(bench.unet_steps)], bench.warmup, bench.repeats)
+    result["original_compiled"] = throughput(seconds, images)
+    result["original_compiled_params"] = network.count_params()
+    print(
+        f"  unet original's UNet, compiled, float32: {result['original_compiled']['median']:.1f} images/s", flush=True
+    )
+    keras.backend.clear_session()
     return result
 
 
@@ -307,7 +434,11 @@ def bench_autoencoder(bench: BenchConfig) -> dict:
         bench.warmup,
         bench.repeats,
     )
-    result = {"baseline": throughput(seconds, images), "params": autoencoder.count_params()}
+    result = {
+        "baseline": throughput(seconds, images),
+        "params": autoencoder.count_params(),
+        "layout": autoencoder.layout,
+    }
     keras.backend.clear_session()  # drop this model's graphs before the next one
 
     def build(config):
@@ -497,17 +628,22 @@ def machine() -> dict:
         "keras": keras.__version__,
         "date": datetime.date.today().isoformat(),
         "train_py_precision": runs.resolve_precision("auto"),
+        "train_py_xla": runs.resolve_xla("auto", runs.resolve_precision("auto")),
     }
 
 
 def headline(results: dict) -> dict:
     """The ratios the README quotes. Training speedups are for train.py's CPU/GPU defaults
-    (precision "auto", XLA off), the configuration users get."""
+    (precision and XLA "auto"), the configuration users get."""
     figures = {}
-    default = variant_name(results["machine"]["train_py_precision"], False)
+    default = default_variant(results["machine"])
     for key, name in (("unet", "unet_train_speedup"), ("ae", "ae_train_speedup")):
         if key in results:
             figures[name] = results[key]["ours"][default]["median"] / results[key]["baseline"]["median"]
+        if "original_compiled" in results.get(key, {}):  # what the implementation gives, compilation aside
+            figures[f"{key}_ours_over_original_compiled"] = (
+                results[key]["ours"]["float32"]["median"] / results[key]["original_compiled"]["median"]
+            )
     if "sampling" in results:
         s = results["sampling"]
         figures["sampling_speedup_ddim50"] = s["baseline"]["median"] / s["ours"]["ddim"]["median"]
@@ -540,6 +676,11 @@ def _training_table(title: str, part: dict, what: str, baseline: str, default: s
         "| --- | --- | --- |",
         f"| original: {baseline} | {_cell(part['baseline'], '.1f')} | 1.00 |",
     ]
+    if "original_compiled" in part:  # the UNet only; bench.json files before it have no such row
+        lines.append(
+            "| original's UNet, compiled: plain-Keras re-implementation, our compiled train step, float32 | "
+            f"{_cell(part['original_compiled'], '.1f')} | {part['original_compiled']['median'] / base:.2f} |"
+        )
     for name, stats in part["ours"].items():
         mark = " (train.py default)" if name == default else ""
         lines.append(
@@ -551,7 +692,7 @@ def _training_table(title: str, part: dict, what: str, baseline: str, default: s
 def findings(results: dict, bench: BenchConfig) -> list[str]:
     """What the numbers say, as markdown bullets, computed from them (so a re-run updates them)."""
     lines = []
-    default = variant_name(results["machine"]["train_py_precision"], False)
+    default = default_variant(results["machine"])
     for key, label in (("unet", "UNet"), ("ae", "Autoencoder")):
         if key not in results:
             continue
@@ -573,6 +714,15 @@ def findings(results: dict, bench: BenchConfig) -> list[str]:
             else f". **The fastest variant here is {best}, not train.py's default ({default}).**"
         )
         lines.append(text)
+        if "original_compiled" in results[key]:
+            part = results[key]
+            lines.append(
+                f"- UNet, compilation against implementation (float32, XLA off): compiling the step gives our UNet "
+                f"(layout {part.get('layout', 'project')}) {plain['float32'] / part['baseline']['median']:.2f}× the "
+                f"images/s of its eager step; in the same compiled step, our UNet runs at "
+                f"{plain['float32'] / part['original_compiled']['median']:.2f}× the plain-Keras re-implementation of "
+                f"the original's UNet ({part['original_compiled_params']:,} parameters; ours: {part['params']:,})."
+            )
     if "sampling" in results:
         s, n, t = results["sampling"], bench.samples, bench.timesteps
         per_call = s["baseline"]["median"] / n / t
@@ -622,7 +772,7 @@ def findings(results: dict, bench: BenchConfig) -> list[str]:
 def markdown(results: dict, bench: BenchConfig, mode: str) -> str:
     """BENCHMARKS.md: machine, settings, one table per measurement, the goals."""
     m, h = results["machine"], results["headline"]
-    default = variant_name(m["train_py_precision"], False)
+    default = default_variant(m)
     lines = [
         "# Benchmarks",
         "",
@@ -639,7 +789,8 @@ def markdown(results: dict, bench: BenchConfig, mode: str) -> str:
             if mode == "full"
             else " (smaller networks than the original's; a sanity check, not the published figures)"
         ),
-        f"- train.py's defaults on this machine: precision {m['train_py_precision']}, XLA off",
+        f"- train.py's defaults on this machine: precision {m['train_py_precision']}, "
+        f"XLA {'on' if m.get('train_py_xla') else 'off'}",
         "",
         "## Headline",
         "",
@@ -648,6 +799,7 @@ def markdown(results: dict, bench: BenchConfig, mode: str) -> str:
     ]
     goals = {
         "unet_train_speedup": ("≥ 1.3", lambda v: v >= 1.3),
+        "unet_ours_over_original_compiled": ("same step, float32", None),
         "ae_train_speedup": ("≥ 1.3", lambda v: v >= 1.3),
         "sampling_speedup_ddim50": ("≥ 40", lambda v: v >= 40),
         "sampling_speedup_ddpm200": ("like for like", None),
@@ -669,9 +821,15 @@ def markdown(results: dict, bench: BenchConfig, mode: str) -> str:
             "1. UNet training",
             results["unet"],
             f"Latents {bench.latent_size}×{bench.latent_size}×{bench.latent_channels}, UNet dim {bench.unet_dim} × "
-            f"{tuple(bench.unet_dim_mults)} ({results['unet']['params'] / 1e6:.1f} M parameters), "
-            f"batch {bench.unet_batch}, "
-            f"{bench.unet_steps} step(s) per repeat. Ours includes the EMA update.",
+            f"{tuple(bench.unet_dim_mults)}"
+            + (f", layout {results['unet']['layout']}" if "layout" in results["unet"] else "")
+            + f" ({results['unet']['params'] / 1e6:.1f} M parameters), batch {bench.unet_batch}, "
+            f"{bench.unet_steps} step(s) per repeat. Ours includes the EMA update"
+            + (
+                " (so does the original's UNet, compiled: it runs in the same LatentDiffusion.train_step)."
+                if "original_compiled" in results["unet"]
+                else "."
+            ),
             "eager GradientTape, t and ε drawn in NumPy, float32",
             default,
         )
@@ -679,9 +837,14 @@ def markdown(results: dict, bench: BenchConfig, mode: str) -> str:
         lines += _training_table(
             "2. Autoencoder training",
             results["ae"],
-            f"Images {bench.ae_image_size}×{bench.ae_image_size}, the original's autoencoder (BatchNorm, width "
-            f"{bench.ae_base_channels}→{bench.ae_base_channels * 4}, "
-            f"{results['ae']['params'] / 1e6:.2f} M parameters), "
+            f"Images {bench.ae_image_size}×{bench.ae_image_size}, the original's autoencoder ("
+            + (
+                f"layout original: one-conv residual blocks, BatchNorm, encoder {bench.ae_base_channels * 4} wide, "
+                f"decoder {bench.ae_base_channels * 4}→{bench.ae_base_channels}, "
+                if results["ae"].get("layout") == "original"
+                else f"BatchNorm, width {bench.ae_base_channels}→{bench.ae_base_channels * 4}, "
+            )
+            + f"{results['ae']['params'] / 1e6:.2f} M parameters), "
             f"batch {bench.ae_batch}. Ours includes the SSIM and PSNR metrics.",
             "eager GradientTape, float32",
             default,

@@ -9,8 +9,12 @@ Presets:
     demo   small networks at 64×64 for a 2-core CPU: about ten minutes on the demo data set
            (the dataclass defaults below are this preset).
     oasis  the original design's sizes at 128×128, meant for a GPU and the OASIS slices.
-    seed   exactly the original design: 128×128, autoencoder 256 channels and a 1-channel
-           32×32 latent, UNet dim 64 × (1, 2, 4, 8), T = 200 linear steps, batch 64.
+    seed   exactly the original design: 128×128, its networks (layout "original"): the
+           autoencoder's one-conv residual blocks with BatchNorm and SiLU, 256 channels wide,
+           a 1-channel 32×32 latent, decoder 256 → 128 → 64 → 1 (3.5 M parameters); its UNet,
+           dim 64 × (1, 2, 4, 8) with one skip per level (32.3 M); T = 200 linear steps with
+           the unscaled β 1e-4 → 0.02, batch 64. `--ae-layout` / `--unet-layout project`
+           swap in this project's wiring at the same sizes.
 
 `config.json` in a run directory is `RunConfig` as JSON, including the latent scale
 factor once stage 1 has measured it: it is all that is needed to rebuild the models.
@@ -27,8 +31,10 @@ import typing
 from dataclasses import dataclass, field
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+LAYOUTS = ("project", "original")  # = modules.LAYOUTS (a test keeps them equal)
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 STAGES = ("all", "ae", "ldm")
+XLA_SETTINGS = ("auto", "on", "off")
 
 
 def option(default, help, **extra):
@@ -54,6 +60,12 @@ class AutoencoderConfig:
     ae_norm: str = option("group", "autoencoder normalisation (the original: batch)", choices=("batch", "group"))
     # choices: the same tuple as modules.AUTOENCODER_ACTIVATIONS (a test keeps them equal)
     ae_activation: str = option("relu", "autoencoder activation", choices=("relu", "silu", "gelu", "elu", "leaky_relu"))
+    ae_layout: str = option(
+        "project",
+        "autoencoder wiring: project (two-conv blocks, widening encoder) or original (the original design's "
+        "one-conv blocks, encoder at the widest width throughout)",
+        choices=LAYOUTS,
+    )
 
 
 @dataclass
@@ -63,6 +75,12 @@ class UNetConfig:
     unet_groups: int = option(8, "GroupNorm groups in the UNet's ResNet blocks")
     attn_heads: int = option(4, "attention heads")
     attn_dim_head: int = option(32, "width of one attention head")
+    unet_layout: str = option(
+        "project",
+        "UNet wiring: project (two skips per level, widths change at the downsampling) or original (the "
+        "original design's: one skip per level, widths change in the level's first block)",
+        choices=LAYOUTS,
+    )
 
 
 @dataclass
@@ -101,7 +119,12 @@ class TrainConfig:
         "(AVX512-BF16/AMX), else float32",
         choices=PRECISIONS,
     )
-    xla: bool = option(False, "compile train steps with XLA (jit_compile)")
+    xla: str = option(
+        "auto",
+        "compile train steps with XLA (jit_compile); auto: on for a CPU-only machine whose TensorFlow runs "
+        "without oneDNN (AVX2 CPUs) in float32, off elsewhere",
+        choices=XLA_SETTINGS,
+    )
     strategy: str = option(
         "auto",
         "tf.distribute: auto (mirrored if >1 GPU), default, mirrored, multiworker (TF_CONFIG)",
@@ -158,6 +181,7 @@ class RunConfig:
             latent_channels=a.latent_channels,
             norm=a.ae_norm,
             activation=a.ae_activation,
+            layout=a.ae_layout,
         )
 
     def unet_kwargs(self) -> dict:
@@ -170,6 +194,7 @@ class RunConfig:
             resnet_groups=u.unet_groups,
             attn_heads=u.attn_heads,
             attn_dim_head=u.attn_dim_head,
+            layout=u.unet_layout,
         )
 
     @property
@@ -237,10 +262,18 @@ def _preset_seed() -> RunConfig:
     return RunConfig(
         preset="seed",
         data=DataConfig(image_size=128, flip=False),
+        # The original's networks: layout "original" (modules.AutoEncoder, modules.UNet). Base 64 ×
+        # mults (1, 2, 4) makes the encoder 256 wide throughout and the decoder 256 → 128 → 64.
         autoencoder=AutoencoderConfig(
-            ae_base_channels=64, ae_channel_mults=(1, 2, 4), ae_blocks_per_level=1, latent_channels=1, ae_norm="batch"
+            ae_base_channels=64,
+            ae_channel_mults=(1, 2, 4),
+            ae_blocks_per_level=1,
+            latent_channels=1,
+            ae_norm="batch",
+            ae_activation="silu",
+            ae_layout="original",
         ),
-        unet=UNetConfig(unet_dim=64, unet_dim_mults=(1, 2, 4, 8)),
+        unet=UNetConfig(unet_dim=64, unet_dim_mults=(1, 2, 4, 8), unet_layout="original"),
         diffusion=DiffusionConfig(timesteps=200, beta_start=1e-4, beta_end=0.02),
         train=TrainConfig(
             out="runs/seed",
@@ -286,6 +319,8 @@ def from_dict(raw: dict) -> RunConfig:
         for key, value in values.items():
             if isinstance(value, list):
                 values[key] = tuple(value)
+        if isinstance(values.get("xla"), bool):  # runs made before `auto` existed: xla was a bool
+            values["xla"] = "on" if values["xla"] else "off"
         sections[name] = cls(**values)
     unknown = set(raw) - {"preset", "scale_factor", "latent_max_abs", "terminal_alpha_bar"}
     if unknown:

@@ -24,6 +24,10 @@ Models and how to build them
     ``unet(x_t, t)`` -> predicted noise, float32 of x_t's shape. Subclassed, so its
     weights exist after the first call: ``unet.build_for((h, w, c))`` (or any call on
     zeros) builds it before ``load_weights``.
+
+Both take ``layout="project"`` (the default) or ``"original"``: the original design's
+wiring (the UNet's single skip per level, the autoencoder's one-conv blocks), which
+``--preset seed`` builds; see the classes.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from keras import ops
 PACKAGE = "oasis_ldm"
 
 AUTOENCODER_NORMS = ("batch", "group")
+# "project": this project's wiring; "original": the original design's (see UNet, build_encoder)
+LAYOUTS = ("project", "original")
 AUTOENCODER_ACTIVATIONS = ("relu", "silu", "gelu", "elu", "leaky_relu")
 
 
@@ -99,13 +105,15 @@ class ResnetBlock(keras.layers.Layer):
         out = h + skip(x)        # skip = 1x1 conv when in != out channels, else identity
 
     The 1 + scale form makes a zero time projection leave the features untouched.
+    Both GroupNorms normalise out_channels features, so only out_channels must be a
+    multiple of ``groups``; in_channels may be anything (the original layout's first
+    block takes the 42-wide init conv, not a multiple of 8, to 64).
     """
 
     def __init__(self, in_channels, out_channels, groups=8, **kwargs):
         super().__init__(**kwargs)
-        for c in (in_channels, out_channels):
-            if c % groups:
-                raise ValueError(f"ResnetBlock: channel count {c} is not divisible by groups={groups}")
+        if out_channels % groups:
+            raise ValueError(f"ResnetBlock: output channel count {out_channels} is not divisible by groups={groups}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.time_scale_shift = keras.layers.Dense(2 * out_channels, name="time_scale_shift")
         self.conv1 = keras.layers.Conv2D(out_channels, 3, padding="same", name="conv1")
@@ -223,13 +231,17 @@ class UNet(keras.Model):
 
     ``unet(x_t, t)``: x_t (B, h, w, channels) float, t (B,) int32 -> eps (B, h, w,
     channels) float32. h and w must be multiples of 2 ** (len(dim_mults) - 1).
+    ``layout`` picks the wiring: "project" (the default, what runs made before the option
+    hold) or "original" (the original design's). Both share the time MLP, sinusoid(t, dim)
+    -> Dense(4 dim) -> GELU -> Dense(4 dim), that every ResnetBlock is conditioned on.
 
+    Layout "project"
+    ----------------
     Widths: dims = [dim] + [dim * m for m in dim_mults]; level i works at dims[i]
     and hands dims[i + 1] to the next level. With dim=64, mults (1, 2, 4, 8):
     64, 64, 128, 256 down, 512 at the bottleneck.
 
         init    conv7x7 -> dim (kept as r for the final block)
-        time    sinusoid(t, dim) -> Dense(4 dim) -> GELU -> Dense(4 dim)
         down i  ResnetBlock, ResnetBlock, LinearAttention (a skip saved after each
                 block), then stride-2 conv3x3 to dims[i+1]; the last level keeps
                 its resolution (conv3x3 to dims[i+1], stride 1)
@@ -239,12 +251,45 @@ class UNet(keras.Model):
                 last (full-resolution) level uses a conv3x3 instead
         final   concat r -> ResnetBlock(2 dim -> dim) -> conv1x1 -> channels (float32)
 
-    About 37.1 M parameters with the defaults (independent of the input size; the
-    original single-skip design had about 32 M).
+    About 37.1 M parameters with the defaults (independent of the input size).
+
+    Layout "original"
+    -----------------
+    The early lucidrains denoising-diffusion-pytorch UNet that the original design used.
+    init_dim = dim // 3 * 2; dims = [init_dim] + [dim * m for m in dim_mults]; level i
+    goes from dims[i] to dims[i + 1] (in_out pairs). With dim=64, mults (1, 2, 4, 8):
+    42 -> 64, 64 -> 128, 128 -> 256, 256 -> 512 down, 512 at the bottleneck.
+
+        init    conv7x7 -> init_dim
+        down i  ResnetBlock(dims[i] -> dims[i+1]) (the width changes here, 1x1 skip),
+                ResnetBlock, LinearAttention; ONE skip saved (after the attention);
+                then stride-2 conv4x4 (same width) except at the last level
+        middle  ResnetBlock, FullAttention, ResnetBlock at dims[-1]
+        up i    for the levels but the first, deepest first: concat the level's skip
+                -> ResnetBlock(2 dims[i+1] -> dims[i]), ResnetBlock, LinearAttention,
+                stride-2 Conv2DTranspose 4x4 to dims[i]
+        final   ResnetBlock(-> dim) -> conv1x1 -> channels (float32)
+
+    So n levels have n - 1 downsamplings and n - 1 upsamplings, and the full-resolution
+    skip of level 0 is saved but never used (as in the original). 32,282,613 parameters
+    with the defaults: within 0.1 % of the original's 32.3 M (an independent count).
+    Choices where the original differs in detail: the downsampling conv is 4x4 stride 2
+    "same", the original's Conv2d(dim, dim, 4, 2, 1) (3x3 would give 31.7 M, -1.9 %);
+    every ResnetBlock, the final one included, has the project's time scale-shift (the
+    original's final block took no time embedding: +32,896 parameters here, 0.1 %); the
+    attention layers are the project's (same widths and norms as the original).
     """
 
     def __init__(
-        self, dim=64, dim_mults=(1, 2, 4, 8), channels=1, resnet_groups=8, attn_heads=4, attn_dim_head=32, **kwargs
+        self,
+        dim=64,
+        dim_mults=(1, 2, 4, 8),
+        channels=1,
+        resnet_groups=8,
+        attn_heads=4,
+        attn_dim_head=32,
+        layout="project",
+        **kwargs,
     ):
         super().__init__(**kwargs)
         self.dim, self.dim_mults, self.channels = dim, tuple(dim_mults), channels
@@ -252,18 +297,25 @@ class UNet(keras.Model):
         self.attn_heads, self.attn_dim_head = attn_heads, attn_dim_head
         if not self.dim_mults:
             raise ValueError("UNet: dim_mults must not be empty")
+        if layout not in LAYOUTS:
+            raise ValueError(f"UNet: unknown layout {layout!r}; expected one of {LAYOUTS}")
+        self.layout = layout
         self.downsample_factor = 2 ** (len(self.dim_mults) - 1)
 
-        dims = [dim] + [dim * m for m in self.dim_mults]
+        init_dim = dim if layout == "project" else dim // 3 * 2
+        dims = [init_dim] + [dim * m for m in self.dim_mults]
         levels = list(zip(dims[:-1], dims[1:], strict=True))  # (width of the level, width it hands on)
         n_levels = len(levels)
         attn = dict(heads=attn_heads, dim_head=attn_dim_head)
         block = dict(groups=resnet_groups)
 
-        self.init_conv = keras.layers.Conv2D(dim, 7, padding="same", name="init_conv")
+        self.init_conv = keras.layers.Conv2D(init_dim, 7, padding="same", name="init_conv")
         self.time_embedding = SinusoidalTimeEmbedding(dim, name="time_sinusoid")
         self.time_dense1 = keras.layers.Dense(4 * dim, activation="gelu", name="time_dense1")
         self.time_dense2 = keras.layers.Dense(4 * dim, name="time_dense2")
+        if layout == "original":
+            self._build_original_levels(levels, dims[-1], attn, block)
+            return
 
         self.down_levels = []
         for i, (width, next_width) in enumerate(levels):
@@ -305,13 +357,63 @@ class UNet(keras.Model):
         self.final_block = ResnetBlock(2 * dim, dim, **block, name="final_block")
         self.final_conv = keras.layers.Conv2D(channels, 1, dtype="float32", name="final_conv")
 
+    def _build_original_levels(self, levels, mid, attn, block):
+        """The layers of layout "original" (see the class docstring); levels = in_out pairs."""
+        self.down_levels = []
+        for i, (dim_in, dim_out) in enumerate(levels):
+            level = [
+                ResnetBlock(dim_in, dim_out, **block, name=f"down{i}_block1"),
+                ResnetBlock(dim_out, dim_out, **block, name=f"down{i}_block2"),
+                LinearAttention(dim_out, **attn, name=f"down{i}_attn"),
+            ]
+            if i < len(levels) - 1:  # the last level keeps its resolution (the original's Identity)
+                level.append(keras.layers.Conv2D(dim_out, 4, strides=2, padding="same", name=f"down{i}_downsample"))
+            self.down_levels.append(level)
+
+        self.mid_block1 = ResnetBlock(mid, mid, **block, name="mid_block1")
+        self.mid_attn = FullAttention(mid, **attn, name="mid_attn")
+        self.mid_block2 = ResnetBlock(mid, mid, **block, name="mid_block2")
+
+        self.up_levels = []
+        for i, (dim_in, dim_out) in reversed(list(enumerate(levels))[1:]):
+            self.up_levels.append(
+                [
+                    ResnetBlock(2 * dim_out, dim_in, **block, name=f"up{i}_block1"),
+                    ResnetBlock(dim_in, dim_in, **block, name=f"up{i}_block2"),
+                    LinearAttention(dim_in, **attn, name=f"up{i}_attn"),
+                    keras.layers.Conv2DTranspose(dim_in, 4, strides=2, padding="same", name=f"up{i}_upsample"),
+                ]
+            )
+
+        width = levels[1][0] if len(levels) > 1 else levels[0][1]  # what the last up level (or level 0) hands on
+        self.final_block = ResnetBlock(width, self.dim, **block, name="final_block")
+        self.final_conv = keras.layers.Conv2D(self.channels, 1, dtype="float32", name="final_conv")
+
+    def _call_original(self, x, time_emb):
+        skips = []
+        for block1, block2, attn, *downsample in self.down_levels:
+            x = attn(block2(block1(x, time_emb), time_emb))
+            skips.append(x)  # one skip per level; level 0's (full resolution) is never used
+            for layer in downsample:
+                x = layer(x)
+
+        x = self.mid_block2(self.mid_attn(self.mid_block1(x, time_emb)), time_emb)
+
+        for block1, block2, attn, upsample in self.up_levels:
+            x = block1(ops.concatenate([x, skips.pop()], axis=-1), time_emb)
+            x = upsample(attn(block2(x, time_emb)))
+
+        return self.final_conv(self.final_block(x, time_emb))
+
     def call(self, x_t, t, training=None):
         _check_divisible(x_t, self.downsample_factor, "UNet")
         if x_t.shape[-1] is not None and x_t.shape[-1] != self.channels:
             raise ValueError(f"UNet: expected {self.channels} input channels, got {x_t.shape[-1]}")
         x = self.init_conv(ops.cast(x_t, self.compute_dtype))
-        residual = x
         time_emb = self.time_dense2(self.time_dense1(self.time_embedding(t)))
+        if self.layout == "original":
+            return self._call_original(x, time_emb)
+        residual = x
 
         skips = []
         for block1, block2, attn, resample in self.down_levels:
@@ -346,6 +448,7 @@ class UNet(keras.Model):
             "resnet_groups": self.resnet_groups,
             "attn_heads": self.attn_heads,
             "attn_dim_head": self.attn_dim_head,
+            "layout": self.layout,
         }
 
 
@@ -380,26 +483,35 @@ class DivisibilityCheck(keras.layers.Layer):
 class ResidualBlock(keras.layers.Layer):
     """Autoencoder residual block: (B, h, w, in) -> (B, h, w, out_channels).
 
+    ``convs=2`` (the project layout's block)::
+
         h   = act(norm(conv3x3(x)))
         h   = norm(conv3x3(h))
         out = act(h + skip(x))     # skip = 1x1 conv when the channel count changes
+
+    ``convs=1`` (the original design's block: one conv plus skip, then the norm)::
+
+        out = act(norm(conv3x3(x) + skip(x)))
 
     ``norm`` is "batch" (BatchNormalization) or "group" (GroupNormalization with
     gcd(8, out_channels) groups, so the groups always divide the channels).
     The input channel count is read from the input at build time.
     """
 
-    def __init__(self, out_channels, norm="batch", activation="relu", **kwargs):
+    def __init__(self, out_channels, norm="batch", activation="relu", convs=2, **kwargs):
         super().__init__(**kwargs)
         if norm not in AUTOENCODER_NORMS:
             raise ValueError(f"unknown norm {norm!r}; expected one of {AUTOENCODER_NORMS}")
         if activation not in AUTOENCODER_ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; expected one of {AUTOENCODER_ACTIVATIONS}")
-        self.out_channels, self.norm, self.activation = out_channels, norm, activation
+        if convs not in (1, 2):
+            raise ValueError(f"ResidualBlock: convs must be 1 or 2, got {convs}")
+        self.out_channels, self.norm, self.activation, self.convs = out_channels, norm, activation, convs
         self.conv1 = keras.layers.Conv2D(out_channels, 3, padding="same", name="conv1")
         self.norm1 = self._make_norm("norm1")
-        self.conv2 = keras.layers.Conv2D(out_channels, 3, padding="same", name="conv2")
-        self.norm2 = self._make_norm("norm2")
+        if convs == 2:
+            self.conv2 = keras.layers.Conv2D(out_channels, 3, padding="same", name="conv2")
+            self.norm2 = self._make_norm("norm2")
         self.act = keras.layers.Activation(activation, name="act")
         self.skip = None  # created in build() when the input channel count differs
 
@@ -415,10 +527,14 @@ class ResidualBlock(keras.layers.Layer):
             self.skip.build(input_shape)
         mid_shape = (*input_shape[:-1], self.out_channels)
         self.conv1.build(input_shape)
-        for layer in (self.norm1, self.conv2, self.norm2):
+        for layer in (self.norm1, self.conv2, self.norm2) if self.convs == 2 else (self.norm1,):
             layer.build(mid_shape)
 
     def call(self, x, training=None):
+        if self.convs == 1:
+            return self.act(
+                self.norm1(self.conv1(x) + (self.skip(x) if self.skip is not None else x), training=training)
+            )
         h = self.act(self.norm1(self.conv1(x), training=training))
         h = self.norm2(self.conv2(h), training=training)
         return self.act(h + (self.skip(x) if self.skip is not None else x))
@@ -432,6 +548,7 @@ class ResidualBlock(keras.layers.Layer):
             "out_channels": self.out_channels,
             "norm": self.norm,
             "activation": self.activation,
+            "convs": self.convs,
         }
 
 
@@ -443,24 +560,34 @@ def build_encoder(
     latent_channels=1,
     norm="batch",
     activation="relu",
+    layout="project",
     name="encoder",
 ):
     """Functional encoder: (B, H, W, image_channels) -> (B, H/f, W/f, latent_channels).
 
-    f = 2 ** (len(channel_mults) - 1). conv3x3 stem to base_channels; per level
-    ``blocks_per_level`` residual blocks at base_channels * mult (the first one widens,
-    with a 1x1 skip) followed, except at the last level, by a stride-2 conv3x3; a
-    final conv3x3 to ``latent_channels`` with no activation (the latent is scaled by
-    1/std later). The latent is float32 under any dtype policy.
+    f = 2 ** (len(channel_mults) - 1). Layout "project": conv3x3 stem to base_channels;
+    per level ``blocks_per_level`` residual blocks (two convs) at base_channels * mult
+    (the first one widens, with a 1x1 skip) followed, except at the last level, by a
+    stride-2 conv3x3; a final conv3x3 to ``latent_channels`` with no activation (the
+    latent is scaled by 1/std later). The latent is float32 under any dtype policy.
+
+    Layout "original" (the original design): no stem, every level at the widest width
+    base_channels * channel_mults[-1] (256 for 64 × (1, 2, 4)), one-conv residual blocks
+    (``ResidualBlock(convs=1)``: act(norm(conv3x3(x) + skip(x))); the first takes the
+    image, with a 1x1 skip), the same stride-2 conv3x3 downsamplings and final conv3x3.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    original = layout == "original"
     factor = 2 ** (len(channel_mults) - 1)
     x_in = keras.Input((None, None, image_channels), name="image")
     x = DivisibilityCheck(factor, "encoder", name="check_size")(x_in)
-    x = keras.layers.Conv2D(base_channels, 3, padding="same", name="stem")(x)
+    if not original:
+        x = keras.layers.Conv2D(base_channels, 3, padding="same", name="stem")(x)
     for level, mult in enumerate(channel_mults):
-        width = base_channels * mult
+        width = base_channels * (channel_mults[-1] if original else mult)
         for b in range(blocks_per_level):
-            x = ResidualBlock(width, norm, activation, name=f"level{level}_block{b}")(x)
+            x = ResidualBlock(width, norm, activation, convs=1 if original else 2, name=f"level{level}_block{b}")(x)
         if level < len(channel_mults) - 1:
             x = keras.layers.Conv2D(width, 3, strides=2, padding="same", name=f"level{level}_downsample")(x)
     latent = keras.layers.Conv2D(latent_channels, 3, padding="same", dtype="float32", name="to_latent")(x)
@@ -475,26 +602,40 @@ def build_decoder(
     latent_channels=1,
     norm="batch",
     activation="relu",
+    layout="project",
     name="decoder",
 ):
     """Functional decoder mirroring ``build_encoder``: latent -> (B, H, W, image_channels).
 
-    conv3x3 from the latent to the widest width; per level, widest first,
-    ``blocks_per_level`` residual blocks (the first narrows to the level's width)
+    Layout "project": conv3x3 from the latent to the widest width; per level, widest
+    first, ``blocks_per_level`` residual blocks (the first narrows to the level's width)
     followed, except at the last level, by a stride-2 Conv2DTranspose 4x4 (a kernel
     divisible by the stride avoids checkerboard artefacts); conv3x3 to
     ``image_channels`` and tanh. Output float32 in [-1, 1] under any dtype policy.
     With the defaults the widths go 256 -> 128 -> 64 -> 1.
+
+    Layout "original": no conv from the latent (the first one-conv residual block takes
+    it, with a 1x1 skip, as the encoder's first block takes the image), one-conv blocks
+    (``ResidualBlock(convs=1)``) and stride-2 Conv2DTranspose 3x3, the original's; the
+    same narrowing 256 -> 128 -> 64 (the first block of a level narrows, 1x1 skip), then
+    conv3x3 to ``image_channels`` and tanh.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    original = layout == "original"
     z_in = keras.Input((None, None, latent_channels), name="latent")
-    x = keras.layers.Conv2D(base_channels * channel_mults[-1], 3, padding="same", name="from_latent")(z_in)
+    x = z_in
+    if not original:
+        x = keras.layers.Conv2D(base_channels * channel_mults[-1], 3, padding="same", name="from_latent")(x)
     levels = list(reversed(list(enumerate(channel_mults))))
     for step, (level, mult) in enumerate(levels):
         width = base_channels * mult
         for b in range(blocks_per_level):
-            x = ResidualBlock(width, norm, activation, name=f"level{level}_block{b}")(x)
+            x = ResidualBlock(width, norm, activation, convs=1 if original else 2, name=f"level{level}_block{b}")(x)
         if step < len(levels) - 1:
-            x = keras.layers.Conv2DTranspose(width, 4, strides=2, padding="same", name=f"level{level}_upsample")(x)
+            x = keras.layers.Conv2DTranspose(
+                width, 3 if original else 4, strides=2, padding="same", name=f"level{level}_upsample"
+            )(x)
     x = keras.layers.Conv2D(image_channels, 3, padding="same", dtype="float32", name="to_image")(x)
     image = keras.layers.Activation("tanh", dtype="float32", name="tanh")(x)
     return keras.Model(z_in, image, name=name)
@@ -509,6 +650,12 @@ class AutoEncoder(keras.Model):
     (B, H, W, image_channels) -> same shape, float32 in [-1, 1]. H and W must be
     multiples of ``downsample_factor`` = 2 ** (len(channel_mults) - 1) (4 by default).
 
+    ``layout``: "project" (the default) or "original", the original design's one-conv
+    blocks, 256 wide encoder (see ``build_encoder`` / ``build_decoder``). With
+    base_channels 64, mults (1, 2, 4), one block per level, latent 1, BatchNorm: 3,521,858
+    parameters, BatchNorm statistics included (encoder 2,368,769, decoder 1,153,089);
+    the project layout at the same sizes has 4,505,410.
+
     Built by the constructor, so ``load_weights`` works at once, and ``compile(optimizer,
     loss="mse"); fit(pairs)`` works on (x, x) pairs.
     """
@@ -522,11 +669,14 @@ class AutoEncoder(keras.Model):
         latent_channels=1,
         norm="batch",
         activation="relu",
+        layout="project",
         **kwargs,
     ):
         super().__init__(**kwargs)
         if not channel_mults:
             raise ValueError("AutoEncoder: channel_mults must not be empty")
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
         if norm not in AUTOENCODER_NORMS:
             raise ValueError(f"unknown norm {norm!r}; expected one of {AUTOENCODER_NORMS}")
         if activation not in AUTOENCODER_ACTIVATIONS:
@@ -539,7 +689,9 @@ class AutoEncoder(keras.Model):
             latent_channels=latent_channels,
             norm=norm,
             activation=activation,
+            layout=layout,
         )
+        self.layout = layout
         self.downsample_factor = 2 ** (len(channel_mults) - 1)
         self.encoder = build_encoder(**self.arch)
         self.decoder = build_decoder(**self.arch)

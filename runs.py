@@ -117,6 +117,43 @@ def resolve_precision(precision: str) -> str:
     return "mixed_bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
 
 
+def resolve_xla(setting: str, precision: str) -> bool:
+    """Whether to compile the train steps with XLA (`jit_compile`) for `--xla` `setting`.
+
+    `auto` is on only on a CPU-only machine whose TensorFlow runs without its oneDNN kernels,
+    in float32. That is an AVX2 CPU: TensorFlow 2.21 turns oneDNN off by default on CPUs
+    without AVX512-VNNI/BF16/AMX, and its own convolutions are then several times slower than
+    the code XLA generates for the CPU at hand (bench.py and BENCHMARKS.md: 1.4-1.5× the
+    demo's train steps). With oneDNN on (the bf16 CPUs) XLA made every step slower (0.5-0.7×).
+    On a GPU, auto stays off: not measured yet.
+    """
+    if setting != "auto":
+        return setting == "on"
+    if precision != "float32" or tf.config.list_physical_devices("GPU"):
+        return False
+    return not onednn_enabled()
+
+
+def onednn_enabled() -> bool:
+    """Whether this TensorFlow process runs its oneDNN CPU kernels: TF_ENABLE_ONEDNN_OPTS when
+    set, else TensorFlow's choice for this CPU (on for AVX512-VNNI/BF16, AVX-VNNI or AMX)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port  # TensorFlow's own answer (internal API)
+
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        pass
+    setting = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+    if setting is not None:
+        return setting.strip().lower() in ("1", "true")
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_vnni", "avx512_bf16", "avx_vnni", "amx_"))
+
+
 @contextlib.contextmanager
 def dtype_policy(name: str):
     """Build the Keras layers made inside with the dtype policy `name`, then restore the global one.
@@ -161,12 +198,12 @@ def build_autoencoder(config: cfg.RunConfig) -> AutoEncoder:
 
 
 def compile_autoencoder(autoencoder: AutoEncoder, config: cfg.RunConfig) -> None:
-    """Adam on the pixel MSE, SSIM and PSNR as metrics, XLA if --xla (bench.py times this step)."""
+    """Adam on the pixel MSE, SSIM and PSNR as metrics, XLA per --xla (bench.py times this step)."""
     autoencoder.compile(
         optimizer=keras.optimizers.Adam(config.train.ae_lr),
         loss="mse",
         metrics=[ssim, psnr],
-        jit_compile=config.train.xla,
+        jit_compile=train_with_xla(config),
     )
 
 
@@ -190,8 +227,13 @@ def build_diffusion(config: cfg.RunConfig) -> LatentDiffusion:
 
 
 def compile_diffusion(model: LatentDiffusion, config: cfg.RunConfig) -> None:
-    """Adam at --lr, XLA if --xla (bench.py times this step)."""
-    model.compile(optimizer=keras.optimizers.Adam(config.train.lr), jit_compile=config.train.xla)
+    """Adam at --lr, XLA per --xla (bench.py times this step)."""
+    model.compile(optimizer=keras.optimizers.Adam(config.train.lr), jit_compile=train_with_xla(config))
+
+
+def train_with_xla(config: cfg.RunConfig) -> bool:
+    """`resolve_xla` for the run's --xla and --precision (both may be `auto`)."""
+    return resolve_xla(config.train.xla, resolve_precision(config.train.precision))
 
 
 # ---------------------------------------------------------------------------- weights

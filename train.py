@@ -429,7 +429,8 @@ def run(argv: list[str]) -> None:
         flush=True,
     )
     print(
-        f"strategy: {type(strategy).__name__}, replicas: {strategy.num_replicas_in_sync}, precision: {precision}",
+        f"strategy: {type(strategy).__name__}, replicas: {strategy.num_replicas_in_sync}, precision: {precision}, "
+        f"XLA: {'on' if runs.train_with_xla(config) else 'off'}",
         flush=True,
     )
 

@@ -1,13 +1,17 @@
 """bench.py: the ratios it derives, its flags, and a tiny end-to-end run so it cannot rot.
 No wall-clock assertions: timings are only checked to be positive and finite."""
 
+import collections
 import json
 import math
+import re
 
+import keras
 import numpy as np
 import pytest
 
 import bench
+from modules import UNet
 
 
 def stats(median):
@@ -39,6 +43,74 @@ def test_headline_ratios_use_train_py_defaults_and_the_same_run_baseline():
     assert h["data_rss_growth_ratio"] == pytest.approx(50 / 750)
     assert h["data_images_per_s"] == 120.0
     assert h["data_over_ae_train_rate"] == pytest.approx(20.0)
+
+
+def test_original_compiled_row_headline_and_finding_only_when_measured():
+    unet = {
+        "baseline": stats(10.0),
+        "params": 1234,
+        "layout": "original",
+        "ours": {"float32": stats(20.0), "mixed_bfloat16": stats(30.0)},
+    }
+    machine = {"train_py_precision": "float32", "gpus": ["a GPU"]}
+    measured = {
+        "machine": machine,
+        "unet": {**unet, "original_compiled": stats(16.0), "original_compiled_params": 1234},
+    }
+    assert bench.headline(measured)["unet_ours_over_original_compiled"] == pytest.approx(1.25)  # float32 / original
+    table = "\n".join(bench._training_table("t", measured["unet"], "", "eager", "float32"))
+    assert "| original's UNet, compiled: plain-Keras re-implementation, our compiled train step, float32 | " in table
+    assert "16.0 (16.0–16.0) | 1.60 |" in table  # × the eager baseline
+    text = "\n".join(bench.findings(measured, bench.BenchConfig()))
+    assert "(layout original) 2.00× the images/s of its eager step" in text
+    assert "1.25× the plain-Keras re-implementation" in text and "(1,234 parameters; ours: 1,234)" in text
+    # An older bench.json (no such measurement): no row, no headline figure, no finding.
+    old = {"machine": machine, "unet": unet}
+    assert "unet_ours_over_original_compiled" not in bench.headline(old)
+    assert "original's UNet" not in "\n".join(bench._training_table("t", unet, "", "eager", "float32"))
+    assert "plain-Keras" not in "\n".join(bench.findings(old, bench.BenchConfig()))
+
+
+KINDS = (keras.layers.Conv2DTranspose, keras.layers.Conv2D, keras.layers.Dense, keras.layers.GroupNormalization)
+
+
+def _layers_by_kind(layers):
+    """{kind: [layers in the given order]} of the weighted layer kinds the UNets are made of."""
+    out = collections.defaultdict(list)
+    for layer in layers:
+        kind = next((k for k in KINDS if isinstance(layer, k)), None)
+        if kind is not None:
+            out[kind].append(layer)
+    return out
+
+
+def _in_attribute_order(layer):
+    for sub in layer._flatten_layers(include_self=False, recursive=False):
+        yield sub
+        yield from _in_attribute_order(sub)
+
+
+def test_bench_original_unet_computes_what_the_original_layout_computes():
+    """bench.original_unet (plain Keras, written apart) and modules.UNet(layout="original") are
+    the same network: same weights (matched kind by kind in creation order), same output."""
+    unet = UNet(dim=8, dim_mults=(1, 2, 4), resnet_groups=4, attn_heads=2, attn_dim_head=8, layout="original")
+    unet.build_for((8, 8, 1))
+    graph = bench.original_unet(8, 1, dim=8, dim_mults=(1, 2, 4), groups=4, heads=2, dim_head=8)
+    assert graph.count_params() == unet.count_params()
+    ours = _layers_by_kind(_in_attribute_order(unet))
+    created = lambda layer: int(m.group(1)) if (m := re.search(r"_(\d+)$", layer.name)) else 0  # noqa: E731
+    theirs = _layers_by_kind(sorted(graph.layers, key=created))  # auto names count up in creation order
+    rng = np.random.default_rng(0)
+    for kind in KINDS:
+        assert len(ours[kind]) == len(theirs[kind]) > 0, kind
+        for a, b in zip(ours[kind], theirs[kind], strict=True):
+            values = [0.3 * rng.standard_normal(tuple(w.shape)).astype("float32") for w in a.weights]
+            a.set_weights(values)
+            b.set_weights(values)
+    x, t = rng.uniform(-1, 1, (2, 8, 8, 1)).astype("float32"), np.array([3, 150], "int32")
+    expected = unet(x, t).numpy()
+    np.testing.assert_allclose(graph([x, t]).numpy(), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    assert np.abs(expected).std() > 1.0  # random weights: every path matters
 
 
 def test_summary_and_throughput():
@@ -77,6 +149,9 @@ def test_smoke_run_writes_both_reports(tmp_path, capsys):
     ]:
         assert math.isfinite(results["headline"][key]) and results["headline"][key] > 0, key
     assert set(results["unet"]["ours"]) == {"float32", bench.mixed_precision()}  # smoke skips XLA
+    assert results["unet"]["layout"] == results["ae"]["layout"] == "original"  # the seed preset's networks
+    assert results["unet"]["original_compiled_params"] == results["unet"]["params"]
+    assert math.isfinite(results["headline"]["unet_ours_over_original_compiled"])
     assert results["data"]["images"] == 24
     text = md.read_text()
     for heading in [
@@ -88,6 +163,7 @@ def test_smoke_run_writes_both_reports(tmp_path, capsys):
     ]:
         assert heading in text
     assert "Mode: smoke" in text and "## Findings" in text and f"wrote {md}" in capsys.readouterr().out
+    assert "| original's UNet, compiled:" in text and "plain-Keras re-implementation of the original's UNet" in text
 
     md.unlink()  # --render re-writes the same report from the JSON, measuring nothing
     assert bench.main(["--render", str(js), "--markdown", str(md)]) == 0

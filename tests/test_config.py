@@ -44,6 +44,59 @@ def test_seed_preset_has_the_original_sizes():
     assert seed.train.batch_size == 64 and seed.train.lr == 1e-4
 
 
+def test_seed_preset_uses_the_original_layouts():
+    seed = cfg.preset("seed")
+    assert seed.unet_kwargs()["layout"] == "original"
+    ae = seed.autoencoder_kwargs()
+    assert ae["layout"] == "original" and (ae["norm"], ae["activation"], ae["latent_channels"]) == ("batch", "silu", 1)
+    assert ae["base_channels"] * ae["channel_mults"][-1] == 256  # the original encoder's width
+    for name in ("demo", "oasis"):
+        other = cfg.preset(name)
+        assert (other.unet.unet_layout, other.autoencoder.ae_layout) == ("project", "project")
+    changed = parse("seed", ["--unet-layout", "project"])
+    assert changed.unet_kwargs()["layout"] == "project" and changed.autoencoder_kwargs()["layout"] == "original"
+    with pytest.raises(SystemExit):
+        parse("seed", ["--ae-layout", "lucid"])
+
+
+def test_config_json_without_layout_keys_loads_the_project_layouts(tmp_path):
+    """config.json files written before the layout options existed rebuild what they trained."""
+    raw = cfg.to_dict(cfg.preset("seed"))
+    del raw["unet"]["unet_layout"], raw["autoencoder"]["ae_layout"]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    old = cfg.load_config(path)
+    assert (old.unet.unet_layout, old.autoencoder.ae_layout) == ("project", "project")
+    assert old.unet_kwargs()["layout"] == old.autoencoder_kwargs()["layout"] == "project"
+    expected = cfg.preset("seed")
+    expected.unet.unet_layout = expected.autoencoder.ae_layout = "project"
+    assert old == expected  # nothing else changed
+
+
+def test_layout_choices_match_the_modules():
+    import modules
+
+    assert cfg.LAYOUTS == modules.LAYOUTS
+    for cls, name in ((cfg.UNetConfig, "unet_layout"), (cfg.AutoencoderConfig, "ae_layout")):
+        field = next(f for f in dataclasses.fields(cls) if f.name == name)
+        assert field.metadata["choices"] == modules.LAYOUTS and field.default == "project"
+
+
+def test_seed_preset_builds_the_original_networks():
+    """runs.build_* on the seed preset (at 64×64 images: 16×16 latents, to keep it fast)."""
+    import runs
+    from modules import ResidualBlock
+
+    seed = cfg.preset("seed")
+    seed.data.image_size = 64
+    ae = runs.build_autoencoder(seed)
+    assert ae.layout == "original"
+    assert {b.convs for b in ae.encoder.layers if isinstance(b, ResidualBlock)} == {1}
+    diffusion = runs.build_diffusion(seed)
+    assert diffusion.network.layout == diffusion.ema_network.layout == "original"
+    assert len(diffusion.network.up_levels) == 3 and diffusion.network.init_conv.filters == 42
+
+
 def test_linear_betas_scale_with_T_unless_set():
     """DDPM's 1e-4 → 0.02 was made for T = 1000: by default it is scaled by 1000 / T (so T = 200
     ends at β = 0.1 and ᾱ_{T-1} ≈ 4e-5 rather than 0.13); explicit values and the seed preset win."""
@@ -109,3 +162,11 @@ def test_activation_choices_match_the_autoencoder():
 
     field = next(f for f in dataclasses.fields(cfg.AutoencoderConfig) if f.name == "ae_activation")
     assert field.metadata["choices"] == modules.AUTOENCODER_ACTIVATIONS
+
+
+def test_an_old_config_with_a_boolean_xla_loads(tmp_path):
+    """Runs made before `--xla auto` saved xla as true/false."""
+    raw = cfg.to_dict(cfg.preset("demo"))
+    for old, new in ((True, "on"), (False, "off")):
+        raw["train"]["xla"] = old
+        assert cfg.from_dict(raw).train.xla == new

@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import modules
 from modules import (
     AutoEncoder,
     FullAttention,
     LinearAttention,
+    ResidualBlock,
+    ResnetBlock,
     SinusoidalTimeEmbedding,
     UNet,
 )
@@ -123,6 +126,95 @@ def test_seed_unet_parameter_count():
     n = unet.count_params()
     print(f"seed UNet (dim 64, mults 1,2,4,8, 32x32x1): {n:,} parameters")
     assert 25e6 < n < 40e6
+
+
+def _concatenations(monkeypatch, unet, x, t):
+    """Shapes of the feature maps the UNet concatenates (skips joining the up path) in one call;
+    the time embedding's 2-D concatenation is left out."""
+    unet(x, t)  # build first: Keras' first call also runs a symbolic pass
+    shapes, concatenate = [], modules.ops.concatenate
+
+    def counting(tensors, axis=0):
+        out = concatenate(tensors, axis=axis)
+        if len(out.shape) == 4:
+            shapes.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(modules.ops, "concatenate", counting)
+    out = unet(x, t)
+    monkeypatch.undo()
+    return out, shapes
+
+
+@pytest.mark.parametrize(
+    "mults,concats",
+    [
+        # dims [4, 8, 16]: down 4->8 (8x8), 8->16 (4x4, no downsampling); one up level at 4x4: 16 + 16 skip.
+        ((1, 2), [(2, 4, 4, 32)]),
+        # dims [4, 8, 16, 32]: the up levels join the 2x2 and 4x4 skips, never the 8x8 one.
+        ((1, 2, 4), [(2, 2, 2, 64), (2, 4, 4, 32)]),
+    ],
+)
+def test_original_unet_layout_structure(monkeypatch, mults, concats):
+    unet = UNet(**{**SMALL_UNET, "dim_mults": mults}, layout="original")
+    x = _images((2, 8, 8, 1))
+    eps, shapes = _concatenations(monkeypatch, unet, x, _timesteps(2))
+    assert tuple(eps.shape) == (2, 8, 8, 1) and eps.dtype == "float32"
+    assert shapes == concats  # ONE skip per up level, deepest first
+    assert unet.init_conv.filters == 8 // 3 * 2 == 4
+    assert len(unet.down_levels) == len(mults) and len(unet.up_levels) == len(mults) - 1
+    dims = [4] + [8 * m for m in mults]
+    for i, level in enumerate(unet.down_levels):
+        assert (level[0].in_channels, level[0].out_channels) == (dims[i], dims[i + 1])  # the width changes here
+        downsampling = [layer for layer in level if isinstance(layer, keras.layers.Conv2D)]
+        if i < len(mults) - 1:
+            assert [(d.kernel_size, d.strides, d.filters) for d in downsampling] == [((4, 4), (2, 2), dims[i + 1])]
+        else:
+            assert downsampling == []  # the last level keeps its resolution
+    for level, (dim_in, dim_out) in zip(
+        unet.up_levels, reversed(list(zip(dims[1:-1], dims[2:], strict=True))), strict=True
+    ):
+        block1, block2, _, upsample = level
+        assert (block1.in_channels, block1.out_channels, block2.in_channels) == (2 * dim_out, dim_in, dim_in)
+        assert isinstance(upsample, keras.layers.Conv2DTranspose) and upsample.strides == (2, 2)
+    # The project layout at the same sizes joins two skips per level plus the init residual.
+    _, project_shapes = _concatenations(monkeypatch, UNet(**{**SMALL_UNET, "dim_mults": mults}), x, _timesteps(2))
+    assert len(project_shapes) == 2 * len(mults) + 1
+
+
+def test_original_unet_config_round_trip_and_default_layout():
+    unet = UNet(**SMALL_UNET, layout="original").build_for((8, 8, 1))
+    config = json.loads(json.dumps(unet.get_config()))
+    assert config["layout"] == "original"
+    clone = UNet.from_config(config).build_for((8, 8, 1))
+    assert clone.layout == "original" and clone.count_params() == unet.count_params()
+    clone.set_weights(unet.get_weights())
+    x, t = _images((1, 8, 8, 1)), _timesteps(1)
+    np.testing.assert_array_equal(clone(x, t).numpy(), unet(x, t).numpy())
+    # A config saved before the option existed rebuilds the project layout.
+    del config["layout"]
+    old = UNet.from_config(config).build_for((8, 8, 1))
+    assert old.layout == "project" and old.count_params() != unet.count_params()
+    with pytest.raises(ValueError, match="unknown layout 'lucid'"):
+        UNet(**SMALL_UNET, layout="lucid")
+
+
+def test_original_seed_unet_parameter_count():
+    """The original's UNet at the seed preset's sizes: ~32 M (an independent re-implementation: 32.3 M)."""
+    unet = UNet(dim=64, dim_mults=(1, 2, 4, 8), channels=1, layout="original").build_for((16, 16, 1))
+    n = unet.count_params()
+    print(f"seed UNet, layout original (dim 64, mults 1,2,4,8): {n:,} parameters ({n / 32.3e6 - 1:+.2%} of 32.3 M)")
+    assert abs(n / 32.3e6 - 1) < 0.02
+    assert n == 32_282_613  # the figure in UNet's docstring
+
+
+def test_resnet_block_groups_need_only_divide_the_normalised_width():
+    """Both GroupNorms act on out_channels: the original layout's first block takes 42 channels to 64."""
+    block = ResnetBlock(42, 64, groups=8)
+    out = block(_images((1, 4, 4, 42)), _images((1, 16)))
+    assert tuple(out.shape) == (1, 4, 4, 64)
+    with pytest.raises(ValueError, match="output channel count 42 is not divisible by groups=8"):
+        ResnetBlock(64, 42, groups=8)
 
 
 def test_time_embedding_values():
@@ -375,4 +467,88 @@ def test_seed_autoencoder_parameter_count():
         f"(encoder {ae.encoder.count_params():,}, decoder {ae.decoder.count_params():,})"
     )
     assert widest == 256
+    assert tuple(ae.encoder(np.zeros((1, 128, 128, 1), "float32")).shape) == (1, 32, 32, 1)
+
+
+TINY_ORIGINAL_AE = dict(base_channels=8, channel_mults=(1, 2, 4), activation="silu", layout="original")
+
+
+def test_original_autoencoder_shapes_widths_and_blocks():
+    ae = AutoEncoder(**TINY_ORIGINAL_AE)
+    x = _images((2, 16, 16, 1))
+    z = ae.encoder(x)
+    assert tuple(z.shape) == (2, 4, 4, 1) and z.dtype == "float32"
+    y = ae.decoder(z)
+    assert tuple(y.shape) == (2, 16, 16, 1) and y.dtype == "float32" and np.abs(y.numpy()).max() <= 1.0
+    blocks = [layer for layer in ae.encoder.layers if isinstance(layer, ResidualBlock)]
+    assert [b.out_channels for b in blocks] == [32, 32, 32]  # the widest width throughout
+    assert all(b.convs == 1 and not hasattr(b, "conv2") for b in blocks)
+    assert blocks[0].skip is not None and blocks[1].skip is None  # 1x1 skip only where the width changes
+    assert "stem" not in [layer.name for layer in ae.encoder.layers]
+    decoder_blocks = [layer for layer in ae.decoder.layers if isinstance(layer, ResidualBlock)]
+    assert [b.out_channels for b in decoder_blocks] == [32, 16, 8]
+    upsampling = [layer for layer in ae.decoder.layers if isinstance(layer, keras.layers.Conv2DTranspose)]
+    assert [(u.kernel_size, u.strides) for u in upsampling] == [((3, 3), (2, 2))] * 2
+    assert all(isinstance(b.norm1, keras.layers.BatchNormalization) for b in blocks + decoder_blocks)
+
+
+def test_one_conv_residual_block_normalises_the_sum_then_activates():
+    """convs=1: silu(BN(conv3x3(x) + skip(x))); inference BN from random moving statistics, in NumPy."""
+    block = ResidualBlock(6, norm="batch", activation="silu", convs=1)
+    x = _images((2, 5, 5, 3))
+    block(x, training=False)
+    rng = np.random.default_rng(1)
+    bn = block.norm1
+    stats = [rng.uniform(0.5, 1.5, 6), rng.normal(0, 0.3, 6), rng.normal(0, 0.3, 6), rng.uniform(0.5, 2.0, 6)]
+    for variable, value in zip((bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance), stats, strict=True):
+        variable.assign(value.astype("float32"))
+    gamma, beta, mean, var = stats
+    h = block.conv1(x).numpy() + block.skip(x).numpy()
+    normed = (h - mean) / np.sqrt(var + bn.epsilon) * gamma + beta
+    expected = normed / (1.0 + np.exp(-normed))
+    np.testing.assert_allclose(block(x, training=False).numpy(), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="convs must be 1 or 2, got 3"):
+        ResidualBlock(6, convs=3)
+
+
+def test_original_autoencoder_config_round_trip_and_default_layout():
+    ae = AutoEncoder(**TINY_ORIGINAL_AE)
+    config = json.loads(json.dumps(ae.get_config()))
+    assert config["layout"] == "original"
+    clone = AutoEncoder.from_config(config)
+    assert clone.layout == "original" and clone.count_params() == ae.count_params()
+    clone.set_weights(ae.get_weights())
+    x = _images((1, 16, 16, 1))
+    np.testing.assert_array_equal(clone(x, training=False).numpy(), ae(x, training=False).numpy())
+    del config["layout"]  # a config saved before the option existed
+    assert AutoEncoder.from_config(config).layout == "project"
+    with pytest.raises(ValueError, match="unknown layout 'lucid'"):
+        AutoEncoder(**{**TINY_ORIGINAL_AE, "layout": "lucid"})
+
+
+def test_original_layouts_under_mixed_bfloat16_give_float32():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    eps = UNet(**SMALL_UNET, layout="original")(_images((2, 8, 8, 1)), _timesteps(2))
+    y = AutoEncoder(**TINY_ORIGINAL_AE)(_images((2, 16, 16, 1)))
+    assert eps.dtype == y.dtype == "float32"
+    assert np.isfinite(eps.numpy()).all() and np.isfinite(y.numpy()).all()
+
+
+def test_original_seed_autoencoder_parameter_count():
+    ae = AutoEncoder(
+        image_channels=1, base_channels=64, channel_mults=(1, 2, 4), norm="batch", activation="silu", layout="original"
+    )
+    n = ae.count_params()
+    print(
+        f"seed AutoEncoder, layout original: {n:,} parameters "
+        f"(encoder {ae.encoder.count_params():,}, decoder {ae.decoder.count_params():,})"
+    )
+    encoder_widths = [layer.filters for layer in ae.encoder.layers if hasattr(layer, "filters")]
+    encoder_widths += [layer.out_channels for layer in ae.encoder.layers if isinstance(layer, ResidualBlock)]
+    assert sorted(encoder_widths) == [1] + [256] * 5  # to_latent, then 3 blocks and 2 downsamplings at 256
+    decoder_widths = [getattr(layer, "filters", getattr(layer, "out_channels", None)) for layer in ae.decoder.layers]
+    assert [w for w in decoder_widths if w] == [256, 256, 128, 128, 64, 1]  # 256 -> 128 -> 64 -> 1
+    blocks = [layer for layer in ae.encoder.layers + ae.decoder.layers if isinstance(layer, ResidualBlock)]
+    assert len(blocks) == 6 and all(isinstance(b.norm1, keras.layers.BatchNormalization) for b in blocks)
+    assert n == 3_521_858  # the figure in AutoEncoder's docstring (BatchNorm statistics included)
     assert tuple(ae.encoder(np.zeros((1, 128, 128, 1), "float32")).shape) == (1, 32, 32, 1)

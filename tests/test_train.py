@@ -84,3 +84,38 @@ def test_mirrored_strategy_on_two_cpu_devices(tiny_data, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "replicas: 2" in result.stdout
     assert (out / "unet_ema.weights.h5").exists()
+
+
+def test_xla_run_trains_both_stages(tiny_data, tmp_path, capsys):
+    """--xla on (what `auto` picks on an AVX2 CPU in float32): both fits compile with XLA."""
+    out = tmp_path / "run"
+    assert train.main(RUN_FLAGS + ["--data", tiny_data, "--out", str(out), "--xla", "on"]) == 0
+    assert "XLA: on" in capsys.readouterr().out
+    assert cfg.load_config(out / "config.json").train.xla == "on"
+    assert history_epochs(out / "history_diffusion.csv") == [0]
+    assert (out / "unet_ema.weights.h5").stat().st_size > 0
+
+
+def test_xla_auto_is_on_only_for_float32_on_a_cpu_without_onednn(monkeypatch):
+    monkeypatch.setattr(runs.tf.config, "list_physical_devices", lambda kind=None: [])
+    monkeypatch.setattr(runs, "onednn_enabled", lambda: False)  # an AVX2 CPU
+    assert runs.resolve_xla("auto", "float32") is True
+    assert runs.resolve_xla("auto", "mixed_bfloat16") is False
+    assert runs.resolve_xla("off", "float32") is False and runs.resolve_xla("on", "mixed_bfloat16") is True
+    monkeypatch.setattr(runs, "onednn_enabled", lambda: True)  # a CPU with AVX512-BF16/AMX
+    assert runs.resolve_xla("auto", "float32") is False
+    monkeypatch.setattr(runs.tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"])
+    monkeypatch.setattr(runs, "onednn_enabled", lambda: False)
+    assert runs.resolve_xla("auto", "float32") is False  # GPUs: not measured, off
+
+
+def test_onednn_enabled_follows_the_environment_variable():
+    """TensorFlow reads TF_ENABLE_ONEDNN_OPTS at start-up: check in fresh processes."""
+    code = "import runs; print(runs.onednn_enabled())"
+    answers = []
+    for value in ("0", "1"):
+        env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": value, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        answers.append(result.stdout.strip().splitlines()[-1])
+    assert answers == ["False", "True"]
