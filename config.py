@@ -112,7 +112,7 @@ class TrainConfig:
     ldm_epochs: int = option(20, "diffusion epochs")
     ldm_steps_per_epoch: int = option(100, "diffusion steps per epoch (0: one pass over the latents)")
     lr: float = option(5e-4, "diffusion learning rate (Adam)")
-    batch_size: int = option(32, "global batch size (split across devices)")
+    batch_size: int = option(16, "global batch size (split across devices)")
     precision: str = option(
         "auto",
         "compute precision, variables stay float32; auto: mixed_bfloat16 on a CPU with native bf16 "

@@ -344,7 +344,22 @@ def make_dataset(
         return tf.where(coin % 2 == 1, tf.reverse(image, axis=[1]), image)
 
     images = stream.map(flipped, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
-    return images.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+    images = images.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+    return images.with_options(without_autotune()) if in_memory else images
+
+
+def without_autotune() -> tf.data.Options:
+    """tf.data options that turn the autotuner off, for pipelines that only gather from memory.
+
+    On 2 CPU cores the autotuner's background work made most epochs of the demo's autoencoder
+    fit 1.7× slower (819 against 480 ms a step, XLA, float32, at random epochs): the gathering
+    needs no tuning, and the cores are the train step's.
+    """
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return options
 
 
 def with_mirrors(images: tf.data.Dataset) -> tf.data.Dataset:

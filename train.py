@@ -360,6 +360,7 @@ def latent_batches(latents: np.ndarray, batch_size: int, seed: int, skip: int = 
         .batch(batch_size, drop_remainder=True)
         .map(lambda index: tf.gather(latents, index), num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)
+        .with_options(dataset.without_autotune())
     )
 
 
