@@ -929,11 +929,23 @@ def parse_args(argv: list[str]) -> tuple[BenchConfig, str, str | None]:
     return bench, mode, args.render
 
 
+# BENCHMARKS.md from this line on is written by hand (profiles, measurements that are not
+# bench.py's) and kept as it is when bench.py re-writes the tables above it.
+KEPT_MARKER = "<!-- written by hand from here on: bench.py keeps it -->"
+
+
 def write_markdown(results: dict, bench: BenchConfig, mode: str) -> None:
-    """`markdown(...)` to bench.markdown, atomically."""
+    """`markdown(...)` to bench.markdown, atomically, keeping the file's hand-written tail
+    (from `KEPT_MARKER` on) if it has one."""
+    kept = ""
+    if os.path.exists(bench.markdown):
+        with open(bench.markdown) as f:
+            old = f.read()
+        if KEPT_MARKER in old:
+            kept = "\n" + old[old.index(KEPT_MARKER) :]
     tmp = bench.markdown + ".tmp"
     with open(tmp, "w") as f:
-        f.write(markdown(results, bench, mode))
+        f.write(markdown(results, bench, mode) + kept)
     os.replace(tmp, bench.markdown)
 
 

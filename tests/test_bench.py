@@ -4,6 +4,7 @@ No wall-clock assertions: timings are only checked to be positive and finite."""
 import collections
 import json
 import math
+import pathlib
 import re
 
 import keras
@@ -168,3 +169,15 @@ def test_smoke_run_writes_both_reports(tmp_path, capsys):
     md.unlink()  # --render re-writes the same report from the JSON, measuring nothing
     assert bench.main(["--render", str(js), "--markdown", str(md)]) == 0
     assert md.read_text() == text
+
+
+def test_rewriting_the_report_keeps_its_hand_written_tail(tmp_path):
+    results = json.loads((pathlib.Path(bench.__file__).parent / "bench.json").read_text())
+    config, mode, _ = bench.parse_args(["--markdown", str(tmp_path / "B.md")])
+    bench.write_markdown(results, config, mode)
+    generated = (tmp_path / "B.md").read_text()
+    assert bench.KEPT_MARKER not in generated
+    tail = f"{bench.KEPT_MARKER}\n\n## Profile\n\nconvolutions: 54 %\n"
+    (tmp_path / "B.md").write_text(generated + "\n" + tail)
+    bench.write_markdown(results, config, mode)  # again: tables re-written, the tail kept
+    assert (tmp_path / "B.md").read_text() == generated + "\n" + tail
