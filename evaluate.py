@@ -496,6 +496,7 @@ def evaluate(
         "eta": eta if sampler == "ddim" else None,
         "seed": seed,
         "sampler_label": runs.sampler_label(sampler, steps, eta, config),
+        "precision": run.diffusion.ema_network.dtype_policy.name,  # the networks' (--precision)
         "image_size": size,
         "data": data_dir,
         "n_train": len(splits["train"]),
@@ -550,7 +551,7 @@ def run(argv: list[str]) -> None:
     args.steps = runs.choose_steps(config, args.steps, args.sampler)
     runs.check_sampling_args(config, args.n, args.sampler, args.steps, args.eta, args.seed, args.batch_size)
     data_dir, splits = run_splits(config)  # before the models: a missing data folder fails at once
-    loaded = runs.load_run(run_dir, encoder=True)
+    loaded = runs.load_run(run_dir, encoder=True, precision=args.precision)
     runs.check_writable(run_dir)  # metrics.json goes there: fail now, not after the work
     metrics = evaluate(
         loaded,

@@ -20,7 +20,9 @@ Writes to --out:
 
 Sampling uses the EMA UNet (unet_ema.weights.h5) and the decoder (decoder.weights.h5) of
 the run, rebuilt from its config.json, in float32 whatever precision the run trained in
-(its weights are float32; bf16 compute would give slightly other images). Batch b is
+(its weights are float32); `--precision mixed_bfloat16` (or `auto` on a CPU with bf16
+units) runs the two networks in bf16 with the sampler's state in float32: faster, and
+slightly other images (README, "Samplers"). Batch b is
 sampled with a seed derived from (--seed, b), so the same --seed and --batch-size give
 byte-identical files.
 
@@ -193,7 +195,7 @@ def run(argv: list[str]) -> None:
     config = runs.read_config(run_dir)
     args.steps = runs.choose_steps(config, args.steps, args.sampler)
     runs.check_sampling_args(config, args.n, args.sampler, args.steps, args.eta, args.seed, args.batch_size)
-    loaded = runs.load_run(run_dir)
+    loaded = runs.load_run(run_dir, precision=args.precision)
     out_dir = args.out or os.path.join(run_dir, "predictions")
     make_output_folder(out_dir)
     label = runs.sampler_label(args.sampler, args.steps, args.eta, loaded.config)

@@ -290,9 +290,12 @@ class Run:
         return (h, h, self.config.autoencoder.latent_channels)
 
 
-def load_run(run_dir: str, encoder: bool = False) -> Run:
+def load_run(run_dir: str, encoder: bool = False, precision: str = "float32") -> Run:
     """Rebuild the models of `run_dir` from its config.json and load the trained weights
-    (the encoder's too when `encoder`), in float32 whatever precision the run trained in.
+    (the encoder's too when `encoder`). They compute in `precision` whatever precision the
+    run trained in (weights are float32 either way; `auto` as train.py's --precision): under
+    a mixed policy the UNet and the decoder run in bf16/fp16, while the samplers' state and
+    arithmetic and the networks' outputs stay float32.
 
     UserError (one line) for a folder without config.json, an unreadable config, a run
     whose stages are not trained yet, and weights that do not fit the config.
@@ -306,7 +309,7 @@ def load_run(run_dir: str, encoder: bool = False) -> Run:
             f"{run_dir} is not fully trained yet ({what}); finish it with: python train.py --out {run_dir} --resume"
         )
 
-    with dtype_policy("float32"):  # whatever precision it trained in (its weights are float32)
+    with dtype_policy(resolve_precision(precision)):
         autoencoder = build_autoencoder(config)
         diffusion = build_diffusion(config)
     load_weights(autoencoder.decoder, os.path.join(run_dir, "decoder.weights.h5"))
@@ -330,7 +333,7 @@ def batch_seed(seed: int, index: int) -> int:
 
 def add_sampling_arguments(parser, n: int) -> None:
     """The flags predict.py and evaluate.py share: --run, --n (default `n`), --sampler, --steps,
-    --eta, --seed, --batch-size (checked against the run by `check_sampling_args`)."""
+    --eta, --seed, --batch-size (checked against the run by `check_sampling_args`), --precision."""
     parser.add_argument("--run", help=f"run folder, or a name under {RUNS_ROOT}/ (default: the newest run)")
     parser.add_argument("--n", type=int, default=n, help=f"number of samples (default: {n})")
     parser.add_argument(
@@ -347,6 +350,13 @@ def add_sampling_arguments(parser, n: int) -> None:
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like (default: 0)")
     parser.add_argument("--seed", type=int, default=0, help="same seed and batch size, same images (default: 0)")
     parser.add_argument("--batch-size", type=int, default=16, help="samples per sampler call (default: 16)")
+    parser.add_argument(
+        "--precision",
+        choices=cfg.PRECISIONS,
+        default="float32",
+        help="compute precision of the UNet and decoder; the sampler state stays float32; auto: mixed_bfloat16 "
+        "on a CPU with native bf16, else float32 (default: float32)",
+    )
 
 
 def sampler_steps(config: cfg.RunConfig, sampler: str, steps: int) -> int:
