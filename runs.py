@@ -103,7 +103,7 @@ def read_config(run_dir: str) -> cfg.RunConfig:
 
 def resolve_precision(precision: str) -> str:
     """`auto` → mixed_bfloat16 on a CPU-only machine whose CPU computes bf16 natively
-    (bench.py: 1.39× float32's images/s for the UNet, 1.71× for the autoencoder), float32 elsewhere:
+    (bench.py, session 4: 1.31× float32's images/s for the UNet, 1.79× for the autoencoder), float32 elsewhere:
     on a GPU, choose mixed_float16 / mixed_bfloat16 explicitly."""
     if precision != "auto":
         return precision
