@@ -109,12 +109,17 @@ def resolve_precision(precision: str) -> str:
         return precision
     if tf.config.list_physical_devices("GPU"):
         return "float32"
+    flags = cpu_flags()
+    return "mixed_bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
+def cpu_flags() -> str:
+    """The CPU's feature flags as /proc/cpuinfo lists them ("" where there is none to read)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            return f.read()
     except OSError:
-        return "float32"
-    return "mixed_bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+        return ""
 
 
 def resolve_xla(setting: str, precision: str) -> bool:
@@ -146,11 +151,7 @@ def onednn_enabled() -> bool:
     setting = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
     if setting is not None:
         return setting.strip().lower() in ("1", "true")
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
+    flags = cpu_flags()
     return any(flag in flags for flag in ("avx512_vnni", "avx512_bf16", "avx_vnni", "amx_"))
 
 
