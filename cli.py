@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 import keras
 
@@ -38,13 +39,16 @@ def cli(run_fn, argv: list[str] | None) -> int:
 
     A UserError or DataError becomes one `error: ...` line on stderr and exit status 1,
     unless --debug is in argv or OASIS_LDM_DEBUG is set (then the traceback shows).
+    Warnings are printed as one `warning: ...` line each, when they happen.
     The global Keras dtype policy is restored afterwards, so a caller in the same
     process (a test, a notebook) does not inherit mixed precision.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     policy = keras.config.dtype_policy()
     try:
-        run_fn(argv)
+        with warnings.catch_warnings():  # restores showwarning afterwards
+            warnings.showwarning = _one_line_warning
+            run_fn(argv)
     except (UserError, dataset.DataError) as e:
         if "--debug" in argv or os.environ.get("OASIS_LDM_DEBUG"):
             raise
@@ -53,3 +57,8 @@ def cli(run_fn, argv: list[str] | None) -> int:
     finally:
         keras.config.set_dtype_policy(policy)
     return 0
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """`warnings.showwarning` for the scripts: `warning: MESSAGE` on stderr, no source line."""
+    print(f"warning: {message}", file=sys.stderr if file is None else file)

@@ -6,8 +6,9 @@ diffusion, training). Every field of every section becomes a command-line flag
 help line is the field's `help` metadata, so a new option is added in exactly one place.
 
 Presets:
-    demo   small networks at 64×64 for a 2-core CPU: about ten minutes on the demo data set
-           (the dataclass defaults below are this preset).
+    demo   small networks at 64×64 for a 2-core CPU: about ten minutes on the demo data set,
+           conditioned on the slice position (the dataclass defaults below, plus
+           `--condition slice`).
     oasis  the original design's sizes at 128×128, meant for a GPU and the OASIS slices.
     seed   exactly the original design: 128×128, its networks (layout "original"): the
            autoencoder's one-conv residual blocks with BatchNorm and SiLU, 256 channels wide,
@@ -102,6 +103,29 @@ class DiffusionConfig:
         return start, end
 
 
+def _condition_names(text: str) -> tuple[str, ...]:
+    """--condition's parser (conditioning.parse_names), an argparse type: errors become usage errors."""
+    import conditioning
+
+    try:
+        return conditioning.parse_names(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+@dataclass
+class ConditionConfig:
+    condition: tuple[str, ...] = option(
+        (),
+        "label variables to condition the UNet on, comma-separated (e.g. slice,age,sex,cdr; columns of the data's "
+        "labels.csv); none: unconditional",
+        parse=_condition_names,
+    )
+    cond_dropout: float = option(
+        0.1, "classifier-free guidance training: probability of replacing each condition by 'unknown'"
+    )
+
+
 @dataclass
 class TrainConfig:
     out: str = option("runs/demo", "run directory (refused if it holds a run, unless --resume)")
@@ -145,6 +169,7 @@ SECTIONS = {
     "autoencoder": AutoencoderConfig,
     "unet": UNetConfig,
     "diffusion": DiffusionConfig,
+    "condition": ConditionConfig,
     "train": TrainConfig,
 }
 
@@ -157,7 +182,9 @@ class RunConfig:
     training latents after stage 1 (samplers divide by it before decoding);
     `latent_max_abs`, the largest |latent × scale_factor| of the training set (samplers
     clip their x0 estimate to ± it); `terminal_alpha_bar`, ᾱ_{T-1} of the noise schedule
-    (how close the last noising step gets to the N(0, I) that sampling starts from).
+    (how close the last noising step gets to the N(0, I) that sampling starts from);
+    `condition_stats`, per condition variable its training-split statistics
+    (conditioning.condition_stats), in the order of `condition.condition`.
     """
 
     preset: str = "demo"
@@ -165,10 +192,12 @@ class RunConfig:
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    condition: ConditionConfig = field(default_factory=ConditionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     scale_factor: float | None = None
     latent_max_abs: float | None = None
     terminal_alpha_bar: float | None = None
+    condition_stats: dict | None = None
 
     def autoencoder_kwargs(self) -> dict:
         """Constructor arguments of `modules.AutoEncoder`."""
@@ -195,7 +224,14 @@ class RunConfig:
             attn_heads=u.attn_heads,
             attn_dim_head=u.attn_dim_head,
             layout=u.unet_layout,
+            cond_categories=self.cond_categories(),
         )
+
+    def cond_categories(self) -> tuple[int, ...]:
+        """UNet's cond_categories: per condition variable its category count, 0 if continuous."""
+        if self.condition.condition and self.condition_stats is None:
+            raise ValueError("the condition statistics are not measured yet (condition_stats)")
+        return tuple(len(s["categories"]) if s["categories"] else 0 for s in (self.condition_stats or {}).values())
 
     @property
     def latent_size(self) -> int:
@@ -227,13 +263,15 @@ class RunConfig:
             start, end = self.diffusion.beta_range()
             if not 0.0 < start <= end < 1.0:
                 raise ValueError(f"--beta-start and --beta-end need 0 < start <= end < 1, got {start:g} and {end:g}")
+        if not 0.0 <= self.condition.cond_dropout <= 1.0:
+            raise ValueError(f"--cond-dropout must be in [0, 1], got {self.condition.cond_dropout}")
         width = self.unet.unet_dim
         if any((width * m) % self.unet.unet_groups for m in self.unet.unet_dim_mults):
             raise ValueError(f"--unet-groups {self.unet.unet_groups} must divide every UNet width {width}×mult")
 
 
 def _preset_demo() -> RunConfig:
-    return RunConfig(preset="demo")
+    return RunConfig(preset="demo", condition=ConditionConfig(condition=("slice",)))
 
 
 def _preset_oasis() -> RunConfig:
@@ -322,7 +360,7 @@ def from_dict(raw: dict) -> RunConfig:
         if isinstance(values.get("xla"), bool):  # runs made before `auto` existed: xla was a bool
             values["xla"] = "on" if values["xla"] else "off"
         sections[name] = cls(**values)
-    unknown = set(raw) - {"preset", "scale_factor", "latent_max_abs", "terminal_alpha_bar"}
+    unknown = set(raw) - {"preset", "scale_factor", "latent_max_abs", "terminal_alpha_bar", "condition_stats"}
     if unknown:
         raise ValueError(f"config has unknown keys: {', '.join(sorted(unknown))}")
     return RunConfig(**sections, **raw)
@@ -372,6 +410,8 @@ def add_dataclass_arguments(group, cls, defaults) -> None:
         help_text = f"{f.metadata['help']} (default: {default})"
         if kind is bool:
             group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif "parse" in f.metadata:  # one token parsed by the field's own function (e.g. "slice,age")
+            group.add_argument(_flag(f.name), type=f.metadata["parse"], default=default, help=help_text)
         elif typing.get_origin(kind) is tuple:
             inner = typing.get_args(kind)[0]
             group.add_argument(_flag(f.name), type=inner, nargs="+", default=default, help=help_text)
@@ -419,7 +459,8 @@ def explicit_flags(argv: list[str]) -> set[str]:
 def describe(config: RunConfig) -> str:
     """Settings as aligned `section.name = value` lines, printed at the start of a run."""
     lines = [f"preset = {config.preset}"] + [
-        f"{name} = {getattr(config, name)}" for name in ("scale_factor", "latent_max_abs", "terminal_alpha_bar")
+        f"{name} = {getattr(config, name)}"
+        for name in ("scale_factor", "latent_max_abs", "terminal_alpha_bar", "condition_stats")
     ]
     for section_name in SECTIONS:
         for key, value in dataclasses.asdict(getattr(config, section_name)).items():

@@ -10,24 +10,41 @@ Data layout ("OASIS layout", the one of the OASIS keras_png_slices download)::
       keras_png_slices_validate/   *.png
       keras_png_slices_test/       *.png
       keras_png_slices_seg_*/      *.png   segmentation masks, never used
+      labels.csv                           optional: numeric labels of each image
 
 A flat folder of PNG files is accepted too; it is then split by file (not by
-subject), deterministically, see `find_splits`.
+subject), deterministically, see `find_splits`; its labels.csv lies in it.
+
+labels.csv (optional) gives each image numeric labels ("conditions")::
+
+    file,slice,age,sex
+    keras_png_slices_train/mni152_z050.png,0.25,74,1
+    keras_png_slices_train/mni152_z051.png,0.26,,1
+
+`file` is the PNG's path relative to the data root, with forward slashes (just
+the name in a flat folder); the other columns are numbers, an empty cell is
+unknown (NaN, never 0). Every usable image needs a row. Without the file,
+names of the OASIS PNG release (``case_001_slice_12.nii.png``) give a
+`slice` label; see `find_labels`.
 
 What this module provides:
 
 - `find_splits` / `check_images`: list the images of each split, and set aside,
   with one warning, the files that cannot be decoded (truncated, corrupt, not a
   PNG), so that no bad file can stop training in the middle of an epoch.
+- `find_labels` / `Labels`: the optional per-image numeric labels of each
+  split, from labels.csv (or OASIS PNG file names), validated and aligned with
+  `find_splits`' lists.
 - `make_dataset` / `load_image`: a streaming `tf.data` pipeline (files are read
   and decoded as batches are needed, so memory does not grow with the number
   of files), or for a small training set the same batches gathered from images
-  decoded once into memory.
+  decoded once into memory; with `labels`, (images, labels) batches.
 - `ensure_demo_dataset`: the default data set, axial slices of the MNI ICBM152
   T1 template that the nilearn package ships (offline, no download), written
-  once to `data/demo`.
+  once to `data/demo`, with a labels.csv (the slice's height).
 - `convert_oasis1`: the raw OASIS-1 release (Analyze volumes) to the layout
-  above, split by subject.
+  above, split by subject, with a labels.csv (slice height, and with the
+  clinical CSV age, sex, CDR, MMSE, nWBV, eTIV).
 - A command line: ``python dataset.py demo | convert-oasis1 | inspect`` (see
   ``python dataset.py -h``).
 
@@ -46,15 +63,20 @@ from __future__ import annotations
 
 import argparse
 import collections
+import csv
 import importlib.util
 import json
+import math
 import os
 import pathlib
+import posixpath
 import random
+import re
 import shutil
 import sys
 import uuid
 import warnings
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -67,6 +89,7 @@ SPLITS = ("train", "validate", "test")
 SPLIT_FOLDER = "keras_png_slices_{}"  # .format(split); the OASIS download's names
 CANVAS = 256  # side of the PNG slices this module writes, as in the OASIS download
 MANIFEST = "manifest.json"  # written last into folders this module makes
+LABELS = "labels.csv"  # optional per-image numeric labels, in the data root (see find_labels)
 IN_MEMORY_BYTES = 256 * 2**20  # make_dataset(in_memory=None) keeps a training set this small in memory
 
 # A slice is "near-empty", and not written, when its brain area is below this
@@ -86,10 +109,23 @@ MNI152_T1 = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 # of a training slice 1 mm away.
 DEMO_SLABS = {"validate": ((0.35, 8), (0.65, 8)), "test": ((0.2, 4), (0.8, 4))}
 DEMO_GUARD = 3  # slices left out on each side of a slab: held-out slices are >= 4 mm from training ones
-DEMO_VERSION = 2  # 1: every 10th slice to validate, every 20th to test (neighbours of training slices)
+# 1: every 10th slice to validate, every 20th to test (neighbours of training slices); 2: no labels.csv
+DEMO_VERSION = 3
 
 # How many bad paths a warning or an error message names before "...".
 SHOW_PATHS = 3
+
+# Label columns: identifier-like names (case kept). Image names of the OASIS PNG release,
+# whose slice index gives a `slice` label when there is no labels.csv.
+LABEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+OASIS_PNG_NAME = re.compile(r"case_(\d+)_slice_(\d+)\.nii\.png")
+OASIS_PNG_SOURCE = "file names (case_NNN_slice_N)"
+
+# The OASIS-1 cross-sectional clinical CSV (oasis_cross-sectional.csv): its ID column,
+# and {its column: our label}. Sex is coded M -> 0, F -> 1.
+OASIS1_ID = "ID"
+OASIS1_CLINICAL = {"Age": "age", "M/F": "sex", "CDR": "cdr", "MMSE": "mmse", "nWBV": "nwbv", "eTIV": "etiv"}
+OASIS1_SEX = {"M": 0.0, "F": 1.0}
 
 
 class DataError(Exception):
@@ -262,6 +298,169 @@ def _some(paths: list[str]) -> str:
     return shown + (", ..." if len(paths) > SHOW_PATHS else "")
 
 
+# ----------------------------------------------------------------------------- labels
+
+
+@dataclass(frozen=True)
+class Labels:
+    """Numeric labels ("conditions") of the images of each split.
+
+    columns: label names in file order, e.g. ("slice", "age").
+    values: {split: float32 (len(splits[split]), len(columns))}, row i the labels
+        of image i of `find_splits`' list for that split; NaN = unknown.
+    source: where they come from: "labels.csv", or `OASIS_PNG_SOURCE`.
+    """
+
+    columns: tuple[str, ...]
+    values: dict[str, np.ndarray]
+    source: str
+
+
+def find_labels(root, splits: dict[str, list[str]]) -> Labels | None:
+    """The labels of the images in `splits` (what `find_splits(root)` returns), or None.
+
+    From `root/labels.csv` when it exists (see the module docstring): a header
+    with a `file` column and identifier-like label columns, then one row per
+    image; empty cells are unknown (NaN). Rows for files that exist but are not
+    in `splits` (set aside as unreadable, segmentation masks) are ignored.
+    Otherwise, when every image is named as in the OASIS PNG release
+    (``case_001_slice_12.nii.png``): one column `slice`, the slice index scaled
+    to 0..1 over each case's slices in all splits (0.5 for a lone slice).
+    Otherwise None.
+
+    Raises `DataError` for a malformed labels.csv: no `file` or no label
+    column, a bad or repeated column name, a row of the wrong length, a file
+    named twice or missing under `root`, a usable image without a row, a value
+    of a usable image's row that is not a finite number (``80``, ``0.5``,
+    ``1e-3`` are numbers; ``nan``, ``inf``, ``M`` are not).
+    """
+    root = _existing_folder(root)
+    if (root / LABELS).is_file():
+        return _read_labels_csv(root, splits)
+    names = [os.path.basename(path) for paths in splits.values() for path in paths]
+    if names and all(OASIS_PNG_NAME.fullmatch(name) for name in names):
+        return _oasis_png_labels(splits)
+    return None
+
+
+def _read_labels_csv(root: pathlib.Path, splits: dict[str, list[str]]) -> Labels:
+    """`find_labels` from root/labels.csv."""
+    path = root / LABELS
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
+        rows = [(line, row) for line, row in enumerate(csv.reader(f), start=1) if any(cell.strip() for cell in row)]
+    if not rows:
+        raise DataError(f"{path} is empty: expected a header `file,<label>,...`")
+    header = [cell.strip() for cell in rows[0][1]]
+    if "file" not in header:
+        raise DataError(f"{path} has no `file` column (header: {','.join(header)})")
+    repeated = sorted(name for name, n in collections.Counter(header).items() if n > 1)
+    if repeated:
+        raise DataError(f"{path}: column {repeated[0]!r} appears more than once in the header")
+    bad_names = [name for name in header if name != "file" and not LABEL_NAME.fullmatch(name)]
+    if bad_names:
+        raise DataError(
+            f"{path}: {len(bad_names)} bad column name(s), e.g. {bad_names[0]!r}: "
+            "use letters, digits and underscores, not starting with a digit"
+        )
+    columns = tuple(name for name in header if name != "file")
+    if not columns:
+        raise DataError(f"{path} has no label column, only `file`")
+    file_at = header.index("file")
+    label_at = [header.index(name) for name in columns]
+
+    table, duplicates, short = {}, [], []  # table: {file: (line, row)}
+    for line, row in rows[1:]:
+        if len(row) != len(header) or not row[file_at].strip():
+            short.append(line)
+            continue
+        name = posixpath.normpath(row[file_at].strip())  # "./a.png" is "a.png"
+        if name in table:
+            duplicates.append(name)
+        table.setdefault(name, (line, row))
+    if short:
+        raise DataError(
+            f"{path}: {len(short)} row(s) without {len(header)} cells or without a file, e.g. line {short[0]}"
+        )
+    if duplicates:
+        raise DataError(f"{path}: {len(duplicates)} file(s) with more than one row, e.g. {duplicates[0]}")
+    absent = [  # ".." or "/..." would leave the data folder
+        name for name in table if name.startswith("/") or name.split("/")[0] == ".." or not (root / name).is_file()
+    ]
+    if absent:
+        raise DataError(f"{path}: {len(absent)} row(s) name files that are not under {root}, e.g. {absent[0]}")
+    keys = {split: [_relative_name(root, p) for p in paths] for split, paths in splits.items()}
+    unlabelled = [name for names in keys.values() for name in names if name not in table]
+    if unlabelled:
+        raise DataError(f"{path}: {len(unlabelled)} image(s) have no row, e.g. {unlabelled[0]}")
+
+    numbers, bad_values = {}, []  # only the rows of usable images: the others are ignored
+    for name in sorted({name for names in keys.values() for name in names}, key=lambda name: table[name][0]):
+        line, row = table[name]
+        numbers[name] = [_label_value(row[at]) for at in label_at]
+        bad_values += [
+            f"line {line}: {column} of {name} is {row[at].strip()!r}"
+            for column, at, value in zip(columns, label_at, numbers[name], strict=True)
+            if value is None
+        ]
+    if bad_values:
+        raise DataError(f"{path}: {len(bad_values)} value(s) are not finite numbers, e.g. {bad_values[0]}")
+    values = {
+        split: np.array([numbers[name] for name in names], np.float32).reshape(len(names), len(columns))
+        for split, names in keys.items()
+    }
+    return Labels(columns, values, LABELS)
+
+
+def _label_value(cell: str) -> float | None:
+    """The number in a labels.csv cell: NaN when empty, None when it is not a
+    finite number (text, nan, inf, or too large for float32)."""
+    cell = cell.strip()
+    if not cell:
+        return math.nan
+    try:
+        value = float(cell)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and abs(value) <= float(np.finfo(np.float32).max) else None
+
+
+def _relative_name(root: pathlib.Path, path: str) -> str:
+    """`path` relative to `root` with forward slashes: its `file` in labels.csv."""
+    return pathlib.PurePath(os.path.relpath(path, os.path.abspath(root))).as_posix()
+
+
+def _oasis_png_labels(splits: dict[str, list[str]]) -> Labels:
+    """`find_labels` from OASIS PNG names: `slice` scaled to 0..1 within each case."""
+    parsed = {
+        split: [OASIS_PNG_NAME.fullmatch(os.path.basename(path)).groups() for path in paths]
+        for split, paths in splits.items()
+    }
+    span = {}  # case -> (lowest, highest) slice index over all splits
+    for case, index in (pair for pairs in parsed.values() for pair in pairs):
+        low, high = span.get(int(case), (int(index), int(index)))
+        span[int(case)] = (min(low, int(index)), max(high, int(index)))
+
+    def position(case: str, index: str) -> float:
+        low, high = span[int(case)]
+        return 0.5 if high == low else (int(index) - low) / (high - low)
+
+    values = {
+        split: np.array([position(*pair) for pair in pairs], np.float32).reshape(len(pairs), 1)
+        for split, pairs in parsed.items()
+    }
+    return Labels(("slice",), values, OASIS_PNG_SOURCE)
+
+
+def _write_labels(folder: pathlib.Path, columns: list[str], rows: list[tuple[str, list[float | None]]]) -> None:
+    """Write folder/labels.csv: a `file` column then `columns`; rows of (file relative
+    to `folder`, values), None written as an empty (unknown) cell."""
+    with open(folder / LABELS, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["file", *columns])
+        for name, values in rows:
+            writer.writerow([name, *("" if v is None else f"{v:.8g}" for v in values)])
+
+
 # ----------------------------------------------------------------------------- tf.data pipeline
 
 
@@ -277,11 +476,17 @@ def make_dataset(
     repeat: bool = False,
     skip: int = 0,
     in_memory: bool | None = False,
+    labels: np.ndarray | None = None,
 ) -> tf.data.Dataset:
     """A dataset of image batches, float32 (B, image_size, image_size, 1) in [-1, 1],
-    streamed from the files or (in_memory) decoded once and gathered from memory.
+    streamed from the files or (in_memory) decoded once and gathered from memory;
+    with `labels`, of (images, labels) batches, labels float32 (B, K).
 
     paths: PNG files, best checked first (`find_splits` does).
+    labels: float32 (len(paths), K), row i the labels of paths[i] (a split of
+        `find_labels`' values); NaN (unknown) is kept. They travel with their
+        image through shuffle, repeat and skip, and flips leave them alone: the
+        images are the same, in the same order, as without labels.
     shuffle: a new order every epoch: the file names (all of them: strings are
         cheap) are shuffled before decoding, so no image buffer is needed.
     flip: mirror each image left-right with probability 1/2, anew each epoch.
@@ -302,19 +507,26 @@ def make_dataset(
         with the train step for the same cores).
 
     A file that still fails to decode (changed since it was checked) is skipped
-    with a logged warning rather than stopping training (in memory: it is left
-    out of the decoded set, which then orders the remaining images differently).
+    with a logged warning rather than stopping training, its labels with it (in
+    memory: it is left out of the decoded set, which then orders the remaining
+    images differently).
     """
     import tensorflow as tf  # here, not at the top: see the module docstring
 
     paths = [str(p) for p in paths]
     if not paths:
         raise DataError("no image files to make a dataset from")
+    if labels is not None:
+        labels = np.asarray(labels, np.float32)
+        if labels.ndim != 2 or len(labels) != len(paths):
+            raise ValueError(f"labels must be ({len(paths)}, K) for {len(paths)} paths, got shape {labels.shape}")
     if in_memory is None:
         in_memory = len(paths) * image_size * image_size * 4 <= IN_MEMORY_BYTES
     if in_memory:
-        decoded = tf.concat(list(make_dataset(paths, image_size, 256, shuffle=False)), axis=0)
+        decoded, kept = _decode_all(paths, image_size)
         keys = tf.data.Dataset.range(len(decoded))  # image i of `decoded`
+        if labels is not None:
+            labels = labels[kept]
 
         def load(index):
             return tf.gather(decoded, index)
@@ -325,6 +537,8 @@ def make_dataset(
         def load(path):
             return load_image(path, image_size)
 
+    if labels is not None:  # each key with its labels: shuffled, repeated, skipped and dropped together
+        keys = tf.data.Dataset.zip(keys, tf.data.Dataset.from_tensor_slices(labels))
     if shuffle:
         keys = keys.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
     # One coin per image, drawn with the keys (a random op in the parallel map below
@@ -340,12 +554,29 @@ def make_dataset(
         stream = stream.skip(skip)
 
     def flipped(key, coin):
+        if labels is not None:
+            key, label = key
         image = load(key)
-        return tf.where(coin % 2 == 1, tf.reverse(image, axis=[1]), image)
+        image = tf.where(coin % 2 == 1, tf.reverse(image, axis=[1]), image)
+        return image if labels is None else (image, label)
 
     images = stream.map(flipped, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
     images = images.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
     return images.with_options(without_autotune()) if in_memory else images
+
+
+def _decode_all(paths: list[str], image_size: int) -> tuple[tf.Tensor, np.ndarray]:
+    """Every image of `paths` decoded: (float32 (M, size, size, 1), int64 (M,) their
+    indices in `paths`); a file that fails to decode is left out, with a logged warning.
+    DataError when none decodes."""
+    import tensorflow as tf
+
+    pairs = tf.data.Dataset.from_tensor_slices((np.arange(len(paths), dtype=np.int64), paths))
+    decoded = pairs.map(lambda i, path: (i, load_image(path, image_size)), num_parallel_calls=tf.data.AUTOTUNE)
+    batches = list(decoded.ignore_errors(log_warning=True).batch(256).prefetch(tf.data.AUTOTUNE))
+    if not batches:
+        raise DataError(f"none of the {len(paths)} image files could be decoded, e.g. {paths[0]}")
+    return tf.concat([images for _, images in batches], axis=0), np.concatenate([i.numpy() for i, _ in batches])
 
 
 def without_autotune() -> tf.data.Options:
@@ -364,10 +595,14 @@ def without_autotune() -> tf.data.Options:
 
 def with_mirrors(images: tf.data.Dataset) -> tf.data.Dataset:
     """`images` (batches), then the same batches mirrored left-right: what the diffusion
-    stage trains on when `flip` is on (each training image's latent and its mirror's)."""
+    stage trains on when `flip` is on (each training image's latent and its mirror's).
+    (images, labels) batches keep their labels, mirrored or not."""
     import tensorflow as tf
 
-    return images.concatenate(images.map(lambda x: tf.reverse(x, axis=[2])))
+    def mirrored(x, *labels):
+        return (tf.reverse(x, axis=[2]), *labels) if labels else tf.reverse(x, axis=[2])
+
+    return images.concatenate(images.map(mirrored))
 
 
 def load_image(path, image_size: int) -> tf.Tensor:
@@ -511,7 +746,8 @@ def ensure_demo_dataset(out="data/demo") -> pathlib.Path:
     brain centred, anterior up, in the OASIS layout. Validation and test are
     contiguous slabs at other heights than the training slices (`DEMO_SLABS`,
     `demo_splits`), so held-out metrics measure slices the model has not seen
-    a 1-mm neighbour of.
+    a 1-mm neighbour of. labels.csv gives each slice its `slice` label, its
+    height within the brain-bearing slices, 0 (lowest) .. 1 (highest).
 
     Idempotent: returns at once when `out` holds a complete demo set of this
     version (its manifest exists); an older demo set there is replaced, in one
@@ -550,22 +786,34 @@ def demo_splits(n: int) -> list[str | None]:
 
 
 def _write_demo_slices(folder: pathlib.Path) -> dict:
-    """Write the demo PNG slices into `folder` (OASIS layout); return the manifest."""
+    """Write the demo PNG slices into `folder` (OASIS layout) and their labels.csv
+    (`slice`: see `_slice_positions`); return the manifest."""
     volume = _mni152_uint8()
     folders = _make_split_folders(folder)
     counts = dict.fromkeys(SPLITS, 0)
     slices = _brain_slices(volume)
-    for (z, image), split in zip(slices, demo_splits(len(slices)), strict=True):
+    rows, n = [], len(slices)
+    for (z, image), split, position in zip(slices, demo_splits(n), _slice_positions(n), strict=True):
         if split is None:
             continue
-        _write_png(_on_canvas(image), folders[split] / f"mni152_z{z:03d}.png")
+        name = f"mni152_z{z:03d}.png"
+        _write_png(_on_canvas(image), folders[split] / name)
+        rows.append((f"{folders[split].name}/{name}", [position]))
         counts[split] += 1
+    _write_labels(folder, ["slice"], rows)
     return {
         "source": f"nilearn {MNI152_T1}",
         "version": DEMO_VERSION,
         "split": f"held-out slabs {DEMO_SLABS}, {DEMO_GUARD} slices left out on each side",
         "slices": counts,
+        "labels": ["slice"],
     }
+
+
+def _slice_positions(n: int) -> list[float]:
+    """The `slice` label of each of a volume's n brain-bearing slices (`_brain_slices`),
+    bottom to top: i / (n - 1), so 0 (lowest) .. 1 (highest); 0.5 for a lone slice."""
+    return [0.5] if n == 1 else [i / (n - 1) for i in range(n)]
 
 
 def _mni152_uint8() -> np.ndarray:
@@ -600,12 +848,17 @@ def _nilearn_data_folder() -> pathlib.Path:
 # ----------------------------------------------------------------------------- OASIS-1 converter
 
 
-def convert_oasis1(src, out, val_fraction: float = 0.1, test_fraction: float = 0.05, seed: int = 0) -> dict[str, int]:
+def convert_oasis1(
+    src, out, val_fraction: float = 0.1, test_fraction: float = 0.05, seed: int = 0, clinical=None
+) -> dict[str, int]:
     """Convert the OASIS-1 cross-sectional release to PNG slices in the OASIS layout.
 
     src: the extracted release; every ``*_t88_masked_gfc.hdr`` below it is used
         (``OAS1_0001_MR1/PROCESSED/MPRAGE/T88_111/...``, any disc folders above).
     out: the new folder (must not exist, or be empty); written atomically.
+    clinical: None, or the release's clinical table ``oasis_cross-sectional.csv``
+        (``ID,M/F,Hand,Age,Educ,SES,MMSE,CDR,eTIV,nWBV,ASF,Delay``, one row per
+        session, ID like ``OAS1_0001_MR1``): see labels.csv below.
 
     Split by subject (``OAS1_0001``, so a subject's MR1 and MR2 sessions stay
     together), deterministically (`_split_keys` with `seed`), never by slice.
@@ -618,10 +871,19 @@ def convert_oasis1(src, out, val_fraction: float = 0.1, test_fraction: float = 0
     volume is turned to RAS with that assumption and cut along its third axis
     (axial), then shown anterior up, patient's right on the left.
 
+    labels.csv: `slice`, the slice's height within its volume's brain-bearing
+    slices, i / (n - 1) bottom to top (as the demo set's); with `clinical` also
+    age, sex (M -> 0, F -> 1), cdr, mmse, nwbv, etiv (`OASIS1_CLINICAL`) of the
+    session's row, or of another session of the subject when the session has
+    none. Blank cells (young controls have no CDR or MMSE) stay empty: unknown.
+    Sessions without any row get empty clinical cells and one warning.
+
     Returns {split: slices written}. A volume that cannot be read is skipped
-    with one warning; `DataError` when `src` is missing or nothing is usable.
+    with one warning; `DataError` when `src` or `clinical` is missing, the
+    clinical table is malformed, or nothing is usable.
     """
     src = _existing_folder(src)
+    table = None if clinical is None else _read_oasis1_clinical(clinical)
     volumes = sorted(src.rglob("*_t88_masked_gfc.hdr"), key=lambda p: p.name)
     if not volumes:
         raise DataError(f"no OASIS-1 volumes (*_t88_masked_gfc.hdr) under {src}")
@@ -635,30 +897,48 @@ def convert_oasis1(src, out, val_fraction: float = 0.1, test_fraction: float = 0
     split_of = {subject: split for split, members in subjects.items() for subject in members}
 
     def build(folder: pathlib.Path) -> dict:
-        counts, skipped = _write_oasis1_slices(folder, volumes, split_of)
+        counts, skipped, rows = _write_oasis1_slices(folder, volumes, split_of)
         if not counts["train"]:
             raise DataError(f"no usable OASIS-1 volume for the training split under {src}")
+        columns, unmatched = ["slice"], []
+        if table is not None:
+            columns += list(OASIS1_CLINICAL.values())
+            found = {session: _oasis1_clinical_row(table, session) for session in {s for s, _, _ in rows}}
+            unmatched = sorted(session for session, row in found.items() if row is None)
+            blank = [None] * len(OASIS1_CLINICAL)
+            rows = [(session, name, values + (found[session] or blank)) for session, name, values in rows]
+        _write_labels(folder, columns, [(name, values) for _, name, values in rows])
         return {
             "source": f"OASIS-1 {src}",
             "subjects": {split: len(members) for split, members in subjects.items()},
             "slices": counts,
             "skipped_volumes": skipped,
+            "labels": columns,
+            **({} if table is None else {"clinical": str(clinical), "sessions_without_clinical": unmatched}),
         }
 
     manifest = json.loads((_build_atomically(out, build) / MANIFEST).read_text())
     if manifest["skipped_volumes"]:
         skipped = manifest["skipped_volumes"]
         warnings.warn(f"skipped {len(skipped)} unreadable or empty volume(s): {_some(skipped)}", stacklevel=2)
+    if manifest.get("sessions_without_clinical"):
+        unmatched = manifest["sessions_without_clinical"]
+        warnings.warn(
+            f"{len(unmatched)} session(s) have no row in {clinical}, their clinical labels are left empty: "
+            f"{_some(unmatched)}",
+            stacklevel=2,
+        )
     return manifest["slices"]
 
 
 def _write_oasis1_slices(
     folder: pathlib.Path, volumes: list[pathlib.Path], split_of: dict[str, str]
-) -> tuple[dict[str, int], list[str]]:
+) -> tuple[dict[str, int], list[str], list[tuple[str, str, list[float | None]]]]:
     """Write the slices of each volume into its subject's split folder under
-    `folder`; return ({split: slices written}, volumes skipped as unreadable)."""
+    `folder`; return ({split: slices written}, volumes skipped as unreadable,
+    [(session, file relative to `folder`, [slice label])] of each slice written)."""
     folders = _make_split_folders(folder)
-    counts, skipped = dict.fromkeys(SPLITS, 0), []
+    counts, skipped, rows = dict.fromkeys(SPLITS, 0), [], []
     for done, path in enumerate(volumes, start=1):
         session = _oasis_session(path)
         split = split_of[_oasis_subject(path)]
@@ -667,11 +947,63 @@ def _write_oasis1_slices(
         except ValueError:
             skipped.append(str(path))
             slices = []
-        for z, image in slices:
-            _write_png(_on_canvas(image), folders[split] / f"{session}_slice_{z:03d}.png")
+        for (z, image), position in zip(slices, _slice_positions(len(slices)), strict=True):
+            name = f"{session}_slice_{z:03d}.png"
+            _write_png(_on_canvas(image), folders[split] / name)
+            rows.append((session, f"{folders[split].name}/{name}", [position]))
         counts[split] += len(slices)
         _progress(done, len(volumes), "volumes converted")
-    return counts, skipped
+    return counts, skipped, rows
+
+
+def _read_oasis1_clinical(path) -> dict[str, list[float | None]]:
+    """{session ID: [age, sex, cdr, mmse, nwbv, etiv]} from the OASIS-1 clinical CSV,
+    None for a blank cell; sex M -> 0, F -> 1. DataError when the file is missing,
+    lacks the ID column or one of `OASIS1_CLINICAL`, names an ID twice, or holds a
+    value that is not a number (or a sex other than M or F)."""
+    path = pathlib.Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"clinical file not found: {path}")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [name.strip() for name in reader.fieldnames or []]
+        rows = [{key.strip(): (cell or "").strip() for key, cell in row.items() if key} for row in reader]
+    if OASIS1_ID not in header:
+        raise DataError(f"{path} has no {OASIS1_ID} column (header: {','.join(header)})")
+    missing = [name for name in OASIS1_CLINICAL if name not in header]
+    if missing:
+        raise DataError(f"{path} lacks the column(s) {', '.join(missing)}")
+    table = {}
+    for line, row in enumerate(rows, start=2):
+        session = row[OASIS1_ID]
+        if not session:
+            continue
+        if session in table:
+            raise DataError(f"{path}: {session} has more than one row (line {line})")
+        values = []
+        for name in OASIS1_CLINICAL:
+            cell = row[name]
+            if name == "M/F" and cell:
+                if cell not in OASIS1_SEX:
+                    raise DataError(f"{path}: {session} (line {line}) has M/F {cell!r}, expected M or F")
+                values.append(OASIS1_SEX[cell])
+                continue
+            value = _label_value(cell)
+            if value is None:
+                raise DataError(f"{path}: {session} (line {line}) has {name} {cell!r}, not a number")
+            values.append(None if math.isnan(value) else value)
+        table[session] = values
+    return table
+
+
+def _oasis1_clinical_row(table: dict[str, list[float | None]], session: str) -> list[float | None] | None:
+    """The clinical values of `session` ('OAS1_0001_MR1'): its own row, else the first
+    (in ID order) of another session of its subject, else None."""
+    if session in table:
+        return table[session]
+    subject = "_".join(session.split("_")[:2]) + "_"
+    others = sorted(key for key in table if key.startswith(subject))
+    return table[others[0]] if others else None
 
 
 def _oasis_subject(path: pathlib.Path) -> str:
@@ -755,6 +1087,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("--test", type=float, default=0.05, help="subjects' fraction for test (default: %(default)s)")
     convert.add_argument("--seed", type=int, default=0, help="seed of the subject split (default: %(default)s)")
+    convert.add_argument(
+        "--clinical",
+        metavar="CSV",
+        help="oasis_cross-sectional.csv: add age, sex (M 0, F 1), cdr, mmse, nwbv, etiv to labels.csv",
+    )
     convert.set_defaults(command=_convert_command)
 
     inspect = commands.add_parser("inspect", parents=[common], help="image counts, sizes and unreadable files")
@@ -771,20 +1108,22 @@ def _demo_command(args) -> int:
 
 
 def _convert_command(args) -> int:
-    counts = convert_oasis1(args.src, args.out, args.val, args.test, args.seed)
+    counts = convert_oasis1(args.src, args.out, args.val, args.test, args.seed, clinical=args.clinical)
     print(f"wrote {args.out}: " + ", ".join(f"{split} {n}" for split, n in counts.items()) + " slices")
     return 0
 
 
 def _inspect_command(args) -> int:
-    """Print per split: image count, sizes and modes seen, unreadable files.
-    Exit status 1 when no training image is usable."""
+    """Print per split: image count, sizes and modes seen, unreadable files; then
+    the label columns (`find_labels`), each with its range, number of distinct
+    values and of unknown ones. Exit status 1 when no training image is usable
+    (or labels.csv is malformed)."""
     root = _existing_folder(args.dir)
     layout = "OASIS layout" if (root / SPLIT_FOLDER.format("train")).is_dir() else "flat folder, split by file (seed 0)"
     print(f"{root}: {layout}")
     usable = {}
     for split, paths in _split_candidates(root, 0.1, 0.05, 0).items():
-        sizes, modes, bad = collections.Counter(), collections.Counter(), []
+        sizes, modes, bad, usable[split] = collections.Counter(), collections.Counter(), [], []
         for path in paths:
             try:
                 (width, height), mode = describe_png(path)
@@ -793,8 +1132,8 @@ def _inspect_command(args) -> int:
                 continue
             sizes[f"{width}x{height}"] += 1
             modes[mode] += 1
-        usable[split] = len(paths) - len(bad)
-        print(f"  {split:<9} {usable[split]:>6} images  sizes: {_tally(sizes)}  modes: {_tally(modes)}")
+            usable[split].append(path)
+        print(f"  {split:<9} {len(usable[split]):>6} images  sizes: {_tally(sizes)}  modes: {_tally(modes)}")
         for line in bad:
             print(f"    unreadable {line}")
     segmentation = sorted(p.name for p in root.glob("keras_png_slices_seg_*") if p.is_dir())
@@ -802,6 +1141,17 @@ def _inspect_command(args) -> int:
         print(f"  ignored (segmentation masks): {', '.join(segmentation)}")
     if not usable["train"]:
         raise DataError(f"no usable training image in {root}")
+    labels = find_labels(root, usable)
+    if labels is None:
+        print(f"  labels: none (no {LABELS})")
+        return 0
+    print(f"  labels from {labels.source}: {len(labels.columns)} column(s)")
+    every = np.concatenate(list(labels.values.values()), axis=0)
+    width = max(len(column) for column in labels.columns)
+    for column, values in zip(labels.columns, every.T, strict=True):
+        known = values[~np.isnan(values)]
+        span = f"min {known.min():g}  max {known.max():g}" if known.size else "min -  max -"
+        print(f"    {column:<{width}}  {span}  distinct {len(np.unique(known))}  missing {values.size - known.size}")
     return 0
 
 

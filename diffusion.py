@@ -3,9 +3,12 @@
 Everything here is independent of the network architecture (as in improved-diffusion):
 the noise predictor is passed in as ``network`` and only has to honour the contract
 
-    network(x_t, t, training=...) -> eps_hat
+    network(x_t, t, training=...) -> eps_hat           (unconditional)
+    network(x_t, t, cond, training=...) -> eps_hat     (conditional; only called so when
+                                                        a cond tensor is given)
         x_t      (B, h, w, c) float32 latents at noise level t
         t        (B,) int32 schedule indices in [0, T)
+        cond     (B, K) float32 normalised condition variables, NaN = unknown
         eps_hat  (B, h, w, c) predicted noise (any float dtype; cast to float32 here)
 
 Indexing convention (used everywhere in this file)
@@ -23,6 +26,12 @@ Forward process (closed form, Ho et al. 2020, eq. 4):
 
 Training minimises the epsilon-prediction MSE  E || eps - network(x_t, t) ||^2  with
 t ~ U{0, ..., T-1}.
+
+Classifier-free guidance (Ho & Salimans 2022): a conditional network is trained with
+each variable replaced by "unknown" (NaN) with probability ``cond_dropout``, so it also
+predicts eps_u = eps(x_t, t, unknown). Samplers given a cond and a guidance weight w != 1
+use  eps_hat = eps_u + w (eps_c - eps_u)  (w = 1: the conditional prediction alone,
+w = 0: the unconditional one), both halves from one network call on a doubled batch.
 
 Samplers (all run their whole loop in one compiled ``tf.function``/``tf.while_loop``,
 batched, seeded with stateless RNG so a seed always gives the same latents; ``SAMPLERS``
@@ -208,8 +217,22 @@ def q_sample(schedule: NoiseSchedule, x0: tf.Tensor, t: tf.Tensor, noise: tf.Ten
     ) * tf.cast(noise, x0.dtype)
 
 
+def predict_eps(network, x_t, t, cond=None, training: bool = False) -> tf.Tensor:
+    """network(x_t, t[, cond]) as float32: cond is passed only when given (see the module
+    docstring), so unconditional networks keep the two-argument contract."""
+    if cond is None:
+        return tf.cast(network(x_t, t, training=training), tf.float32)
+    return tf.cast(network(x_t, t, cond, training=training), tf.float32)
+
+
 def epsilon_mse(
-    network, schedule: NoiseSchedule, x0: tf.Tensor, t: tf.Tensor, noise: tf.Tensor, training: bool = False
+    network,
+    schedule: NoiseSchedule,
+    x0: tf.Tensor,
+    t: tf.Tensor,
+    noise: tf.Tensor,
+    training: bool = False,
+    cond: tf.Tensor | None = None,
 ) -> tf.Tensor:
     """The epsilon-prediction loss  mean over all elements of (noise - network(x_t, t))^2.
 
@@ -220,13 +243,14 @@ def epsilon_mse(
         t: (B,) int32 schedule indices.
         noise: (B, h, w, c) float32 eps used to make x_t.
         training: passed to the network.
+        cond: (B, K) float32 conditions (NaN = unknown) for a conditional network, or None.
 
     Returns:
         A float32 scalar: the mean over this batch (no cross-replica scaling).
     """
     t = tf.convert_to_tensor(t, tf.int32)
     x_t = q_sample(schedule, x0, t, noise)
-    eps_hat = tf.cast(network(x_t, t, training=training), tf.float32)
+    eps_hat = predict_eps(network, x_t, t, cond, training=training)
     return tf.reduce_mean(tf.square(tf.cast(noise, tf.float32) - eps_hat))
 
 
@@ -312,7 +336,16 @@ class Sampler:
         self._ddim_fn = tf.function(self._ddim_graph, jit_compile=jit_compile)
         self._dpmpp_fn = tf.function(self._dpmpp_graph, jit_compile=jit_compile)
 
-    def ddpm(self, shape, seed: int = 0, num_intermediates: int = 0, clip_x0: float | None = None, initial_noise=None):
+    def ddpm(
+        self,
+        shape,
+        seed: int = 0,
+        num_intermediates: int = 0,
+        clip_x0: float | None = None,
+        initial_noise=None,
+        cond=None,
+        guidance: float = 1.0,
+    ):
         """Ancestral DDPM sampling over all T steps (Ho et al. 2020, algorithm 2).
 
         For t = T-1, ..., 0:
@@ -331,6 +364,12 @@ class Sampler:
                 (default) draws it from ``seed``. The seed still draws the per-step noise,
                 so with a deterministic sampler (DDIM, eta = 0) the result depends on
                 ``initial_noise`` alone (e.g. to interpolate between two noises).
+            cond: (B, K) float32 normalised conditions for a conditional network (NaN =
+                unknown; see the module docstring), or None: the network is called
+                without one (a conditional UNet then treats every variable as unknown).
+            guidance: classifier-free guidance weight w, used when ``cond`` is given:
+                eps_hat = eps_u + w (eps_c - eps_u); w = 1 (the default) makes one plain
+                conditional call per step, any other w one call on the doubled batch.
 
         Returns:
             ``latents``: float32 (B, h, w, c) if K = 0; otherwise the tuple
@@ -346,6 +385,8 @@ class Sampler:
             num_intermediates,
             clip_x0=clip_x0,
             initial_noise=initial_noise,
+            cond=cond,
+            guidance=guidance,
         )
 
     def ddim(
@@ -357,6 +398,8 @@ class Sampler:
         num_intermediates: int = 0,
         clip_x0: float | None = None,
         initial_noise=None,
+        cond=None,
+        guidance: float = 1.0,
     ):
         """DDIM sampling (Song et al. 2021, eq. 12) over S = ``steps`` evenly spaced indices.
 
@@ -389,6 +432,8 @@ class Sampler:
             num_intermediates,
             clip_x0=clip_x0,
             initial_noise=initial_noise,
+            cond=cond,
+            guidance=guidance,
             eta=float(eta),
         )
 
@@ -400,6 +445,8 @@ class Sampler:
         num_intermediates: int = 0,
         clip_x0: float | None = None,
         initial_noise=None,
+        cond=None,
+        guidance: float = 1.0,
     ):
         """DPM-Solver++(2M) (Lu et al. 2022): deterministic, ``steps`` network calls.
 
@@ -458,11 +505,13 @@ class Sampler:
             num_intermediates,
             clip_x0=clip_x0,
             initial_noise=initial_noise,
+            cond=cond,
+            guidance=guidance,
         )
 
     # The graphs share the loop; only the update rule (and its extra state) differs.
 
-    def _run(self, fn, shape, visited, seed, num_intermediates, clip_x0, initial_noise, **options):
+    def _run(self, fn, shape, visited, seed, num_intermediates, clip_x0, initial_noise, cond, guidance, **options):
         """Validate, call the compiled ``fn`` (Python arguments are its trace key), label states."""
         shape = tuple(int(d) for d in shape)
         if len(shape) != 4 or min(shape) < 1:
@@ -471,12 +520,19 @@ class Sampler:
             initial_noise = tf.cast(initial_noise, tf.float32)
             if tuple(initial_noise.shape) != shape:
                 raise ValueError(f"initial_noise must have the sample shape {shape}, got {tuple(initial_noise.shape)}")
+        if cond is not None:
+            cond = tf.cast(cond, tf.float32)
+            if cond.shape.rank != 2 or cond.shape[0] != shape[0]:
+                raise ValueError(f"cond must be (B={shape[0]}, K), got {tuple(cond.shape)}")
         record = _recorded_states(len(visited), num_intermediates)
         _ensure_built(self.network, shape)
         clip = None if clip_x0 is None else float(clip_x0)
         latents, intermediates = fn(
             _seed_tensor(seed),
             initial_noise,
+            cond,
+            tf.constant(guidance, tf.float32),  # a tensor: a new weight does not retrace
+            guided=cond is not None and float(guidance) != 1.0,
             shape=shape,
             visited=tuple(visited.tolist()),
             record=tuple(record.tolist()),
@@ -489,7 +545,7 @@ class Sampler:
         labels = np.concatenate([visited[::-1] + 1, [0]])[record]
         return latents, intermediates, labels
 
-    def _ddpm_graph(self, seed, initial_noise, shape, visited, record, clip_x0):
+    def _ddpm_graph(self, seed, initial_noise, cond, guidance, guided, shape, visited, record, clip_x0):
         s = self.schedule
 
         def update(i, t, x, eps_hat, z):
@@ -501,9 +557,9 @@ class Sampler:
             std = tf.where(t > 0, tf.sqrt(s.posterior_variance[t]), 0.0)
             return mean + std * z
 
-        return self._loop(seed, initial_noise, shape, visited, record, update)
+        return self._loop(seed, initial_noise, (cond, guidance, guided), shape, visited, record, update)
 
-    def _ddim_graph(self, seed, initial_noise, shape, visited, record, eta, clip_x0):
+    def _ddim_graph(self, seed, initial_noise, cond, guidance, guided, shape, visited, record, eta, clip_x0):
         s = self.schedule
         # alpha_bar of the index visited after visited[i] (visited[i - 1]); 1 after the last step.
         earlier = tf.constant(visited[:-1], tf.int32, shape=[len(visited) - 1])
@@ -519,9 +575,9 @@ class Sampler:
             direction = tf.sqrt(tf.maximum(1.0 - ab_prev - sigma**2, 0.0)) * eps_hat
             return tf.sqrt(ab_prev) * x0_hat + direction + sigma * z
 
-        return self._loop(seed, initial_noise, shape, visited, record, update)
+        return self._loop(seed, initial_noise, (cond, guidance, guided), shape, visited, record, update)
 
-    def _dpmpp_graph(self, seed, initial_noise, shape, visited, record, clip_x0):
+    def _dpmpp_graph(self, seed, initial_noise, cond, guidance, guided, shape, visited, record, clip_x0):
         s = self.schedule
         coef = tf.constant(_dpmpp_coefficients(s, visited), tf.float32)
 
@@ -532,11 +588,25 @@ class Sampler:
             return c_x * x + c_d * (w * x0_hat + w_prev * x0_prev), x0_hat
 
         # The previous x0_hat is loop state; its weight is 0 at the first step.
-        return self._loop(seed, initial_noise, shape, visited, record, update, carry=tf.zeros(shape))
+        return self._loop(
+            seed, initial_noise, (cond, guidance, guided), shape, visited, record, update, carry=tf.zeros(shape)
+        )
 
-    def _loop(self, seed, initial_noise, shape, visited, record, update, carry=None):
+    def _guided_eps(self, x, t, cond, guidance, guided):
+        """eps_hat for x (B, h, w, c) at index t: unconditional (cond None), conditional, or
+        guided, eps_u + w (eps_c - eps_u) from one call on the batch doubled with unknown conditions."""
+        batch = x.shape[0]
+        if not guided:
+            return predict_eps(self.network, x, tf.fill([batch], t), cond)
+        unknown = tf.fill(tf.shape(cond), float("nan"))
+        both = predict_eps(self.network, tf.concat([x, x], 0), tf.fill([2 * batch], t), tf.concat([cond, unknown], 0))
+        eps_c, eps_u = both[:batch], both[batch:]
+        return eps_u + guidance * (eps_c - eps_u)
+
+    def _loop(self, seed, initial_noise, conditioning, shape, visited, record, update, carry=None):
         """Run ``update`` from ``initial_noise`` (None: fresh noise from ``seed``) over ``visited``
-        (noisiest first); return (x, intermediates).
+        (noisiest first); return (x, intermediates). ``conditioning`` = (cond, guidance, guided),
+        see ``_guided_eps``.
 
         ``update(i, t, x, eps_hat, z) -> x``; or, if ``carry`` (extra loop state, a tensor or
         nest of tensors, float32) is given, ``update(i, t, x, eps_hat, z, carry) -> (x, carry)``.
@@ -547,7 +617,7 @@ class Sampler:
             def update(i, t, x, eps_hat, z, carry):
                 return memoryless(i, t, x, eps_hat, z), carry
 
-        batch, n = shape[0], len(visited)
+        n = len(visited)
         visited_t = tf.constant(visited, tf.int32)
         record_t = tf.constant(record, tf.int32)
 
@@ -563,7 +633,7 @@ class Sampler:
         def body(j, x, inter, carry):
             i = n - 1 - j  # position in visited: loop step j = 0 is the noisiest index
             t = visited_t[i]
-            eps_hat = tf.cast(self.network(x, tf.fill([batch], t), training=False), tf.float32)
+            eps_hat = self._guided_eps(x, t, *conditioning)
             z = _normal(shape, _fold(seed, j + 1))
             x, carry = update(i, t, x, eps_hat, z, carry)
             x = tf.ensure_shape(x, shape)
@@ -678,11 +748,16 @@ class LatentDiffusion(keras.Model):
     toward it (``ema <- d ema + (1 - d) w``). Sampling uses the EMA network by default.
 
     Data: each batch is x0, float32 latents (B, h, w, c) already multiplied by the latent
-    scale factor; or a dict ``{"latents": x0, "t": t, "noise": eps}`` that fixes the draws
-    (t (B,) int32, eps like x0), for tests and debugging. Otherwise, per step,
+    scale factor; or a dict ``{"latents": x0, "cond": c, "t": t, "noise": eps}``, every key
+    but "latents" optional: c (B, K) float32 conditions of a conditional network (NaN =
+    unknown), t (B,) int32 and eps like x0 fix the draws (for tests and debugging). Otherwise, per step,
     t ~ U{0, ..., T-1} and eps ~ N(0, I) are drawn with stateless TF ops (XLA-friendly)
     from the seed in ``train_seed``, folded with the replica id so that replicas of a
     ``tf.distribute`` strategy draw different noise.
+
+    Classifier-free guidance training: in ``train_step`` each condition of each example is
+    replaced by unknown (NaN) with probability ``cond_dropout``, drawn from the same seed as
+    t and eps (so the masks are part of the saved random stream); ``test_step`` keeps them.
 
     ``train_seed`` / ``val_seed`` are int64 (2,) model variables [seed, counter]; each
     step uses the current value and increments the counter. They are ordinary weights,
@@ -709,6 +784,7 @@ class LatentDiffusion(keras.Model):
             so the EMA forgets the random init quickly. False: d_eff = d.
         seed: initial seed of the training draws; None lets Keras pick one (set
             ``keras.utils.set_random_seed`` for reproducibility).
+        cond_dropout: probability in [0, 1] of dropping each condition in training.
         **kwargs: for ``keras.Model`` (name, dtype...).
     """
 
@@ -719,11 +795,15 @@ class LatentDiffusion(keras.Model):
         ema_decay: float = 0.999,
         ema_warmup: bool = True,
         seed: int | None = None,
+        cond_dropout: float = 0.1,
         **kwargs,
     ):
         super().__init__(**kwargs)
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"LatentDiffusion: ema_decay must be in [0, 1), got {ema_decay}")
+        if not 0.0 <= cond_dropout <= 1.0:
+            raise ValueError(f"LatentDiffusion: cond_dropout must be in [0, 1], got {cond_dropout}")
+        self.cond_dropout = float(cond_dropout)
         self.network = network
         self.schedule = schedule
         self.ema_decay = float(ema_decay)
@@ -804,17 +884,18 @@ class LatentDiffusion(keras.Model):
         # Listing the tracker here makes Keras reset it at every epoch and evaluate().
         return [self.loss_tracker]
 
-    def _draws(self, data, seed_variable):
-        """(x0, t, eps) for a batch: from the data if given, else drawn (see the class docstring)."""
+    def _draws(self, data, seed_variable, dropout: float = 0.0):
+        """(x0, t, eps, cond) for a batch: from the data if given, else drawn (see the class
+        docstring); each condition dropped to unknown with probability `dropout`."""
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         if isinstance(x, dict):
-            x0, t, noise = x["latents"], x.get("t"), x.get("noise")
+            x0, t, noise, cond = x["latents"], x.get("t"), x.get("noise"), x.get("cond")
         else:
-            x0, t, noise = x, None, None
+            x0, t, noise, cond = x, None, None, None
         x0 = tf.cast(x0, tf.float32)
         if not self.built:
             self.build(x0.shape)
-        if t is None or noise is None:
+        if t is None or noise is None or (cond is not None and dropout > 0):
             state = tf.convert_to_tensor(seed_variable)  # read before the increment below
             seed_variable.assign_add(tf.constant([0, 1], tf.int64))
             # Stateless ops want int32 seeds under XLA (Keras' random ops cast the same way).
@@ -831,13 +912,18 @@ class LatentDiffusion(keras.Model):
             )
         if noise is None:
             noise = _normal(tf.shape(x0), _fold(seed, 1))
-        return x0, tf.cast(t, tf.int32), tf.cast(noise, tf.float32)
+        if cond is not None:
+            cond = tf.cast(cond, tf.float32)
+            if dropout > 0:
+                drop = tf.random.stateless_uniform(tf.shape(cond), seed=_fold(seed, 2), alg=RNG_ALG) < dropout
+                cond = tf.where(drop, tf.constant(float("nan")), cond)
+        return x0, tf.cast(t, tf.int32), tf.cast(noise, tf.float32), cond
 
     def train_step(self, data):
         """One optimizer step on the epsilon-MSE, then one EMA update; returns {"loss": running mean}."""
-        x0, t, noise = self._draws(data, self.train_seed)
+        x0, t, noise, cond = self._draws(data, self.train_seed, self.cond_dropout)
         with tf.GradientTape() as tape:
-            loss = epsilon_mse(self.network, self.schedule, x0, t, noise, training=True)
+            loss = epsilon_mse(self.network, self.schedule, x0, t, noise, training=True, cond=cond)
             # The optimizer SUM-all-reduces gradients across replicas, so each replica
             # differentiates its local mean / num_replicas and the sum is the gradient of the
             # global-batch mean (Keras' own losses do the same). Then scale_loss multiplies by
@@ -852,8 +938,8 @@ class LatentDiffusion(keras.Model):
 
     def test_step(self, data):
         """The same loss, of the EMA network, without any update."""
-        x0, t, noise = self._draws(data, self.val_seed)
-        self.loss_tracker.update_state(epsilon_mse(self.ema_network, self.schedule, x0, t, noise))
+        x0, t, noise, cond = self._draws(data, self.val_seed)
+        self.loss_tracker.update_state(epsilon_mse(self.ema_network, self.schedule, x0, t, noise, cond=cond))
         return {"loss": self.loss_tracker.result()}
 
     def ema_decay_now(self) -> tf.Tensor:
@@ -906,6 +992,8 @@ class LatentDiffusion(keras.Model):
         clip_x0: float | None = None,
         use_ema: bool = True,
         initial_noise=None,
+        cond=None,
+        guidance: float = 1.0,
     ):
         """Generate ``n`` latents of ``latent_shape`` (h, w, c) with the EMA (or online) network.
 
@@ -919,6 +1007,8 @@ class LatentDiffusion(keras.Model):
                 ``Sampler.ddim``/``Sampler.dpmpp``/``Sampler.ddpm`` (initial_noise: x_T,
                 (n, h, w, c), or None).
             use_ema: sample with ``ema_network`` (default) or ``network``.
+            cond, guidance: (n, K) normalised conditions (NaN = unknown) and the
+                classifier-free guidance weight; see ``Sampler.ddpm``.
 
         Returns:
             float32 (n, h, w, c) latents on the training scale (divide by the latent scale
@@ -940,6 +1030,8 @@ class LatentDiffusion(keras.Model):
                 num_intermediates=num_intermediates,
                 clip_x0=clip_x0,
                 initial_noise=initial_noise,
+                cond=cond,
+                guidance=guidance,
             )
         if sampler == "dpmpp":
             return s.dpmpp(
@@ -949,9 +1041,17 @@ class LatentDiffusion(keras.Model):
                 num_intermediates=num_intermediates,
                 clip_x0=clip_x0,
                 initial_noise=initial_noise,
+                cond=cond,
+                guidance=guidance,
             )
         if sampler == "ddpm":
             return s.ddpm(
-                shape, seed=seed, num_intermediates=num_intermediates, clip_x0=clip_x0, initial_noise=initial_noise
+                shape,
+                seed=seed,
+                num_intermediates=num_intermediates,
+                clip_x0=clip_x0,
+                initial_noise=initial_noise,
+                cond=cond,
+                guidance=guidance,
             )
         raise ValueError(f"LatentDiffusion.sample: sampler must be one of {SAMPLERS}, got {sampler!r}")

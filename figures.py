@@ -177,3 +177,27 @@ def nearest_pairs(top: np.ndarray, bottom: np.ndarray, top_labels, bottom_labels
     if title:
         fig.suptitle(title, fontsize=10)
     save_figure(fig, path)
+
+
+def labelled_rows(images: np.ndarray, row_labels, path: str | os.PathLike, title: str = "", column_title="") -> None:
+    """A grid of images (R, C, H, W, 1) in [-1, 1] with a label per row (e.g. conditions.png:
+    rows = values of one condition, columns = seeds); `column_title` above the first row."""
+    images = np.asarray(images, dtype=np.float32)
+    rows, cols = images.shape[:2]
+    fig = Figure(figsize=(1.5 * cols + 0.9, 1.5 * rows + (0.5 if title else 0.1)))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for r in range(rows):
+        for c in range(cols):
+            ax = axes[r, c]
+            ax.imshow(images[r, c, :, :, 0], cmap="gray", vmin=-1, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+        axes[r, 0].set_ylabel(str(row_labels[r]), fontsize=9)
+    if column_title:
+        for c in range(cols):
+            axes[0, c].set_title(column_title.format(c), fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    save_figure(fig, path)

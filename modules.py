@@ -21,7 +21,8 @@ Models and how to build them
     in [-1, 1] (tanh), with f = 2 ** (len(channel_mults) - 1). Both are functional
     models, built (weights created) by the constructor: ``load_weights`` works at once.
 ``UNet(dim=64, dim_mults=(1, 2, 4, 8), channels=1, ...)``
-    ``unet(x_t, t)`` -> predicted noise, float32 of x_t's shape. Subclassed, so its
+    ``unet(x_t, t)`` or, conditioned, ``unet(x_t, t, cond)`` (cond (B, K), NaN = unknown)
+    -> predicted noise, float32 of x_t's shape. Subclassed, so its
     weights exist after the first call: ``unet.build_for((h, w, c))`` (or any call on
     zeros) builds it before ``load_weights``.
 
@@ -91,6 +92,70 @@ class SinusoidalTimeEmbedding(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "dim": self.dim}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ConditionEmbedding(keras.layers.Layer):
+    """Embedding of K condition variables, any of them unknown, summed into one vector.
+
+    cond (B, K) float32 -> (B, dim) in the compute dtype. Column k holds variable k, already
+    normalised (conditioning.normalise): a z-score for a continuous variable
+    (``categories[k] == 0``), the category index for a categorical one; NaN = unknown.
+
+        e_k = MLP_k(v_k)  = Dense(dim)(SiLU(Dense(dim)(v_k)))     continuous
+        e_k = table_k[v_k]                                          categorical
+        e_k = null_k            (a learned "unknown" vector)        where v_k is NaN
+        out = sum_k e_k
+
+    So a network trained with conditions dropped at random (classifier-free guidance) is
+    conditional, partly conditional and unconditional at once: all-NaN is "no condition".
+    NaNs are replaced before any arithmetic, so they never reach a gradient.
+    """
+
+    def __init__(self, categories, dim, **kwargs):
+        super().__init__(**kwargs)
+        self.categories, self.dim = tuple(int(c) for c in categories), int(dim)
+        if not self.categories:
+            raise ValueError("ConditionEmbedding needs at least one variable")
+        self.encoders = []
+        for k, count in enumerate(self.categories):
+            if count:
+                self.encoders.append(keras.layers.Embedding(count, dim, name=f"cond{k}_table"))
+            else:
+                self.encoders.append(
+                    keras.Sequential(
+                        [
+                            keras.layers.Dense(dim, activation="silu", name=f"cond{k}_dense1"),
+                            keras.layers.Dense(dim, name=f"cond{k}_dense2"),
+                        ],
+                        name=f"cond{k}_mlp",
+                    )
+                )
+
+    def build(self, cond_shape):
+        self.null = self.add_weight(shape=(len(self.categories), self.dim), initializer="zeros", name="unknown")
+        for count, encoder in zip(self.categories, self.encoders, strict=True):
+            encoder.build((None,) if count else (None, 1))
+
+    def call(self, cond):
+        cond = ops.cast(cond, "float32")
+        known = ops.logical_not(ops.isnan(cond))
+        values = ops.where(known, cond, 0.0)
+        total = 0.0
+        for k, (count, encoder) in enumerate(zip(self.categories, self.encoders, strict=True)):
+            if count:
+                e = encoder(ops.clip(ops.cast(values[:, k], "int32"), 0, count - 1))
+            else:
+                e = encoder(ops.cast(values[:, k : k + 1], self.compute_dtype))
+            null = ops.cast(self.null[k], e.dtype)[None, :]
+            total = total + ops.where(known[:, k : k + 1], e, null)
+        return ops.cast(total, self.compute_dtype)
+
+    def compute_output_shape(self, cond_shape):
+        return (cond_shape[0], self.dim)
+
+    def get_config(self):
+        return {**super().get_config(), "categories": list(self.categories), "dim": self.dim}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -231,6 +296,10 @@ class UNet(keras.Model):
 
     ``unet(x_t, t)``: x_t (B, h, w, channels) float, t (B,) int32 -> eps (B, h, w,
     channels) float32. h and w must be multiples of 2 ** (len(dim_mults) - 1).
+    ``cond_categories`` (one entry per condition variable: its category count, 0 for a
+    continuous one; empty: unconditional) adds a ``ConditionEmbedding`` of the same width as
+    the time MLP, summed into it; then ``unet(x_t, t, cond)`` takes cond (B, K) float32,
+    NaN = unknown, and ``cond=None`` means every variable unknown.
     ``layout`` picks the wiring: "project" (the default, what runs made before the option
     hold) or "original" (the original design's). Both share the time MLP, sinusoid(t, dim)
     -> Dense(4 dim) -> GELU -> Dense(4 dim), that every ResnetBlock is conditioned on.
@@ -289,10 +358,12 @@ class UNet(keras.Model):
         attn_heads=4,
         attn_dim_head=32,
         layout="project",
+        cond_categories=(),
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.dim, self.dim_mults, self.channels = dim, tuple(dim_mults), channels
+        self.cond_categories = tuple(int(c) for c in cond_categories)
         self.resnet_groups = resnet_groups
         self.attn_heads, self.attn_dim_head = attn_heads, attn_dim_head
         if not self.dim_mults:
@@ -313,6 +384,10 @@ class UNet(keras.Model):
         self.time_embedding = SinusoidalTimeEmbedding(dim, name="time_sinusoid")
         self.time_dense1 = keras.layers.Dense(4 * dim, activation="gelu", name="time_dense1")
         self.time_dense2 = keras.layers.Dense(4 * dim, name="time_dense2")
+        # Conditions join the time embedding (class-conditional ADM's approach): every block sees them.
+        self.cond_embedding = (
+            ConditionEmbedding(self.cond_categories, 4 * dim, name="cond_embedding") if self.cond_categories else None
+        )
         if layout == "original":
             self._build_original_levels(levels, dims[-1], attn, block)
             return
@@ -405,12 +480,18 @@ class UNet(keras.Model):
 
         return self.final_conv(self.final_block(x, time_emb))
 
-    def call(self, x_t, t, training=None):
+    def call(self, x_t, t, cond=None, training=None):
         _check_divisible(x_t, self.downsample_factor, "UNet")
         if x_t.shape[-1] is not None and x_t.shape[-1] != self.channels:
             raise ValueError(f"UNet: expected {self.channels} input channels, got {x_t.shape[-1]}")
         x = self.init_conv(ops.cast(x_t, self.compute_dtype))
         time_emb = self.time_dense2(self.time_dense1(self.time_embedding(t)))
+        if self.cond_embedding is not None:
+            if cond is None:  # nothing known: the unconditional model
+                cond = ops.full((ops.shape(x_t)[0], len(self.cond_categories)), float("nan"))
+            time_emb = time_emb + self.cond_embedding(cond)
+        elif cond is not None:
+            raise ValueError("UNet: this network was built without conditioning (cond_categories=())")
         if self.layout == "original":
             return self._call_original(x, time_emb)
         residual = x
@@ -449,6 +530,7 @@ class UNet(keras.Model):
             "attn_heads": self.attn_heads,
             "attn_dim_head": self.attn_dim_head,
             "layout": self.layout,
+            "cond_categories": list(self.cond_categories),
         }
 
 

@@ -3,12 +3,16 @@
     python predict.py                                 # the newest run under runs/, 16 DDIM samples
     python predict.py --run runs/demo --n 64 --steps 100 --seed 3
     python predict.py --run demo --sampler ddpm --out /tmp/samples
+    python predict.py --run demo --condition slice=0.6 --guidance 3   # a conditioned run
 
 Options: --run RUN (a folder, or a name under runs/; default: the run whose config.json
 is newest), --n 16, --sampler ddim|dpmpp|ddpm, --steps 50 (DDIM; DPM-Solver++: 20; at most T;
 DDPM runs all T), --eta 0.0 (DDIM noise, 0 = deterministic), --seed 0, --batch-size 16, --out DIR
 (default RUN/predictions), --debug (tracebacks instead of one-line errors; or set
-OASIS_LDM_DEBUG=1).
+OASIS_LDM_DEBUG=1). A run trained with --condition also takes --condition NAME=VALUE ...
+(variables left out are unknown; none given: unconditional samples), --guidance W
+(classifier-free guidance weight, default 2) and --sweep NAME (the variable conditions.png
+sweeps; default: the first one not given with --condition).
 
 Writes to --out:
     samples.png          a grid of all samples
@@ -17,6 +21,8 @@ Writes to --out:
                          and its decoding at about six states, columns labelled with t
     interpolation.png    samples decoded along a spherical interpolation (slerp) between
                          the initial noises of samples 0 and 1
+    conditions.png       (conditioned runs) rows: the --sweep variable across its training
+                         range, with the other --condition values fixed; columns: seeds
 
 Sampling uses the EMA UNet (unet_ema.weights.h5) and the decoder (decoder.weights.h5) of
 the run, rebuilt from its config.json, in float32 whatever precision the run trained in
@@ -37,6 +43,7 @@ import glob
 import os
 import re
 import sys
+import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -44,6 +51,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import cli  # noqa: E402
+import conditioning  # noqa: E402
 import figures  # noqa: E402
 import runs  # noqa: E402
 
@@ -84,11 +92,14 @@ def interpolate(
     steps: int,
     eta: float,
     seed: int,
+    condition: dict | None = None,
+    guidance: float = runs.DEFAULT_GUIDANCE,
 ) -> np.ndarray:
     """Decoded samples (points, H, W, 1) started from slerp(noise_a, noise_b) at evenly spaced
     fractions 0 … 1; noise_*: (h, w, c) initial noises x_T. With DDIM and eta = 0 the two ends
-    are exactly the samples of noise_a and noise_b."""
+    are exactly the samples of noise_a and noise_b (under the same `condition`, if any)."""
     noises = slerp(noise_a, noise_b, np.linspace(0.0, 1.0, points))
+    cond = runs.network_conditions(run, condition, points)
     latents = run.diffusion.sample(
         points,
         run.latent_shape,
@@ -98,6 +109,8 @@ def interpolate(
         seed=runs.batch_seed(seed, 0),
         initial_noise=noises,
         clip_x0=run.config.latent_max_abs,
+        cond=cond,
+        guidance=guidance,
     )
     return runs.decode(run, latents.numpy(), points)
 
@@ -138,13 +151,28 @@ def make_output_folder(out_dir: str) -> None:
 
 
 def write_predictions(
-    run: runs.Run, out_dir: str, n: int, sampler: str, steps: int, eta: float, seed: int, batch_size: int
+    run: runs.Run,
+    out_dir: str,
+    n: int,
+    sampler: str,
+    steps: int,
+    eta: float,
+    seed: int,
+    batch_size: int,
+    condition: dict | None = None,
+    guidance: float = runs.DEFAULT_GUIDANCE,
+    sweep: str | None = None,
 ) -> list[str]:
     """Sample and write every output file of predict.py to `out_dir` (an existing folder); returns
-    the file names written."""
+    the file names written. condition, guidance: as runs.generate; sweep: the variable of
+    conditions.png (conditioned runs only)."""
     num_states = min(DENOISING_STATES, runs.sampler_steps(run.config, sampler, steps) + 1)
-    samples = runs.generate(run, n, sampler, steps, eta, seed, batch_size, num_states=num_states)
+    samples = runs.generate(
+        run, n, sampler, steps, eta, seed, batch_size, num_states=num_states, condition=condition, guidance=guidance
+    )
     label = f"{run.name}: {runs.sampler_label(sampler, steps, eta, run.config)}, seed {seed}"
+    if condition:
+        label += ", " + ", ".join(f"{k} {v:g}" for k, v in condition.items()) + f", guidance {guidance:g}"
 
     figures.image_grid(samples.images, os.path.join(out_dir, "samples.png"), title=label)
     written = ["samples.png"]
@@ -162,7 +190,9 @@ def write_predictions(
 
     if n >= 2:
         noise_a, noise_b = samples.states[0, 0], samples.states[0, 1]
-        images = interpolate(run, noise_a, noise_b, INTERPOLATION_POINTS, sampler, steps, eta, seed)
+        images = interpolate(
+            run, noise_a, noise_b, INTERPOLATION_POINTS, sampler, steps, eta, seed, condition, guidance
+        )
         fractions = np.linspace(0.0, 1.0, INTERPOLATION_POINTS)
         figures.image_strip(
             images,
@@ -175,6 +205,15 @@ def write_predictions(
         print("interpolation.png skipped: it needs --n 2 or more")
         if os.path.exists(os.path.join(out_dir, "interpolation.png")):  # an earlier call's
             os.remove(os.path.join(out_dir, "interpolation.png"))
+    if run.config.condition_stats:
+        condition = condition or {}
+        # Sweep the first variable not asked for (or, all asked for, the first): the others stay fixed.
+        stats = run.config.condition_stats
+        sweep = sweep or next((name for name in stats if name not in condition), next(iter(stats)))
+        fixed = {k: v for k, v in condition.items() if k != sweep}
+        path = os.path.join(out_dir, "conditions.png")
+        runs.conditions_figure(run, path, sweep, fixed, guidance, sampler, steps, seed, batch_size)
+        written.append("conditions.png")
     return written + [os.path.basename(pngs[0]) + (f" … {os.path.basename(pngs[-1])}" if len(pngs) > 1 else "")]
 
 
@@ -184,6 +223,20 @@ def write_predictions(
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = cli.FlagParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     runs.add_sampling_arguments(parser, n=16)
+    parser.add_argument(
+        "--condition",
+        nargs="+",
+        metavar="NAME=VALUE",
+        help="conditioned runs: e.g. slice=0.6 age=80 (in the labels' units; variables left out are unknown)",
+    )
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=runs.DEFAULT_GUIDANCE,
+        help=f"classifier-free guidance weight w: eps_u + w (eps_c - eps_u); 1 = conditional only, "
+        f"0 = unconditional (default: {runs.DEFAULT_GUIDANCE:g})",
+    )
+    parser.add_argument("--sweep", metavar="NAME", help="the variable conditions.png varies (default: the first)")
     parser.add_argument("--out", help="output folder (default: RUN/predictions)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     return parser.parse_args(argv)
@@ -195,15 +248,33 @@ def run(argv: list[str]) -> None:
     config = runs.read_config(run_dir)
     args.steps = runs.choose_steps(config, args.steps, args.sampler)
     runs.check_sampling_args(config, args.n, args.sampler, args.steps, args.eta, args.seed, args.batch_size)
+    condition = conditioning.parse_assignments(args.condition)
+    with warnings.catch_warnings():  # bad names fail before any work; range warnings come with the sampling
+        warnings.simplefilter("ignore")
+        conditioning.requested_values(config.condition_stats, condition, 1)
+    if args.sweep and args.sweep not in (config.condition_stats or {}):
+        raise cli.UserError(f"--sweep {args.sweep}: the run is not conditioned on it")
     loaded = runs.load_run(run_dir, precision=args.precision)
     out_dir = args.out or os.path.join(run_dir, "predictions")
     make_output_folder(out_dir)
     label = runs.sampler_label(args.sampler, args.steps, args.eta, loaded.config)
-    print(
-        f"run {run_dir}: {args.n} sample{'s' if args.n != 1 else ''}, {label}, seed {args.seed}",
-        flush=True,
+    asked = "".join(f", {k}={v:g}" for k, v in condition.items())
+    if config.condition_stats:
+        asked += f", guidance {args.guidance:g}" if condition else ", no condition (unconditional)"
+    print(f"run {run_dir}: {args.n} sample{'s' if args.n != 1 else ''}, {label}, seed {args.seed}{asked}", flush=True)
+    written = write_predictions(
+        loaded,
+        out_dir,
+        args.n,
+        args.sampler,
+        args.steps,
+        args.eta,
+        args.seed,
+        args.batch_size,
+        condition,
+        args.guidance,
+        args.sweep,
     )
-    written = write_predictions(loaded, out_dir, args.n, args.sampler, args.steps, args.eta, args.seed, args.batch_size)
     print(f"wrote {out_dir}: {', '.join(written)}")
 
 

@@ -30,7 +30,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import conditioning
 import config as cfg
+import figures
 from cli import UserError
 from diffusion import SAMPLERS, LatentDiffusion, NoiseSchedule, make_schedule
 from modules import AutoEncoder, UNet
@@ -38,6 +40,8 @@ from modules import AutoEncoder, UNet
 RUNS_ROOT = "runs"
 # Network evaluations per sample when --steps is not given (T when the run has fewer; DDPM always runs T).
 DEFAULT_STEPS = {"ddim": 50, "dpmpp": 20}
+# Classifier-free guidance weight w of a conditioned run when --guidance is not given (README, "Conditioning").
+DEFAULT_GUIDANCE = 2.0
 
 
 # ---------------------------------------------------------------------------- the folder
@@ -221,6 +225,7 @@ def build_diffusion(config: cfg.RunConfig) -> LatentDiffusion:
         noise_schedule(config),
         ema_decay=config.diffusion.ema_decay,
         seed=config.train.seed,
+        cond_dropout=config.condition.cond_dropout,
     )
     h, c = config.latent_size, config.autoencoder.latent_channels
     model.build((None, h, h, c))
@@ -425,6 +430,16 @@ def decode(run: Run, latents: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, *latents.shape[1:3], 1), np.float32)
 
 
+def network_conditions(run: Run, condition: dict | None, n: int) -> np.ndarray | None:
+    """The UNet's cond input (n, K) float32 for `condition` ({variable: one value or n values},
+    raw units; see conditioning.requested_values for its errors and warnings), or None when
+    nothing is asked for (a conditioned run then samples unconditionally)."""
+    raw = conditioning.requested_values(run.config.condition_stats, condition, n)
+    if raw is None or np.isnan(raw).all():
+        return None
+    return conditioning.normalise(run.config.condition_stats, raw)
+
+
 def generate(
     run: Run,
     n: int,
@@ -435,8 +450,15 @@ def generate(
     batch_size: int = 16,
     num_states: int = 0,
     progress: bool = True,
+    condition: dict | None = None,
+    guidance: float = DEFAULT_GUIDANCE,
 ) -> Samples:
     """n decoded samples of the EMA UNet, in batches of `batch_size` (a progress bar over batches).
+
+    condition: for a conditioned run, {variable: value} or {variable: n values} in the labels'
+    units (e.g. {"slice": 0.6, "age": 80}); variables left out are unknown, and None samples
+    unconditionally. guidance: the classifier-free guidance weight w of
+    eps_u + w (eps_c − eps_u) (1: conditional only; each other w doubles the UNet's batch).
 
     The sampler's x0 estimate is clipped to ± the run's `latent_max_abs` (the range of the
     training latents; no clipping for runs made before it was recorded): without it, a
@@ -447,10 +469,12 @@ def generate(
     (see `Samples`). Batch b uses `batch_seed(seed, b)`.
     """
     check_sampling_args(run.config, n, sampler, steps, eta, seed, batch_size)
+    cond = network_conditions(run, condition, n)
     sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
     bar = keras.utils.Progbar(len(sizes), unit_name="batch") if progress else None
     latents, states, timesteps = [], [], None
     for b, size in enumerate(sizes):
+        start = b * batch_size
         out = run.diffusion.sample(
             size,
             run.latent_shape,
@@ -460,6 +484,8 @@ def generate(
             seed=batch_seed(seed, b),
             num_intermediates=num_states,
             clip_x0=run.config.latent_max_abs,
+            cond=None if cond is None else cond[start : start + size],
+            guidance=guidance,
         )
         if num_states:
             out, batch_states, timesteps = out
@@ -473,4 +499,82 @@ def generate(
         latents=latents,
         states=np.concatenate(states, axis=1) if num_states else None,
         timesteps=timesteps,
+    )
+
+
+def condition_grid(
+    run: Run,
+    variable: str,
+    values,
+    columns: int,
+    fixed: dict | None = None,
+    guidance: float = DEFAULT_GUIDANCE,
+    sampler: str = "ddim",
+    steps: int = 50,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> np.ndarray:
+    """Decoded samples (len(values), columns, H, W, 1) in [-1, 1]: row r asks for
+    `variable` = values[r] (plus the `fixed` conditions), column c starts every row from the
+    same initial noise (seeded by `seed`), so a row-to-row change is the condition's doing."""
+    condition = dict(fixed or {})
+    if variable in condition:
+        raise UserError(f"condition {variable} is swept in conditions.png; do not also fix it")
+    values = np.asarray(values, np.float64)
+    rows = len(values)
+    noise = np.random.default_rng(seed).standard_normal((columns, *run.latent_shape)).astype(np.float32)
+    condition[variable] = np.repeat(values, columns)
+    cond = network_conditions(run, condition, rows * columns)
+    noises = np.tile(noise, (rows, 1, 1, 1))
+    latents = []
+    for b, start in enumerate(range(0, rows * columns, batch_size)):
+        stop = min(start + batch_size, rows * columns)
+        out = run.diffusion.sample(
+            stop - start,
+            run.latent_shape,
+            sampler=sampler,
+            steps=steps,
+            seed=batch_seed(seed, b),
+            clip_x0=run.config.latent_max_abs,
+            initial_noise=noises[start:stop],
+            cond=cond[start:stop],
+            guidance=guidance,
+        )
+        latents.append(out.numpy())
+    images = decode(run, np.concatenate(latents), batch_size)
+    return images.reshape((rows, columns, *images.shape[1:]))
+
+
+CONDITION_ROWS = 6  # values of the swept variable in conditions.png (a categorical one: its categories)
+CONDITION_COLUMNS = 6  # seeds (initial noises) in conditions.png
+
+
+def conditions_figure(
+    run: Run,
+    path: str,
+    variable: str | None = None,
+    fixed: dict | None = None,
+    guidance: float = DEFAULT_GUIDANCE,
+    sampler: str = "ddim",
+    steps: int = 50,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> None:
+    """conditions.png of a conditioned run: rows sweep `variable` (default: the first condition
+    variable) over its training range, columns are seeds (`condition_grid`)."""
+    stats = run.config.condition_stats
+    variable = variable or next(iter(stats))
+    if variable not in stats:
+        raise UserError(f"--sweep {variable}: the run is conditioned on {', '.join(stats)} only")
+    values = conditioning.sweep_values(stats, variable, CONDITION_ROWS)
+    steps = min(steps, run.config.diffusion.timesteps)
+    images = condition_grid(run, variable, values, CONDITION_COLUMNS, fixed, guidance, sampler, steps, seed, batch_size)
+    also = "".join(f", {name} {value:g}" for name, value in (fixed or {}).items())
+    label = sampler_label(sampler, steps, 0.0, run.config)
+    figures.labelled_rows(
+        images,
+        [f"{variable} {v:.2f}" for v in values],
+        path,
+        title=f"{run.name}: rows {variable}{also}, guidance {guidance:g}, {label}",
+        column_title="seed {}",
     )

@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import cli  # noqa: E402
+import conditioning  # noqa: E402
 import config as cfg  # noqa: E402
 import dataset  # noqa: E402
 import figures  # noqa: E402
@@ -344,30 +345,74 @@ def decode_samples(
     return decoder(latents / config.scale_factor, training=False).numpy()
 
 
-def latent_batches(latents: np.ndarray, batch_size: int, seed: int, skip: int = 0) -> tf.data.Dataset:
-    """Endless batches (B, h, w, C) of `latents`, in a seeded order that changes every pass.
+def latent_batches(
+    latents: np.ndarray, batch_size: int, seed: int, skip: int = 0, cond: np.ndarray | None = None
+) -> tf.data.Dataset:
+    """Endless batches (B, h, w, C) of `latents`, in a seeded order that changes every pass;
+    with `cond` (N, K), dicts {"latents": (B, h, w, C), "cond": (B, K)} of matching rows.
 
     The shuffle and `skip` act on indices, so skipping the latents that the done epochs
     used (a resumed run) costs no copying: with the same seed, skip = k·B starts exactly
     at batch k of the unskipped stream.
     """
     latents = tf.constant(latents)
+    cond = None if cond is None else tf.constant(cond, tf.float32)
+
+    def gather(index):
+        batch = tf.gather(latents, index)
+        return batch if cond is None else {"latents": batch, "cond": tf.gather(cond, index)}
+
     return (
         tf.data.Dataset.range(len(latents))
         .shuffle(len(latents), seed=seed, reshuffle_each_iteration=True)
         .repeat()
         .skip(skip)
         .batch(batch_size, drop_remainder=True)
-        .map(lambda index: tf.gather(latents, index), num_parallel_calls=tf.data.AUTOTUNE)
+        .map(gather, num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)
         .with_options(dataset.without_autotune())
     )
 
 
+def training_conditions(config: cfg.RunConfig, labels) -> np.ndarray | None:
+    """The UNet's cond input (N, K) float32 of every training image, in the order of the
+    latents of `encode_training_set` (so twice over when `flip` adds mirror images: a mirror
+    keeps its slice position, age, ...); None for an unconditional run."""
+    names = config.condition.condition
+    if not names:
+        return None
+    raw = labels.values["train"][:, [labels.columns.index(name) for name in names]]
+    cond = conditioning.normalise(config.condition_stats, raw)
+    return np.concatenate([cond, cond]) if config.data.flip else cond
+
+
+def find_conditions(config: cfg.RunConfig, data_dir, splits: dict):
+    """The data's labels (dataset.Labels) for a conditioned run, with its condition statistics
+    measured on the training split when not saved yet; None for an unconditional run."""
+    names = config.condition.condition
+    if not names:
+        return None
+    labels = dataset.find_labels(data_dir, splits)
+    if labels is None:
+        raise cli.UserError(
+            f"--condition {','.join(names)} needs labels, but {data_dir} has no {dataset.LABELS} (and its file "
+            f"names carry no slice index); add one, or train unconditionally with --condition none"
+        )
+    if config.condition_stats is None:
+        config.condition_stats = conditioning.condition_stats(names, labels.columns, labels.values["train"])
+    return labels
+
+
 def train_diffusion(
-    config: cfg.RunConfig, autoencoder: AutoEncoder, latents: np.ndarray, strategy, resumed: bool
+    config: cfg.RunConfig,
+    autoencoder: AutoEncoder,
+    latents: np.ndarray,
+    strategy,
+    resumed: bool,
+    cond: np.ndarray | None = None,
 ) -> LatentDiffusion:
-    """Fit the UNet on `latents` (N, h, w, C), already × scale factor; EMA weights are kept for sampling."""
+    """Fit the UNet on `latents` (N, h, w, C), already × scale factor, conditioned on `cond`
+    (N, K) when given; EMA weights are kept for sampling."""
     run_dir, t = config.train.out, config.train
     steps = t.ldm_steps_per_epoch or max(1, len(latents) // t.batch_size)
     print(f"diffusion: {len(latents)} latents of shape {latents.shape[1:]}, {steps} steps per epoch")
@@ -375,7 +420,7 @@ def train_diffusion(
         model = runs.build_diffusion(config)
         runs.compile_diffusion(model, config)
         initial_epoch = restore_latest(model, os.path.join(run_dir, "checkpoints", LDM), t.lr) if resumed else 0
-    latent_ds = latent_batches(latents, t.batch_size, t.seed, skip=initial_epoch * steps * t.batch_size)
+    latent_ds = latent_batches(latents, t.batch_size, t.seed, skip=initial_epoch * steps * t.batch_size, cond=cond)
     history_csv = os.path.join(run_dir, f"history_{LDM}.csv")
     truncate_history(history_csv, initial_epoch)
     if initial_epoch:
@@ -398,9 +443,11 @@ def train_diffusion(
     runs.save_weights(model.ema_network, os.path.join(run_dir, "unet_ema.weights.h5"))
     figures.loss_curves(history_csv, os.path.join(run_dir, "figures", "diffusion_loss.png"), "latent diffusion (ε MSE)")
     samples = decode_samples(model, autoencoder.decoder, config, 16, seed=t.seed)
-    figures.image_grid(
-        samples, os.path.join(run_dir, "figures", "samples.png"), title="samples (EMA UNet, DDIM 50 steps)"
-    )
+    title = "samples (EMA UNet, DDIM 50 steps" + (", no condition)" if config.condition.condition else ")")
+    figures.image_grid(samples, os.path.join(run_dir, "figures", "samples.png"), title=title)
+    if config.condition.condition:
+        run = runs.Run(run_dir, config, autoencoder, model)
+        runs.conditions_figure(run, os.path.join(run_dir, "figures", "conditions.png"), seed=t.seed)
     return model
 
 
@@ -414,7 +461,9 @@ def run(argv: list[str]) -> None:
     if config.terminal_alpha_bar is None:  # a fresh run, or one made before it was recorded
         config.terminal_alpha_bar = float(runs.noise_schedule(config).alphas_cumprod[-1])
     # Find the data before anything is written: a bad --data leaves no run directory behind.
-    splits = dataset.find_splits(dataset.resolve_data_dir(config.data.data), seed=config.train.seed)
+    data_dir = dataset.resolve_data_dir(config.data.data)
+    splits = dataset.find_splits(data_dir, seed=config.train.seed)
+    labels = find_conditions(config, data_dir, splits)  # and bad labels neither
     runs.start_run_dir(config)
     precision = runs.resolve_precision(config.train.precision)
     keras.config.set_dtype_policy(precision)
@@ -466,7 +515,8 @@ def run(argv: list[str]) -> None:
 
     if train_diffusion_now:
         resumed = args.resume or config.train.stage == "ldm"
-        train_diffusion(config, autoencoder, latents * config.scale_factor, strategy, resumed=resumed)
+        cond = training_conditions(config, labels)
+        train_diffusion(config, autoencoder, latents * config.scale_factor, strategy, resumed=resumed, cond=cond)
     print(f"done: {run_dir}")
 
 
