@@ -28,6 +28,29 @@ Metrics (SSIM and MS-SSIM on images mapped from [-1, 1] to [0, 1] with max_val =
 "Real images" are up to n validation images, evenly spaced over the sorted split (the
 data folder and split are the run's: config.data.data, find_splits with the run's seed).
 
+A run trained with --condition is measured at the first --guidance weight w on samples
+asked for (all errors are medians of absolute differences, in the label's units):
+  - slice-conditioned runs: slice evenly spaced over its training range (sample i gets
+    min + i (max − min) / (n − 1), the other variables unknown). These are also the samples
+    of the metrics above (sample_nn_*, diversity), so they compare with an unconditional run's.
+        cond_slice_mae                |requested slice − the slice label of the sample's
+                                      nearest training image (the SSIM search above)|
+        cond_slice_mae_unconditional  the same for unconditional samples of the same run
+                                      against the same requests: the chance level
+        cond_slice_mae_real           validation images: |their slice − their nearest
+                                      training image's|, the floor (4 mm gaps on the demo set)
+  - every run: the labels of the real images, all variables at once (sample i gets real
+    image i mod n_real's: samples "generated for the held-out slices' labels"), judged by
+    the oracle, a small CNN regressor trained on the real training slices and their labels
+    (oracle.py, cached in RUN/oracle/, --oracle-steps; there: what it can and cannot tell):
+        cond_<var>_mae_samples        |oracle(sample) − requested value|
+        cond_<var>_mae_unconditional  |oracle(unconditional sample) − the same request|
+        cond_<var>_mae_real           |oracle(validation image) − its label|: the oracle's error
+    (for the slice: cond_slice_oracle_mae_*, beside the nearest-neighbour cond_slice_mae).
+`--guidance 1,2,3,5` repeats the conditioned samples at each weight and reports their
+conditioning errors beside sample_nn_ssim_median and the diversity (`guidance_sweep` in
+metrics.json): the trade-off between following the condition and looking like the data.
+
 Also writes RUN/figures/memorisation.png: the 8 samples closest to an image the model
 trained on, each above that image, with their SSIM.
 
@@ -70,6 +93,7 @@ import cli  # noqa: E402
 import config as cfg  # noqa: E402
 import dataset  # noqa: E402
 import figures  # noqa: E402
+import oracle  # noqa: E402
 import runs  # noqa: E402
 
 # Standard MS-SSIM weights of the five scales (Wang et al. 2003), finest first.
@@ -404,6 +428,10 @@ DESCRIPTIONS = {
 }
 
 
+def _shown(value) -> str:
+    return "null" if value is None else f"{value:.4g}"
+
+
 def format_table(metrics: dict) -> str:
     """The metrics as an aligned text table, with the conditions above and notes below."""
     head = (
@@ -413,13 +441,135 @@ def format_table(metrics: dict) -> str:
     )
     rows = [head, "", f"{'metric':<26}{'value':>10}  meaning"]
     for key, meaning in DESCRIPTIONS.items():
-        value = metrics.get(key)
-        shown = "null" if value is None else f"{value:.4g}"
-        rows.append(f"{key:<26}{shown:>10}  {meaning}")
+        rows.append(f"{key:<26}{_shown(metrics.get(key)):>10}  {meaning}")
+    conditioned = [key for key in metrics if key.startswith("cond_")]
+    if conditioned:
+        rows.append(f"conditioned on {', '.join(metrics['condition_variables'])}, guidance {metrics['guidance']:g}:")
+        rows += [f"{key:<32}{_shown(metrics[key]):>10}" for key in conditioned]
+        rows.append("guidance sweep: " + ", ".join(k for k in metrics["guidance_sweep"][0] if k != "guidance"))
+        for entry in metrics["guidance_sweep"]:
+            rows.append(
+                f"  w = {entry['guidance']:<6g}"
+                + "".join(f"{_shown(v):>10}" for k, v in entry.items() if k != "guidance")
+            )
     rows.append("")
     rows.append(f"fid_note: {metrics['fid_note']}")
     rows += [f"note: {note}" for note in metrics["notes"]]
     return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------------- conditioning
+
+
+@dataclass
+class ConditionData:
+    """What the conditioning metrics need of a conditioned run's data (n samples).
+
+    names: the run's condition variables (K); train_labels: raw (len(train_paths), K) labels
+    of the training images searched for nearest neighbours, in their order; real_labels:
+    raw (n_real, K) labels of the real images; held_out: {name: (n,)} the real images'
+    labels, cycled to n (sample i is asked for real image i mod n_real's); sweep: for a
+    slice-conditioned run {"slice": (n,) evenly spaced over the training range} (the other
+    variables unknown), else None; train_paths_all / train_labels_all: the whole training
+    split and its raw labels, for the oracle.
+    """
+
+    names: tuple[str, ...]
+    train_labels: np.ndarray
+    real_labels: np.ndarray
+    held_out: dict
+    sweep: dict | None
+    train_paths_all: list[str]
+    train_labels_all: np.ndarray
+
+    @property
+    def headline(self) -> dict:
+        """What the headline samples are asked for: the slice sweep, or the held-out labels."""
+        return self.sweep or self.held_out
+
+
+def condition_data(config, data_dir, splits, train_paths, real_paths, n) -> ConditionData:
+    """The run's labels for the images evaluate() uses (UserError when the data has none)."""
+    names = tuple(config.condition_stats)
+    labels = dataset.find_labels(data_dir, splits)
+    if labels is None or any(name not in labels.columns for name in names):
+        raise cli.UserError(f"{data_dir} has no labels for {', '.join(names)}, which the run is conditioned on")
+    columns = [labels.columns.index(name) for name in names]
+    row_of = {path: labels.values[split][i, columns] for split, paths in splits.items() for i, path in enumerate(paths)}
+    real = np.array([row_of[p] for p in real_paths]).reshape(-1, len(names))
+    if not len(real):
+        raise cli.UserError("conditioning metrics need validation images (their labels are what samples are asked for)")
+    cycled = real[np.arange(n) % len(real)]
+    stats = config.condition_stats.get("slice")
+    return ConditionData(
+        names=names,
+        train_labels=np.array([row_of[p] for p in train_paths]).reshape(-1, len(names)),
+        real_labels=real,
+        held_out={name: cycled[:, k] for k, name in enumerate(names)},
+        sweep={"slice": np.linspace(stats["min"], stats["max"], n)} if stats else None,
+        train_paths_all=list(splits["train"]),
+        train_labels_all=labels.values["train"][:, columns],
+    )
+
+
+def median_abs_error(predicted: np.ndarray, wanted: np.ndarray) -> float | None:
+    """Median of |predicted − wanted| over the entries where both are known (None if none)."""
+    error = np.abs(np.asarray(predicted, np.float64) - np.asarray(wanted, np.float64))
+    error = error[np.isfinite(error)]
+    return float(np.median(error)) if len(error) else None
+
+
+def slice_error(nearest: Nearest, data: ConditionData, wanted: np.ndarray) -> float | None:
+    """Median |wanted − the slice label of each query's nearest training image| (an index
+    ≥ the number of training images is a mirror image, which keeps its slice)."""
+    found = data.train_labels[nearest.index % len(data.train_labels), data.names.index("slice")]
+    return median_abs_error(found, wanted)
+
+
+def oracle_errors(predicted: np.ndarray, wanted, data: ConditionData, kind: str) -> dict:
+    """{cond_<var>_mae_<kind>: median |oracle prediction − wanted value|} per condition variable
+    (the slice's: cond_slice_oracle_mae_<kind>, beside the nearest-neighbour cond_slice_mae).
+    predicted: (N, K); wanted: {name: (N,)} or an (N, K) array."""
+    errors = {}
+    for k, name in enumerate(data.names):
+        target = wanted[name] if isinstance(wanted, dict) else wanted[:, k]
+        key = "cond_slice_oracle_mae" if name == "slice" else f"cond_{name}_mae"
+        errors[f"{key}_{kind}"] = median_abs_error(predicted[:, k], target)
+    return errors
+
+
+def fit_oracle(run: runs.Run, data: ConditionData, steps: int, batch_size: int) -> oracle.Oracle:
+    """The run's oracle for its condition variables: loaded from RUN/oracle/ or trained there."""
+    config = run.config
+    mean, std = oracle.label_stats(data.train_labels_all)
+
+    def make_train():
+        return dataset.make_dataset(
+            data.train_paths_all,
+            config.data.image_size,
+            batch_size,
+            flip=True,
+            seed=config.train.seed,
+            repeat=True,
+            drop_remainder=True,
+            labels=data.train_labels_all.astype(np.float32),
+            in_memory=None,
+        )
+
+    return oracle.load_or_train_oracle(
+        run.directory, make_train, data.names, mean, std, config.data.image_size, steps=steps, seed=config.train.seed
+    )
+
+
+def parse_guidance(text: str) -> list[float]:
+    """--guidance "1,2,3,5" → [1.0, 2.0, 3.0, 5.0]; UserError for anything else."""
+    try:
+        values = [float(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) for v in values):
+        raise cli.UserError(f"--guidance {text!r}: expected comma-separated weights, e.g. 1,2,3,5")
+    return values
 
 
 def run_splits(config) -> tuple[str, dict[str, list[str]]]:
@@ -440,10 +590,14 @@ def evaluate(
     batch_size: int,
     max_train: int,
     inception_weights: str | None,
+    guidance: list[float] | None = None,
+    oracle_steps: int = 600,
 ) -> dict:
     """Every metric of the module docstring for `run`, with its conditions, as a JSON-ready dict.
 
     data_dir, splits: the run's data folder and {"train", "validate", "test": image paths} (`run_splits`).
+    guidance: classifier-free guidance weights of a conditioned run (the first gives the
+    headline metrics; default [runs.DEFAULT_GUIDANCE]); oracle_steps: its training steps.
     """
     started = time.time()
     config = run.config
@@ -454,8 +608,18 @@ def evaluate(
     if not splits["validate"]:
         notes.append("no validation images: ae_* and real_* metrics are null")
 
-    print(f"sampling {n} images ({runs.sampler_label(sampler, steps, eta, config)})", flush=True)
-    samples = runs.generate(run, n, sampler, steps, eta, seed, batch_size).images
+    guidance = list(guidance or [runs.DEFAULT_GUIDANCE])
+    data = condition_data(config, data_dir, splits, train_paths, real_paths, n) if config.condition_stats else None
+    asked = ""
+    if data:
+        what = "slice evenly spaced" if data.sweep else f"the labels of {len(real_paths)} validation images"
+        asked = f", asked for {what}, guidance {guidance[0]:g}"
+    print(f"sampling {n} images ({runs.sampler_label(sampler, steps, eta, config)}{asked})", flush=True)
+
+    def sample(condition, w):
+        return runs.generate(run, n, sampler, steps, eta, seed, batch_size, condition=condition, guidance=w).images
+
+    samples = sample(data.headline if data else None, guidance[0])
     real = load_images(real_paths, size, batch_size)
 
     print(f"autoencoder on {len(splits['validate'])} validation images", flush=True)
@@ -471,6 +635,11 @@ def evaluate(
     if config.data.flip:
         references = dataset.with_mirrors(references)
     nearest = nearest_ssim(np.concatenate([samples, real]), references.as_numpy_iterator())
+    cond_scores = {}
+    if data:
+        cond_scores = conditioned_metrics(
+            run, data, samples, real, nearest, references, sample, guidance, oracle_steps, batch_size
+        )
     sample_nn, real_nn = nearest.scores[: len(samples)], nearest.scores[len(samples) :]
     figure = os.path.join(run.directory, "figures", "memorisation.png")
     memorisation_figure(samples, nearest, train_paths, figure, title=f"{run.name}: {len(samples)} samples")
@@ -517,6 +686,7 @@ def evaluate(
         "fid_real": _number(inception["fid_real"]),
         "kid_real": _number(inception["kid_real"]),
         "fid_note": inception["fid_note"],
+        **cond_scores,
         "memorisation_figure": figure,
         "notes": notes,
         "tensorflow": tf.__version__,
@@ -524,6 +694,64 @@ def evaluate(
         "device": device_name(),
         "seconds": round(time.time() - started, 1),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def conditioned_metrics(run, data, samples, real, nearest, references, sample, guidance, oracle_steps, batch_size):
+    """The cond_* metrics of the module docstring and the guidance sweep (see `evaluate`).
+
+    samples: asked for data.headline at guidance[0]; nearest: of samples, then of real;
+    references: the nearest-neighbour search's training stream; sample(condition, w): n
+    samples of the run (the same seeds).
+    """
+    n = len(samples)
+    print(f"oracle for {', '.join(data.names)} (cached in {os.path.join(run.directory, oracle.ORACLE_FOLDER)})")
+    judge = fit_oracle(run, data, oracle_steps, batch_size)
+    first = Nearest(nearest.scores[:n], nearest.index[:n], nearest.images[:n])
+    real_nearest = Nearest(nearest.scores[n:], nearest.index[n:], nearest.images[n:])
+
+    sweep = []
+    for w in guidance:
+        if w == guidance[0]:
+            images, found = samples, first
+        else:
+            print(f"guidance {w:g}: sampling {n} images", flush=True)
+            images = sample(data.headline, w)
+            found = nearest_ssim(images, references.as_numpy_iterator())
+        entry = {"guidance": w}
+        if data.sweep:
+            entry["cond_slice_mae"] = slice_error(found, data, data.sweep["slice"])
+            print(f"guidance {w:g}: sampling {n} images for the held-out labels (the oracle's)", flush=True)
+            asked_held_out = sample(data.held_out, w)
+        else:
+            asked_held_out = images
+        entry.update(oracle_errors(judge.predict(asked_held_out), data.held_out, data, "samples"))
+        entry["sample_nn_ssim_median"] = _number(np.median(found.scores))
+        entry["sample_msssim_diversity"] = _number(msssim_diversity(images)[0])
+        sweep.append(entry)
+
+    print("unconditional samples (the chance level)", flush=True)
+    unconditional = sample(None, 1.0)
+    scores = {key: value for key, value in sweep[0].items() if key.startswith("cond_")}
+    if data.sweep:
+        plain = nearest_ssim(unconditional, references.as_numpy_iterator())
+        scores["cond_slice_mae_unconditional"] = slice_error(plain, data, data.sweep["slice"])
+        scores["cond_slice_mae_real"] = slice_error(real_nearest, data, data.real_labels[:, data.names.index("slice")])
+    scores.update(oracle_errors(judge.predict(unconditional), data.held_out, data, "unconditional"))
+    scores.update(oracle_errors(judge.predict(real), data.real_labels, data, "real"))
+    requests = f"the labels of the {len(data.real_labels)} real (validation) images, cycled to {n}"
+    return {
+        "guidance": guidance[0],
+        "condition_variables": list(data.names),
+        "condition_requests": (
+            f"slice evenly spaced over the training range for cond_slice_mae and the headline "
+            f"samples; {requests} for the oracle's"
+        )
+        if data.sweep
+        else requests,
+        **scores,
+        "oracle": {key: judge.info.get(key) for key in ("steps", "seconds", "loss")},
+        "guidance_sweep": sweep,
     }
 
 
@@ -540,6 +768,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="nearest-neighbour search among at most this many training images (default: 0 = all)",
     )
     parser.add_argument("--inception-weights", help="InceptionV3 notop .h5 weights for FID/KID (default: Keras' cache)")
+    parser.add_argument(
+        "--guidance",
+        default=f"{runs.DEFAULT_GUIDANCE:g}",
+        help="conditioned runs: classifier-free guidance weight(s), comma-separated (e.g. 1,2,3,5: a sweep; "
+        f"the first gives the headline metrics) (default: {runs.DEFAULT_GUIDANCE:g})",
+    )
+    parser.add_argument(
+        "--oracle-steps", type=int, default=600, help="training steps of the conditioning oracle (default: 600)"
+    )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     return parser.parse_args(argv)
 
@@ -550,6 +787,9 @@ def run(argv: list[str]) -> None:
     config = runs.read_config(run_dir)
     args.steps = runs.choose_steps(config, args.steps, args.sampler)
     runs.check_sampling_args(config, args.n, args.sampler, args.steps, args.eta, args.seed, args.batch_size)
+    guidance = parse_guidance(args.guidance)
+    if args.oracle_steps < 1:
+        raise cli.UserError(f"--oracle-steps must be positive, got {args.oracle_steps}")
     data_dir, splits = run_splits(config)  # before the models: a missing data folder fails at once
     loaded = runs.load_run(run_dir, encoder=True, precision=args.precision)
     runs.check_writable(run_dir)  # metrics.json goes there: fail now, not after the work
@@ -565,6 +805,8 @@ def run(argv: list[str]) -> None:
         args.batch_size,
         args.max_train,
         args.inception_weights,
+        guidance,
+        args.oracle_steps,
     )
     path = os.path.join(loaded.directory, "metrics.json")
     cfg.write_json_atomic(metrics, path)

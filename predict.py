@@ -11,7 +11,7 @@ DDPM runs all T), --eta 0.0 (DDIM noise, 0 = deterministic), --seed 0, --batch-s
 (default RUN/predictions), --debug (tracebacks instead of one-line errors; or set
 OASIS_LDM_DEBUG=1). A run trained with --condition also takes --condition NAME=VALUE ...
 (variables left out are unknown; none given: unconditional samples), --guidance W
-(classifier-free guidance weight, default 2) and --sweep NAME (the variable conditions.png
+(classifier-free guidance weight, default 3) and --sweep NAME (the variable conditions.png
 sweeps; default: the first one not given with --condition).
 
 Writes to --out:

@@ -41,7 +41,7 @@ RUNS_ROOT = "runs"
 # Network evaluations per sample when --steps is not given (T when the run has fewer; DDPM always runs T).
 DEFAULT_STEPS = {"ddim": 50, "dpmpp": 20}
 # Classifier-free guidance weight w of a conditioned run when --guidance is not given (README, "Conditioning").
-DEFAULT_GUIDANCE = 2.0
+DEFAULT_GUIDANCE = 3.0
 
 
 # ---------------------------------------------------------------------------- the folder

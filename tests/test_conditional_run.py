@@ -1,0 +1,192 @@
+"""A conditioned run end to end, on an OASIS-1-like release made from real MRI.
+
+The release: six "subjects", each the MNI152 T1 template of the demo set (real MRI,
+coarsened to 3 mm and with its own intensity gain) as an Analyze volume in the OASIS-1
+folder layout, and a clinical CSV giving them fake ages, sexes, CDRs and MMSEs (blanks for
+the young controls, as in OASIS). `dataset.py convert-oasis1 --clinical` turns it into
+PNG slices with labels.csv; train.py trains the tiny networks of conftest with
+`--condition slice,age,sex,cdr`; then sampling with every subset of the variables,
+predict.py's conditions and errors, exact resume, and evaluate.py's conditioning metrics.
+"""
+
+import csv
+import itertools
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import dataset
+import evaluate
+import predict
+import runs
+import train
+from conftest import RUN_FLAGS, copy_of
+
+CONDITION = ["--condition", "slice,age,sex,cdr"]
+# ID, sex, age, MMSE, CDR (blank MMSE and CDR: a young control, as in OASIS-1)
+SUBJECTS = [
+    ("OAS1_0001_MR1", "F", 74, 29, 0.0),
+    ("OAS1_0002_MR1", "M", 55, 28, 0.0),
+    ("OAS1_0003_MR1", "F", 81, 22, 1.0),
+    ("OAS1_0004_MR1", "M", 23, None, None),
+    ("OAS1_0005_MR1", "F", 68, 26, 0.5),
+    ("OAS1_0006_MR1", "M", 90, 18, 2.0),
+]
+
+
+def write_release(src, clinical_csv):
+    """The release described in the module docstring, under `src`, and its clinical CSV."""
+    template = dataset._mni152_uint8()[::3, ::3, ::3].astype(np.float32)  # RAS, 3 mm
+    las = template[::-1]  # Analyze volumes are stored radiologically (to Left, Anterior, Superior)
+    for i, (session, *_rest) in enumerate(SUBJECTS):
+        folder = src / "disc1" / session / "PROCESSED" / "MPRAGE" / "T88_111"
+        folder.mkdir(parents=True)
+        volume = (las * (0.8 + 0.08 * i)).astype(np.int16)
+        nib.save(nib.AnalyzeImage(volume, np.eye(4)), folder / f"{session}_mpr_n4_anon_111_t88_masked_gfc.hdr")
+    with open(clinical_csv, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["ID", "M/F", "Hand", "Age", "Educ", "SES", "MMSE", "CDR", "eTIV", "nWBV", "ASF", "Delay"])
+        for session, sex, age, mmse, cdr in SUBJECTS:
+            blank = "" if cdr is None else None
+            writer.writerow([session, sex, "R", age, "", "", blank or mmse, blank or cdr, 1500, 0.75, 1.2, "N/A"])
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """The converted release: an OASIS-layout folder with labels.csv."""
+    root = tmp_path_factory.mktemp("oasis1")
+    write_release(root / "raw", root / "oasis_cross-sectional.csv")
+    out = root / "png"
+    assert (
+        dataset.main(
+            [
+                "convert-oasis1",
+                str(root / "raw"),
+                "--out",
+                str(out),
+                "--clinical",
+                str(root / "oasis_cross-sectional.csv"),
+            ]
+        )
+        == 0
+    )
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def cond_run(release, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("runs") / "cond")
+    flags = RUN_FLAGS + CONDITION + ["--data", release, "--out", out, "--ldm-epochs", "2"]
+    assert train.main(flags) == 0
+    return out
+
+
+def test_conversion_writes_the_labels_training_needs(release):
+    with open(os.path.join(release, dataset.LABELS), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {"slice", "age", "sex", "cdr", "mmse"} <= set(rows[0])
+    young = [r for r in rows if "OAS1_0004" in r["file"]]
+    assert young and all(r["cdr"] == "" and r["mmse"] == "" for r in young)  # unknown, never 0
+    assert {float(r["sex"]) for r in rows} == {0.0, 1.0}  # M → 0, F → 1
+
+
+@pytest.mark.slow
+def test_a_conditioned_run_records_its_statistics_and_samples_every_subset(cond_run, release):
+    config = json.load(open(os.path.join(cond_run, "config.json")))
+    stats = config["condition_stats"]
+    assert list(stats) == ["slice", "age", "sex", "cdr"]
+    assert stats["sex"]["categories"] == [0.0, 1.0] and stats["age"]["categories"] is None
+    assert stats["slice"]["min"] == 0.0 and stats["slice"]["max"] == 1.0
+    # Statistics of the training split only, unknowns left out.
+    labels = dataset.find_labels(release, dataset.find_splits(release))
+    train_labels = labels.values["train"]
+    age, cdr = (train_labels[:, labels.columns.index(name)] for name in ("age", "cdr"))
+    assert (stats["age"]["min"], stats["age"]["max"]) == (np.nanmin(age), np.nanmax(age))
+    assert stats["age"]["mean"] == pytest.approx(np.nanmean(age))
+    assert stats["cdr"]["known"] == np.isfinite(cdr).sum()
+    assert os.path.exists(os.path.join(cond_run, "figures", "conditions.png"))
+
+    run = runs.load_run(cond_run)
+    asked = {"slice": 0.6, "age": 80.0, "sex": 1.0, "cdr": 1.0}
+    seen = []
+    for k in range(len(asked) + 1):
+        for subset in itertools.combinations(asked, k):
+            images = runs.generate(
+                run, 2, steps=3, seed=1, progress=False, condition={v: asked[v] for v in subset}, guidance=3.0
+            ).images
+            assert images.shape == (2, 16, 16, 1) and np.isfinite(images).all()
+            seen.append(images)
+    assert len(seen) == 16
+    # Conditions change the samples (the same seed and noise otherwise).
+    assert not np.allclose(seen[0], seen[-1])
+    # Each sampler compiled once for all 16 subsets (and once more for the unguided first call).
+    assert run.diffusion._ema_sampler._ddim_fn.experimental_get_tracing_count() <= 2
+
+
+@pytest.mark.slow
+def test_predict_takes_conditions_and_refuses_what_the_run_cannot_honour(cond_run, tiny_run, tmp_path, capsys):
+    out = tmp_path / "p"
+    args = ["--run", cond_run, "--n", "2", "--steps", "3", "--out", str(out)]
+    assert predict.main(args + ["--condition", "age=95", "sex=0", "--guidance", "2.5"]) == 0
+    captured = capsys.readouterr()
+    assert "age=95, sex=0, guidance 2.5" in captured.out
+    assert "warning: condition age=95 is outside the training range" in captured.err
+    assert {"samples.png", "conditions.png", "interpolation.png"} <= set(os.listdir(out))
+
+    cases = [
+        (["--run", cond_run, "--condition", "height=3"], "not conditioned on 'height'; its condition variables are"),
+        (["--run", cond_run, "--condition", "sex=0.5"], "sex=0.5: not one of the training values 0, 1"),
+        (["--run", cond_run, "--condition", "age"], "expected NAME=NUMBER"),
+        (["--run", cond_run, "--sweep", "mmse"], "--sweep mmse: the run is not conditioned on it"),
+        (["--run", tiny_run, "--condition", "slice=0.5"], "trained without conditioning; it cannot take slice"),
+    ]
+    for argv, message in cases:
+        assert predict.main(argv + ["--out", str(tmp_path / "never")]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err, err
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.slow
+def test_resume_continues_the_conditioned_run_exactly(cond_run, release, tmp_path):
+    """With op determinism, 1 epoch + --resume to 2 epochs gives the weights of 2 epochs in one go
+    (the dropout masks are drawn from the saved seed stream like t and eps)."""
+    base = RUN_FLAGS + CONDITION + ["--data", release, "--deterministic", "--stage", "ldm"]
+    straight = copy_of(cond_run, tmp_path / "straight")
+    resumed = copy_of(cond_run, tmp_path / "resumed")
+    assert train.main(base + ["--out", straight, "--ldm-epochs", "2"]) == 0
+    assert train.main(base + ["--out", resumed, "--ldm-epochs", "1"]) == 0
+    assert train.main(base + ["--out", resumed, "--ldm-epochs", "2", "--resume"]) == 0
+    a = runs.load_run(straight).diffusion.ema_network.get_weights()
+    b = runs.load_run(resumed).diffusion.ema_network.get_weights()
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+def test_evaluate_reports_conditioning_errors_and_the_guidance_sweep(cond_run, tmp_path, capsys):
+    run_dir = copy_of(cond_run, tmp_path / "run")
+    argv = ["--run", run_dir, "--n", "4", "--steps", "3", "--guidance", "1,3", "--oracle-steps", "5"]
+    assert evaluate.main(argv) == 0
+    metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
+    assert metrics["condition_variables"] == ["slice", "age", "sex", "cdr"] and metrics["guidance"] == 1.0
+    for key in ("cond_slice_mae", "cond_slice_mae_unconditional", "cond_slice_mae_real"):
+        assert 0.0 <= metrics[key] <= 1.0, key  # slice positions lie in [0, 1]
+    for key in ("cond_slice_oracle_mae", "cond_age_mae", "cond_sex_mae", "cond_cdr_mae"):
+        for kind in ("samples", "unconditional", "real"):
+            value = metrics[f"{key}_{kind}"]
+            assert value is None or value >= 0, (key, kind)
+    assert 0 <= metrics["cond_sex_mae_real"] <= 1  # sex is 0 or 1
+    assert [entry["guidance"] for entry in metrics["guidance_sweep"]] == [1.0, 3.0]
+    first = metrics["guidance_sweep"][0]
+    assert first["cond_slice_mae"] == metrics["cond_slice_mae"]
+    assert first["sample_nn_ssim_median"] == pytest.approx(metrics["sample_nn_ssim_median"])
+    assert os.path.exists(os.path.join(run_dir, "oracle", "oracle.json"))
+    assert "guidance sweep" in capsys.readouterr().out
+    # A second evaluation reuses the cached oracle (its json is not rewritten).
+    stamp = os.path.getmtime(os.path.join(run_dir, "oracle", "oracle.json"))
+    assert evaluate.main(argv) == 0
+    assert os.path.getmtime(os.path.join(run_dir, "oracle", "oracle.json")) == stamp
