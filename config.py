@@ -154,6 +154,11 @@ class TrainConfig:
         "tf.distribute: auto (mirrored if >1 GPU), default, mirrored, multiworker (TF_CONFIG)",
         choices=STRATEGIES,
     )
+    worker_timeout: int = option(
+        300,
+        "multiworker: seconds a collective operation waits for the other workers before the run stops "
+        "(a dead worker then ends the others with one error line instead of hanging them)",
+    )
     sample_every: int = option(5, "log a few samples to TensorBoard every N diffusion epochs (0: never)")
     keep_checkpoints: int = option(3, "how many of the newest checkpoints to keep")
     seed: int = option(0, "random seed for data order, initialisation, t and ε")
@@ -241,6 +246,7 @@ class RunConfig:
     def validate(self) -> None:
         """Raise ValueError with one readable line for a configuration that cannot train."""
         positive = {
+            "worker_timeout": self.train.worker_timeout,
             "ae_epochs": self.train.ae_epochs,
             "ldm_epochs": self.train.ldm_epochs,
             "batch_size": self.train.batch_size,

@@ -71,6 +71,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from modules import MultiWorkerFit
+
 __all__ = [
     "NoiseSchedule",
     "make_schedule",
@@ -741,7 +743,7 @@ def _num_replicas() -> int:
     return tf.distribute.get_strategy().num_replicas_in_sync
 
 
-class LatentDiffusion(keras.Model):
+class LatentDiffusion(MultiWorkerFit, keras.Model):
     """Epsilon-prediction diffusion on (scaled) latents, with an EMA copy of the network.
 
     ``fit(latents)`` trains ``network``; after every optimizer step ``ema_network`` moves
@@ -934,13 +936,13 @@ class LatentDiffusion(keras.Model):
         self.optimizer.apply_gradients(zip(grads, variables, strict=True))  # unscales, skips non-finite (fp16)
         self._update_ema()
         self.loss_tracker.update_state(loss)
-        return {"loss": self.loss_tracker.result()}
+        return self.replica_logs({"loss": self.loss_tracker.result()})
 
     def test_step(self, data):
         """The same loss, of the EMA network, without any update."""
         x0, t, noise, cond = self._draws(data, self.val_seed)
         self.loss_tracker.update_state(epsilon_mse(self.ema_network, self.schedule, x0, t, noise, cond=cond))
-        return {"loss": self.loss_tracker.result()}
+        return self.replica_logs({"loss": self.loss_tracker.result()})
 
     def ema_decay_now(self) -> tf.Tensor:
         """d_eff for the update that follows optimizer update number ``optimizer.iterations``."""

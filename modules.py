@@ -47,6 +47,48 @@ LAYOUTS = ("project", "original")
 AUTOENCODER_ACTIVATIONS = ("relu", "silu", "gelu", "elu", "leaky_relu")
 
 
+class MultiWorkerFit:
+    """Mixin for a ``keras.Model`` that ``fit`` trains under ``MultiWorkerMirroredStrategy``.
+
+    Keras 3 (3.15 here) assumes two things that the multi-worker strategy does not allow
+    (keras-team/keras#20585), and this mixin works around both; everywhere else it changes
+    nothing:
+
+    * before the first epoch Keras builds the model from one batch, which it gets with an
+      eager ``strategy.reduce("MEAN", batch)`` of the distributed batch, and that fails
+      ("Attempt to convert a value (PerReplica...)"): the build needs only shapes and
+      dtypes, so this takes this worker's first replica's part of the batch;
+    * Keras reduces each step's logs across workers with ``reduce("MEAN", v, axis=0)``,
+      which fails for the scalars a train step returns ("Invalid reduction dimension 0"):
+      `replica_logs` gives them shape (1,), so that the reduction is the mean over the
+      replicas and the callbacks receive scalars as usual.
+    """
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        strategy = getattr(self, "_distribute_strategy", None)
+        if strategy is None or iterator is None:
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        for _, _, batches in iterator:
+            batch = next(batches)
+            break
+        first = keras.tree.map_structure(lambda v: strategy.experimental_local_results(v)[0], batch)
+        with strategy.scope():
+            self._symbolic_build(data_batch=first)
+
+    def replica_logs(self, logs: dict) -> dict:
+        """`logs` (name -> scalar), each as shape (1,) when replicas live on other workers too."""
+        strategy = self.distribute_strategy
+        if len(strategy.extended.worker_devices) >= strategy.num_replicas_in_sync:
+            return logs
+        return {name: ops.reshape(value, (1,)) for name, value in logs.items()}
+
+    def train_step(self, data):
+        return self.replica_logs(super().train_step(data))
+
+    def test_step(self, data):
+        return self.replica_logs(super().test_step(data))
+
+
 def _check_divisible(x, factor, what):
     """Raise a ValueError when x's static height or width is not a multiple of factor.
 
@@ -724,7 +766,7 @@ def build_decoder(
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class AutoEncoder(keras.Model):
+class AutoEncoder(MultiWorkerFit, keras.Model):
     """Residual convolutional autoencoder: image -> latent -> reconstruction.
 
     ``encoder`` / ``decoder`` are the functional models of ``build_encoder`` /

@@ -123,22 +123,70 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.clip(np.round((np.asarray(images, np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def save_pngs(images: np.ndarray, out_dir: str) -> list[str]:
-    """One 8-bit grayscale PNG per image (N, H, W, 1), named sample_000.png …, written atomically.
+def to_uint16(images: np.ndarray) -> np.ndarray:
+    """[-1, 1] floats → uint16 by round((x + 1) / 2 · 65535), clipped to [0, 65535]; shape kept.
+    dataset.load_image reads it back as x to within 1/65535."""
+    return np.clip(np.round((np.asarray(images, np.float64) + 1.0) / 2.0 * 65535), 0, 65535).astype(np.uint16)
 
-    sample_*.png files left in `out_dir` by an earlier call with a larger --n are removed,
-    so the folder always holds exactly this call's samples. Returns the paths.
+
+# --format: (file name ending, what it holds); sample_000<ending> ...
+FORMATS = {
+    "png": (".png", "8-bit grayscale PNG, round((x + 1) · 127.5)"),
+    "png16": ("_16bit.png", "16-bit grayscale PNG of the decoder's output, round((x + 1) / 2 · 65535)"),
+    "nifti": (".nii.gz", "NIfTI-1, one 2-D slice, float32 (x + 1) · 127.5 (the 8-bit PNGs' scale, unrounded), 1 mm"),
+}
+
+
+def nifti_slice(image: np.ndarray, description: str):
+    """A nibabel Nifti1Image of one image (H, W, 1) in [-1, 1]: float32 intensities (x + 1) · 127.5
+    (the scale of the 8-bit training PNGs, 0 = background, without the rounding), shape
+    (W, H, 1), 1 mm voxels, and `description` in the header (80 bytes at most).
+
+    Orientation: the image is a radiological view (anterior up, the patient's right on the
+    left), so voxel i runs from the image's left column (the patient's right) to its right
+    and j from its bottom row (posterior) to its top: RAS axes x = −i, y = j.
+    """
+    import nibabel as nib  # here: only this output needs it
+
+    data = ((np.asarray(image, np.float32)[::-1, :, 0].T + 1.0) * 127.5)[:, :, None].astype(np.float32)
+    affine = np.diag([-1.0, 1.0, 1.0, 1.0])
+    affine[0, 3] = data.shape[0] - 1.0
+    volume = nib.Nifti1Image(data, affine)
+    volume.header["descrip"] = description.encode("ascii", "replace")[:79]
+    volume.header.set_xyzt_units("mm")
+    return volume
+
+
+def save_samples(images: np.ndarray, out_dir: str, formats=("png",), descriptions=None) -> list[str]:
+    """One file per image (N, H, W, 1) and format (`FORMATS`), named sample_000.png,
+    sample_000_16bit.png, sample_000.nii.gz …, each written atomically; `descriptions` (N
+    strings) go into the NIfTI headers.
+
+    Files of these names left in `out_dir` by an earlier call with a larger --n (or other
+    formats) are removed, so the folder always holds exactly this call's samples. Returns
+    the paths, format by format.
     """
     width = max(3, len(str(len(images) - 1)))
-    paths = [os.path.join(out_dir, f"sample_{i:0{width}d}.png") for i in range(len(images))]
-    for old in glob.glob(os.path.join(out_dir, "sample_*.png")):
-        if re.fullmatch(r"sample_\d+\.png", os.path.basename(old)) and old not in paths:
+    paths = {
+        name: [os.path.join(out_dir, f"sample_{i:0{width}d}{FORMATS[name][0]}") for i in range(len(images))]
+        for name in formats
+    }
+    wanted = {path for group in paths.values() for path in group}
+    for old in glob.glob(os.path.join(out_dir, "sample_*")):
+        if re.fullmatch(r"sample_\d+(\.png|_16bit\.png|\.nii\.gz)", os.path.basename(old)) and old not in wanted:
             os.remove(old)
-    for pixels, path in zip(to_uint8(images), paths, strict=True):
-        tmp = f"{path}.tmp"
-        Image.fromarray(pixels[:, :, 0], mode="L").save(tmp, format="PNG")
-        os.replace(tmp, path)
-    return paths
+    descriptions = descriptions or [""] * len(images)
+    for name, group in paths.items():
+        ending = FORMATS[name][0]
+        for i, path in enumerate(group):
+            tmp = f"{path[: -len(ending)]}.partial{ending}"  # nibabel reads format and compression off the name
+            if name == "nifti":
+                nifti_slice(images[i], descriptions[i]).to_filename(tmp)
+            else:
+                pixels = (to_uint8 if name == "png" else to_uint16)(images[i])[:, :, 0]
+                Image.fromarray(pixels).save(tmp, format="PNG")
+            os.replace(tmp, path)
+    return [path for group in paths.values() for path in group]
 
 
 def make_output_folder(out_dir: str) -> None:
@@ -162,10 +210,11 @@ def write_predictions(
     condition: dict | None = None,
     guidance: float = runs.DEFAULT_GUIDANCE,
     sweep: str | None = None,
+    formats=("png",),
 ) -> list[str]:
     """Sample and write every output file of predict.py to `out_dir` (an existing folder); returns
     the file names written. condition, guidance: as runs.generate; sweep: the variable of
-    conditions.png (conditioned runs only)."""
+    conditions.png (conditioned runs only); formats: of the per-sample files (`FORMATS`)."""
     num_states = min(DENOISING_STATES, runs.sampler_steps(run.config, sampler, steps) + 1)
     samples = runs.generate(
         run, n, sampler, steps, eta, seed, batch_size, num_states=num_states, condition=condition, guidance=guidance
@@ -176,7 +225,11 @@ def write_predictions(
 
     figures.image_grid(samples.images, os.path.join(out_dir, "samples.png"), title=label)
     written = ["samples.png"]
-    pngs = save_pngs(samples.images, out_dir)
+    asked = "".join(f" {k}={v:g}" for k, v in (condition or {}).items()) + (f" w={guidance:g}" if condition else "")
+    descriptions = [
+        f"oasis-ldm {run.name} #{i} seed {seed} batch {batch_size} {sampler} {steps}{asked}" for i in range(n)
+    ]
+    pngs = save_samples(samples.images, out_dir, formats, descriptions)
 
     shown = samples.states[:, :DENOISING_SAMPLES]
     k, s = shown.shape[:2]
@@ -237,6 +290,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         f"0 = unconditional (default: {runs.DEFAULT_GUIDANCE:g})",
     )
     parser.add_argument("--sweep", metavar="NAME", help="the variable conditions.png varies (default: the first)")
+    parser.add_argument(
+        "--format",
+        nargs="+",
+        choices=FORMATS,
+        default=["png"],
+        help="per-sample files, one or more of: png (8-bit), png16 (16-bit, no 8-bit rounding), nifti (.nii.gz, "
+        "float32) (default: png)",
+    )
     parser.add_argument("--out", help="output folder (default: RUN/predictions)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     return parser.parse_args(argv)
@@ -274,6 +335,7 @@ def run(argv: list[str]) -> None:
         condition,
         args.guidance,
         args.sweep,
+        tuple(dict.fromkeys(args.format)),
     )
     print(f"wrote {out_dir}: {', '.join(written)}")
 

@@ -22,6 +22,7 @@ import math
 import os
 import re
 import sys
+import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -66,7 +67,9 @@ def parse_args(argv: list[str]) -> tuple[cfg.RunConfig, argparse.Namespace]:
     return cfg.config_from_args(args, known.preset), args
 
 
-def resolve_config(config: cfg.RunConfig, args: argparse.Namespace, argv: list[str]) -> cfg.RunConfig:
+def resolve_config(
+    config: cfg.RunConfig, args: argparse.Namespace, argv: list[str], chief: bool = True
+) -> cfg.RunConfig:
     """The configuration to train with; reads the run directory, writes nothing.
 
     A fresh run refuses an --out that already holds a run, and writes the linear β range
@@ -78,7 +81,8 @@ def resolve_config(config: cfg.RunConfig, args: argparse.Namespace, argv: list[s
     run_dir = config.train.out
     config_path = os.path.join(run_dir, "config.json")
     if not (args.resume or config.train.stage == "ldm"):
-        if os.path.exists(config_path):
+        # A non-chief worker may find the config.json its chief has just written.
+        if chief and os.path.exists(config_path):
             raise cli.UserError(f"{run_dir} already holds a run; add --resume to continue it, or choose another --out")
         validate(config)
         d = config.diffusion
@@ -108,6 +112,7 @@ RESUMABLE_FLAGS = {
     "precision",
     "xla",
     "strategy",
+    "worker_timeout",
     "sample_every",
     "keep_checkpoints",
     "deterministic",
@@ -121,19 +126,49 @@ def validate(config: cfg.RunConfig) -> None:
         raise cli.UserError(str(e)) from None
 
 
-def make_strategy(name: str) -> tf.distribute.Strategy:
+def make_strategy(name: str, worker_timeout: int = 300) -> tf.distribute.Strategy:
     """auto: MirroredStrategy over all GPUs when there are several, else the default strategy.
 
     `mirrored` without GPUs mirrors over the logical CPU devices (that is how the tests run
-    it); `multiworker` reads the cluster from the TF_CONFIG environment variable.
+    it); `multiworker` reads the cluster from the TF_CONFIG environment variable, and its
+    collective operations give up after `worker_timeout` seconds (see `WorkerLost`).
     """
+    if name == "multiworker":  # before any other TensorFlow call: collectives are configured at start-up
+        if not os.environ.get("TF_CONFIG"):
+            raise cli.UserError("--strategy multiworker needs the TF_CONFIG environment variable (README, Scale-out)")
+        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=worker_timeout)
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     gpus = tf.config.list_logical_devices("GPU")
-    if name == "multiworker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "mirrored" or (name == "auto" and len(gpus) > 1):
         devices = gpus or tf.config.list_logical_devices("CPU")
         return tf.distribute.MirroredStrategy([d.name for d in devices])
     return tf.distribute.get_strategy()
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the run directory: always, but in a multi-worker cluster only
+    its chief (task "chief", or worker 0 when there is none; what tf.distribute calls
+    `should_checkpoint`). The other workers train in lockstep and write nothing."""
+    return strategy.extended.should_checkpoint
+
+
+class WorkerLost(cli.UserError):
+    pass
+
+
+def fit_or_stop(model: keras.Model, strategy, timeout: int, **fit_args):
+    """model.fit(**fit_args); in a multi-worker cluster, a collective that failed or timed out
+    (a worker died or hangs) becomes one WorkerLost line instead of a traceback."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return model.fit(**fit_args)
+    try:
+        return model.fit(**fit_args)
+    except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError, tf.errors.CancelledError) as e:
+        reason = str(e).strip().splitlines()[0][:200]
+        raise WorkerLost(
+            f"lost contact with another worker (collective operations gave up after at most {timeout} s: {reason}); "
+            f"start every worker again with --resume to continue from the last checkpoint"
+        ) from None
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -167,18 +202,31 @@ def list_checkpoints(directory: str) -> list[str]:
 
 
 def restore_latest(model: keras.Model, directory: str, learning_rate: float) -> int:
-    """Load the newest checkpoint into a built, compiled `model`; returns its epoch (0 if none).
+    """Load the newest checkpoint that loads into a built, compiled `model`; returns its epoch
+    (0 if there is none).
 
-    The optimizer must be built first, or Keras skips its state without a word. The
-    checkpoint also holds the old learning rate: the one asked for now wins.
+    A damaged checkpoint (cut short by a partial copy or a failing disk) is skipped with one
+    warning naming it and why, and the next older one is tried; UserError when none loads.
+    The caller truncates the history to the epoch returned. The optimizer must be built
+    first, or Keras skips its state without a word. The checkpoint also holds the old
+    learning rate: the one asked for now wins.
     """
     checkpoints = list_checkpoints(directory)
     if not checkpoints:
         return 0
     model.optimizer.build(model.trainable_variables)
-    model.load_weights(checkpoints[-1])
-    model.optimizer.learning_rate = learning_rate
-    return int(re.search(r"epoch-(\d+)", os.path.basename(checkpoints[-1])).group(1))
+    for path in reversed(checkpoints):
+        try:
+            runs.load_weights(model, path, built_from="this run's config.json")
+        except cli.UserError as e:
+            warnings.warn(f"skipping a checkpoint: {e}", stacklevel=2)
+            continue
+        model.optimizer.learning_rate = learning_rate
+        return int(re.search(r"epoch-(\d+)", os.path.basename(path)).group(1))
+    raise cli.UserError(
+        f"none of the {len(checkpoints)} checkpoint(s) in {directory} loads (see the warnings above); "
+        f"restore them from a copy, or delete the folder to train this stage from scratch"
+    )
 
 
 def truncate_history(csv_path: str, epochs_done: int) -> None:
@@ -222,10 +270,14 @@ class NonFiniteLoss(cli.UserError):
     pass
 
 
-def stage_callbacks(run_dir: str, stage: str, config: cfg.RunConfig, resumed: bool) -> list[keras.callbacks.Callback]:
-    """The callbacks both stages share. Order matters: the NaN check runs first, and the CSV
-    row is written before the checkpoint, so a kill in between repeats the row (truncated
-    on resume) rather than losing it."""
+def stage_callbacks(
+    run_dir: str, stage: str, config: cfg.RunConfig, resumed: bool, chief: bool = True
+) -> list[keras.callbacks.Callback]:
+    """The callbacks both stages share (all but the NaN check write files: the chief's only).
+    Order matters: the NaN check runs first, and the CSV row is written before the
+    checkpoint, so a kill in between repeats the row (truncated on resume) rather than losing it."""
+    if not chief:
+        return [StopOnNonFiniteLoss(stage)]
     return [
         StopOnNonFiniteLoss(stage),
         keras.callbacks.CSVLogger(os.path.join(run_dir, f"history_{stage}.csv"), append=resumed),
@@ -247,6 +299,7 @@ def train_autoencoder(config: cfg.RunConfig, splits: dict, strategy, resumed: bo
     """
     run_dir, t = config.train.out, config.train
     size = config.data.image_size
+    chief = is_chief(strategy)
     steps = t.ae_steps_per_epoch or max(1, len(splits["train"]) // t.batch_size)
     with strategy.scope():
         autoencoder = runs.build_autoencoder(config)
@@ -269,21 +322,27 @@ def train_autoencoder(config: cfg.RunConfig, splits: dict, strategy, resumed: bo
         val_ds = dataset.make_dataset(splits["validate"], size, t.batch_size, shuffle=False, in_memory=None)
         val_ds = val_ds.map(lambda x: (x, x))
     history_csv = os.path.join(run_dir, f"history_{AE}.csv")
-    truncate_history(history_csv, initial_epoch)
+    if chief:
+        truncate_history(history_csv, initial_epoch)
     if initial_epoch:
         print(f"resuming the autoencoder after epoch {initial_epoch}")
-    autoencoder.fit(
-        train_ds,
+    fit_or_stop(
+        autoencoder,
+        strategy,
+        t.worker_timeout,
+        x=train_ds,
         validation_data=val_ds,
         # ignore_errors() hides the dataset's length from Keras, which would warn at its end
         validation_steps=-(-len(splits["validate"]) // t.batch_size) if val_ds else None,
         epochs=t.ae_epochs,
         initial_epoch=initial_epoch,
         steps_per_epoch=steps,
-        callbacks=stage_callbacks(run_dir, AE, config, resumed=initial_epoch > 0),
+        callbacks=stage_callbacks(run_dir, AE, config, resumed=initial_epoch > 0, chief=chief),
         shuffle=False,  # the tf.data pipeline shuffles; Keras would only warn
         verbose=2,
     )
+    if not chief:
+        return autoencoder
     runs.save_weights(autoencoder.encoder, os.path.join(run_dir, "encoder.weights.h5"))
     runs.save_weights(autoencoder.decoder, os.path.join(run_dir, "decoder.weights.h5"))
     figures.loss_curves(history_csv, os.path.join(run_dir, "figures", "autoencoder_loss.png"), "autoencoder (MSE)")
@@ -414,6 +473,7 @@ def train_diffusion(
     """Fit the UNet on `latents` (N, h, w, C), already × scale factor, conditioned on `cond`
     (N, K) when given; EMA weights are kept for sampling."""
     run_dir, t = config.train.out, config.train
+    chief = is_chief(strategy)
     steps = t.ldm_steps_per_epoch or max(1, len(latents) // t.batch_size)
     print(f"diffusion: {len(latents)} latents of shape {latents.shape[1:]}, {steps} steps per epoch")
     with strategy.scope():
@@ -422,15 +482,19 @@ def train_diffusion(
         initial_epoch = restore_latest(model, os.path.join(run_dir, "checkpoints", LDM), t.lr) if resumed else 0
     latent_ds = latent_batches(latents, t.batch_size, t.seed, skip=initial_epoch * steps * t.batch_size, cond=cond)
     history_csv = os.path.join(run_dir, f"history_{LDM}.csv")
-    truncate_history(history_csv, initial_epoch)
+    if chief:
+        truncate_history(history_csv, initial_epoch)
     if initial_epoch:
         print(f"resuming the diffusion model after epoch {initial_epoch}")
-    callbacks = stage_callbacks(run_dir, LDM, config, resumed=initial_epoch > 0)
-    callbacks.append(
-        TensorBoardSamples(autoencoder.decoder, config, os.path.join(run_dir, "logs", LDM, "samples"), t.sample_every)
-    )
-    model.fit(
-        latent_ds,
+    callbacks = stage_callbacks(run_dir, LDM, config, resumed=initial_epoch > 0, chief=chief)
+    if chief:
+        samples_dir = os.path.join(run_dir, "logs", LDM, "samples")
+        callbacks.append(TensorBoardSamples(autoencoder.decoder, config, samples_dir, t.sample_every))
+    fit_or_stop(
+        model,
+        strategy,
+        t.worker_timeout,
+        x=latent_ds,
         epochs=t.ldm_epochs,
         initial_epoch=initial_epoch,
         steps_per_epoch=steps,
@@ -438,7 +502,8 @@ def train_diffusion(
         shuffle=False,
         verbose=2,
     )
-
+    if not chief:
+        return model
     runs.save_weights(model.network, os.path.join(run_dir, "unet.weights.h5"))
     runs.save_weights(model.ema_network, os.path.join(run_dir, "unet_ema.weights.h5"))
     figures.loss_curves(history_csv, os.path.join(run_dir, "figures", "diffusion_loss.png"), "latent diffusion (ε MSE)")
@@ -456,15 +521,17 @@ def train_diffusion(
 
 def run(argv: list[str]) -> None:
     config, args = parse_args(argv)
-    strategy = make_strategy(config.train.strategy)  # first: MultiWorker needs to start before other ops
-    config = resolve_config(config, args, argv)
+    strategy = make_strategy(config.train.strategy, config.train.worker_timeout)  # first: see make_strategy
+    chief = is_chief(strategy)
+    config = resolve_config(config, args, argv, chief)
     if config.terminal_alpha_bar is None:  # a fresh run, or one made before it was recorded
         config.terminal_alpha_bar = float(runs.noise_schedule(config).alphas_cumprod[-1])
     # Find the data before anything is written: a bad --data leaves no run directory behind.
     data_dir = dataset.resolve_data_dir(config.data.data)
     splits = dataset.find_splits(data_dir, seed=config.train.seed)
     labels = find_conditions(config, data_dir, splits)  # and bad labels neither
-    runs.start_run_dir(config)
+    if chief:  # the other workers of a cluster write nothing (is_chief)
+        runs.start_run_dir(config)
     precision = runs.resolve_precision(config.train.precision)
     keras.config.set_dtype_policy(precision)
     keras.utils.set_random_seed(config.train.seed)
@@ -507,7 +574,8 @@ def run(argv: list[str]) -> None:
     if config.scale_factor is None:
         config.scale_factor = float(1.0 / latents.std())
         config.latent_max_abs = float(np.abs(latents).max() * config.scale_factor)
-        cfg.save_config(config, os.path.join(run_dir, "config.json"))
+        if chief:
+            cfg.save_config(config, os.path.join(run_dir, "config.json"))
         print(
             f"latent scale factor: {config.scale_factor:.4f} (1 / std of {latents.size} latent values); "
             f"scaled latents lie within ±{config.latent_max_abs:.2f}, where samplers clip their x0 estimate"

@@ -66,11 +66,24 @@ def kill_while_writing_diffusion_checkpoint_2():
     os.replace = patched
 
 
+def kill_at_diffusion_epoch_2():
+    """As the diffusion stage's 2nd epoch begins (on every worker of a cluster: the NaN check
+    is the one callback that non-chief workers have too)."""
+
+    def begin(cb, epoch, logs=None):
+        if cb.stage == train.LDM and epoch == 1:
+            die()
+        cb.epoch = epoch
+
+    train.StopOnNonFiniteLoss.on_epoch_begin = begin
+
+
 KILL_POINTS = {
     "autoencoder-epoch-2": kill_during_autoencoder_epoch_2,
     "between-stages": kill_between_stages,
     "after-diffusion-checkpoint-1": kill_after_diffusion_checkpoint_1,
     "writing-diffusion-checkpoint-2": kill_while_writing_diffusion_checkpoint_2,
+    "diffusion-epoch-2": kill_at_diffusion_epoch_2,
 }
 
 if __name__ == "__main__":

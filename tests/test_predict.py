@@ -114,11 +114,11 @@ def test_batches_use_distinct_seeds(loaded):
     assert np.abs(images[:2] - images[2:]).max() > 1e-2  # batch 1 is not a copy of batch 0
 
 
-def test_save_pngs_removes_older_samples_only(tmp_path):
+def test_save_samples_removes_older_samples_only(tmp_path):
     images = np.linspace(-1, 1, 5 * 16 * 16).reshape(5, 16, 16, 1)
     (tmp_path / "sample_notes.png").write_bytes(b"not ours")
-    assert len(predict.save_pngs(images, str(tmp_path))) == 5
-    paths = predict.save_pngs(images[:2], str(tmp_path))
+    assert len(predict.save_samples(images, str(tmp_path), ("png", "png16"))) == 10
+    paths = predict.save_samples(images[:2], str(tmp_path))
     assert [os.path.basename(p) for p in paths] == ["sample_000.png", "sample_001.png"]
     assert sorted(os.listdir(tmp_path)) == ["sample_000.png", "sample_001.png", "sample_notes.png"]
 
@@ -251,6 +251,11 @@ ERRORS = {
         "error: weights in {tmp}/run/unet_ema.weights.h5 do not match config.json (A total of",
     ),
     "bad config": ("run", dict(config_text="{not json"), "error: {tmp}/run/config.json is not a valid run config: "),
+    "damaged weights": (
+        "run",
+        dict(truncate="unet_ema.weights.h5"),
+        "error: cannot read {tmp}/run/unet_ema.weights.h5: ",
+    ),
     "steps > T": ("run", dict(argv=["--steps", "21"]), "error: --steps must be in [1, 20] (the run's T), got 21"),
     "eta without ddim": (
         "run",
@@ -277,6 +282,9 @@ def test_errors_are_one_line_and_change_nothing(case, tiny_run, tmp_path, monkey
         copy_run(tiny_run, tmp_path / "run", without=change.pop("without", ()))
         if "config_text" in change:
             (tmp_path / "run" / "config.json").write_text(change.pop("config_text"))
+        if "truncate" in change:  # the first 1,000 bytes, as a partial copy leaves a file
+            damaged = tmp_path / "run" / change.pop("truncate")
+            damaged.write_bytes(damaged.read_bytes()[:1000])
         if change:
             edit_config(tmp_path / "run", **change)
     before = snapshot(tmp_path)
@@ -308,3 +316,32 @@ def test_sampling_precision_runs_the_networks_in_bf16_with_float32_results(tiny_
     assert b.images.dtype == np.float32 and b.images.min() >= -1 and b.images.max() <= 1
     difference = float(np.abs(a.images - b.images).mean())
     assert 0 < difference < 0.1, difference
+
+
+def test_formats_png16_and_nifti_hold_the_decoders_output(tiny_run, loaded, tmp_path):
+    """--format png png16 nifti: the 16-bit PNG reads back through dataset.py as the decoder's
+    output within 1/65535, the NIfTI file loads with nibabel and shows the same image as the
+    8-bit PNG (its intensities unrounded), with the seed in its header."""
+    import nibabel as nib
+
+    import dataset
+
+    out = tmp_path / "formats"
+    argv = ["--run", tiny_run, "--n", "2", "--steps", "4", "--out", str(out), "--format", "png", "png16", "nifti"]
+    assert predict.main(argv) == 0
+    expected = runs.generate(loaded, 2, steps=4, seed=0, batch_size=16, progress=False).images
+    for i in range(2):
+        back = dataset.load_image(str(out / f"sample_00{i}_16bit.png"), 16).numpy()
+        assert np.abs(back - expected[i]).max() <= 1 / 65535 + 1e-6
+        eight = np.asarray(Image.open(out / f"sample_00{i}.png"), np.float64)
+        volume = nib.load(out / f"sample_00{i}.nii.gz")
+        data = np.asarray(volume.dataobj)
+        assert data.dtype == np.float32 and data.shape == (16, 16, 1)
+        shown = data[:, ::-1, 0].T  # voxel (i, j) → image row H-1-j, column i
+        assert np.abs(shown - eight).max() <= 0.5 + 1e-4  # the 8-bit PNG rounds the same values
+        np.testing.assert_allclose(shown, (expected[i, :, :, 0] + 1) * 127.5, atol=1e-3)
+        assert volume.header.get_zooms() == (1.0, 1.0, 1.0)
+        assert b"seed 0" in volume.header["descrip"].tobytes()
+    # A later call with fewer formats removes the files of the others: only this call's samples stay.
+    assert predict.main(argv[:-3]) == 0
+    assert sorted(p for p in os.listdir(out) if p.startswith("sample_")) == ["sample_000.png", "sample_001.png"]

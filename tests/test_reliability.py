@@ -156,3 +156,35 @@ def test_debug_flag_and_variable_show_the_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("OASIS_LDM_DEBUG", "1")
     with pytest.raises(cli.UserError, match="invalid choice"):
         train.main(["--precision", "fp8"])
+
+
+@pytest.mark.slow
+def test_resume_over_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tiny_run, tiny_data, tmp_path, capsys):
+    """The newest diffusion checkpoint cut to its first 1,000 bytes (a partial copy, a failing
+    disk): --resume warns once naming it, continues from the one before, and every epoch is in
+    the history once; with every checkpoint damaged, one error line and exit 1."""
+    from conftest import copy_of
+
+    run = copy_of(tiny_run, tmp_path / "run")
+    flags = RUN_FLAGS + ["--data", tiny_data, "--out", run, "--resume"]
+    assert train.main(flags + ["--ldm-epochs", "3"]) == 0  # checkpoints of epochs 1, 2, 3
+    folder = os.path.join(run, "checkpoints", "diffusion")
+    newest = os.path.join(folder, "epoch-0003.weights.h5")
+    with open(newest, "r+b") as f:
+        f.truncate(1000)
+    capsys.readouterr()
+    assert train.main(flags + ["--ldm-epochs", "4"]) == 0
+    captured = capsys.readouterr()
+    warned = [line for line in captured.err.splitlines() if "skipping a checkpoint" in line]
+    assert len(warned) == 1 and warned[0].startswith("warning: ") and newest in warned[0], captured.err
+    assert "resuming the diffusion model after epoch 2" in captured.out
+    assert history_epochs(os.path.join(run, "history_diffusion.csv")) == [0, 1, 2, 3]
+    assert os.path.getsize(newest) > 1000  # epoch 3 trained again and saved whole
+
+    for path in glob.glob(os.path.join(folder, "*.weights.h5")):
+        with open(path, "r+b") as f:
+            f.truncate(1000)
+    assert train.main(flags + ["--ldm-epochs", "5"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: none of the 3 checkpoint(s) in ") and "Traceback" not in "".join(err)
+    assert sum("skipping a checkpoint" in line for line in err) == 3

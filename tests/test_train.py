@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -71,21 +70,6 @@ def test_unknown_preset_is_one_line(capsys):
 
 
 @pytest.mark.slow
-def test_mirrored_strategy_on_two_cpu_devices(tiny_data, tmp_path):
-    out = tmp_path / "run"
-    script = textwrap.dedent(f"""
-        import sys, tensorflow as tf
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        import train
-        sys.exit(train.main({RUN_FLAGS + ["--data", tiny_data, "--out", str(out), "--strategy", "mirrored"]!r}))
-    """)
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "replicas: 2" in result.stdout
-    assert (out / "unet_ema.weights.h5").exists()
-
-
 def test_xla_run_trains_both_stages(tiny_data, tmp_path, capsys):
     """--xla on (what `auto` picks on an AVX2 CPU in float32): both fits compile with XLA."""
     out = tmp_path / "run"
