@@ -76,9 +76,10 @@ class MultiWorkerFit:
             self._symbolic_build(data_batch=first)
 
     def replica_logs(self, logs: dict) -> dict:
-        """`logs` (name -> scalar), each as shape (1,) when replicas live on other workers too."""
-        strategy = self.distribute_strategy
-        if len(strategy.extended.worker_devices) >= strategy.num_replicas_in_sync:
+        """`logs` (name -> scalar), each as shape (1,) in a cluster of several workers."""
+        resolver = getattr(self.distribute_strategy, "cluster_resolver", None)
+        cluster = resolver.cluster_spec().as_dict() if resolver is not None else {}
+        if len(cluster.get("chief", [])) + len(cluster.get("worker", [])) <= 1:
             return logs
         return {name: ops.reshape(value, (1,)) for name, value in logs.items()}
 
