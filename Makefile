@@ -21,10 +21,11 @@ demo: $(STAMP)
 	$(PY) predict.py --run runs/demo
 
 # Two pytest workers (pytest-xdist): most tests are single-threaded tracing and Python, so a
-# 2-core machine runs two at once; TEST_WORKERS=0 runs them in this process, one at a time.
+# 2-core machine runs two at once (loadgroup: tests marked xdist_group share a worker, and its
+# module fixtures); TEST_WORKERS=0 runs them in this process, one at a time.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS))
+	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 
 # Lint (pyflakes, pycodestyle errors, isort, bugbear, pyupgrade) and formatting, as configured in pyproject.toml.
 lint: $(STAMP)

@@ -6,7 +6,8 @@ folder layout, and a clinical CSV giving them fake ages, sexes, CDRs and MMSEs (
 the young controls, as in OASIS). `dataset.py convert-oasis1 --clinical` turns it into
 PNG slices with labels.csv; train.py trains the tiny networks of conftest with
 `--condition slice,age,sex,cdr`; then sampling with every subset of the variables,
-predict.py's conditions and errors, exact resume, and evaluate.py's conditioning metrics.
+predict.py's conditions and errors, and evaluate.py's conditioning metrics (exact resume
+with conditions: tests/test_conditioning.py).
 """
 
 import csv
@@ -24,6 +25,9 @@ import predict
 import runs
 import train
 from conftest import RUN_FLAGS, copy_of
+
+# One pytest-xdist worker runs this file (make test: --dist loadgroup), so the trained run is made once.
+pytestmark = pytest.mark.xdist_group("conditional_run")
 
 CONDITION = ["--condition", "slice,age,sex,cdr"]
 # ID, sex, age, MMSE, CDR (blank MMSE and CDR: a young control, as in OASIS-1)
@@ -54,7 +58,7 @@ def write_release(src, clinical_csv):
             writer.writerow([session, sex, "R", age, "", "", blank or mmse, blank or cdr, 1500, 0.75, 1.2, "N/A"])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session, not module: xdist may interleave other files' tests
 def release(tmp_path_factory):
     """The converted release: an OASIS-layout folder with labels.csv."""
     root = tmp_path_factory.mktemp("oasis1")
@@ -76,7 +80,7 @@ def release(tmp_path_factory):
     return str(out)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cond_run(release, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("runs") / "cond")
     flags = RUN_FLAGS + CONDITION + ["--data", release, "--out", out, "--ldm-epochs", "2"]
@@ -148,22 +152,6 @@ def test_predict_takes_conditions_and_refuses_what_the_run_cannot_honour(cond_ru
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err, err
     assert not (tmp_path / "never").exists()
-
-
-@pytest.mark.slow
-def test_resume_continues_the_conditioned_run_exactly(cond_run, release, tmp_path):
-    """With op determinism, 1 epoch + --resume to 2 epochs gives the weights of 2 epochs in one go
-    (the dropout masks are drawn from the saved seed stream like t and eps)."""
-    base = RUN_FLAGS + CONDITION + ["--data", release, "--deterministic", "--stage", "ldm"]
-    straight = copy_of(cond_run, tmp_path / "straight")
-    resumed = copy_of(cond_run, tmp_path / "resumed")
-    assert train.main(base + ["--out", straight, "--ldm-epochs", "2"]) == 0
-    assert train.main(base + ["--out", resumed, "--ldm-epochs", "1"]) == 0
-    assert train.main(base + ["--out", resumed, "--ldm-epochs", "2", "--resume"]) == 0
-    a = runs.load_run(straight).diffusion.ema_network.get_weights()
-    b = runs.load_run(resumed).diffusion.ema_network.get_weights()
-    for x, y in zip(a, b, strict=True):
-        np.testing.assert_array_equal(x, y)
 
 
 @pytest.mark.slow

@@ -255,3 +255,22 @@ def test_dropout_masks_come_from_the_saved_seed_stream():
     assert math.isfinite(float(model.loss_tracker.result()))
     other = fit(conditional_model(0.5, seed=4), cond)
     assert max(float(np.max(np.abs(x - y))) for x, y in zip(a, other, strict=True)) > 0
+
+
+def test_a_conditioned_fit_resumed_from_its_weights_continues_exactly(tmp_path):
+    """3 steps, save, load into a fresh model, 3 more: the weights of 6 steps in one go. The
+    dropout masks come from the saved seed counter like t and eps (train.py's checkpoints are
+    these weight files; its resume is tested end to end in test_reliability.py)."""
+    cond = [[0.5], [NAN], [1.0], [0.0]]
+    straight = conditional_model(0.5)
+    fit(straight, cond, steps=6)
+    first = conditional_model(0.5)
+    fit(first, cond, steps=3)
+    path = str(tmp_path / "checkpoint.weights.h5")
+    first.save_weights(path)
+    resumed = conditional_model(0.5)
+    resumed.optimizer.build(resumed.trainable_variables)
+    resumed.load_weights(path)
+    fit(resumed, cond, steps=3)
+    for a, b in zip(straight.get_weights(), resumed.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
