@@ -10,7 +10,9 @@ with EMA) → final weights and figures.
 
 Writes the run directory (its layout: runs.py) through runs.py, which also builds the
 models a config describes; this file owns only the training itself: flags, the two
-fits with their callbacks (checkpoints, resume, NaN stop) and the distribution strategy.
+fits with their callbacks (checkpoints, resume, NaN stop), the condition labels of a
+conditioned run, and the distribution strategy. In a multi-worker cluster
+(--strategy multiworker) every worker runs this same file, and only the chief writes.
 """
 
 from __future__ import annotations
@@ -72,8 +74,9 @@ def resolve_config(
 ) -> cfg.RunConfig:
     """The configuration to train with; reads the run directory, writes nothing.
 
-    A fresh run refuses an --out that already holds a run, and writes the linear β range
-    it resolves (scaled with T unless set) into its config.
+    A fresh run refuses an --out that already holds a run (on the chief: a cluster's other
+    workers may find the config.json their chief has just written), and writes the linear β
+    range it resolves (scaled with T unless set) into its config.
     Reopening one (--resume, --stage ldm) takes its saved config.json and applies only the
     flags typed on this command line that do not change the models (epochs, steps, learning
     rates, precision, ...).

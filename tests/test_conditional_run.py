@@ -83,7 +83,7 @@ def release(tmp_path_factory):
 @pytest.fixture(scope="session")
 def cond_run(release, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("runs") / "cond")
-    flags = RUN_FLAGS + CONDITION + ["--data", release, "--out", out, "--ldm-epochs", "2"]
+    flags = RUN_FLAGS + CONDITION + ["--data", release, "--out", out]
     assert train.main(flags) == 0
     return out
 

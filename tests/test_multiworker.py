@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, RUN_FLAGS, history_epochs
+from conftest import ROOT, RUN_FLAGS, copy_of, history_epochs
 
 KILLED_TRAIN = os.path.join(ROOT, "tests", "killed_train.py")
 TRAIN = os.path.join(ROOT, "train.py")
@@ -114,9 +114,21 @@ def test_two_workers_train_as_one_mirrored_process_and_only_the_chief_writes(tin
 
 
 @pytest.mark.slow
-def test_a_dead_worker_ends_the_other_within_the_timeout_and_resume_finishes(tiny_data, tmp_path):
-    out = str(tmp_path / "run")
-    flags = RUN_FLAGS + ["--data", tiny_data, "--ldm-epochs", "2", "--sample-every", "0", "--out", out]
+def test_a_dead_worker_ends_the_other_within_the_timeout_and_resume_finishes(tiny_ae_run, tiny_data, tmp_path):
+    # The diffusion stage on a copy of a trained autoencoder: the stage whose epochs are killed and resumed.
+    out = copy_of(tiny_ae_run, tmp_path / "run")
+    flags = RUN_FLAGS + [
+        "--data",
+        tiny_data,
+        "--stage",
+        "ldm",
+        "--ldm-epochs",
+        "2",
+        "--sample-every",
+        "0",
+        "--out",
+        out,
+    ]
     timeout = 20
     ports = free_ports(2)
     chief = worker(0, ports, flags + ["--worker-timeout", str(timeout)])
