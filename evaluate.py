@@ -90,6 +90,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import cli  # noqa: E402
+import conditioning  # noqa: E402
 import config as cfg  # noqa: E402
 import dataset  # noqa: E402
 import figures  # noqa: E402
@@ -500,13 +501,12 @@ def condition_data(config, data_dir, splits, train_paths, real_paths, n) -> Cond
     if not len(real):
         raise cli.UserError("conditioning metrics need validation images (their labels are what samples are asked for)")
     cycled = real[np.arange(n) % len(real)]
-    stats = config.condition_stats.get("slice")
     return ConditionData(
         names=names,
         train_labels=np.array([row_of[p] for p in train_paths]).reshape(-1, len(names)),
         real_labels=real,
         held_out={name: cycled[:, k] for k, name in enumerate(names)},
-        sweep={"slice": np.linspace(stats["min"], stats["max"], n)} if stats else None,
+        sweep={"slice": conditioning.sweep_values(config.condition_stats, "slice", n)} if "slice" in names else None,
         train_paths_all=list(splits["train"]),
         train_labels_all=labels.values["train"][:, columns],
     )

@@ -99,20 +99,8 @@ def interpolate(
     fractions 0 … 1; noise_*: (h, w, c) initial noises x_T. With DDIM and eta = 0 the two ends
     are exactly the samples of noise_a and noise_b (under the same `condition`, if any)."""
     noises = slerp(noise_a, noise_b, np.linspace(0.0, 1.0, points))
-    cond = runs.network_conditions(run, condition, points)
-    latents = run.diffusion.sample(
-        points,
-        run.latent_shape,
-        sampler=sampler,
-        steps=steps,
-        eta=eta,
-        seed=runs.batch_seed(seed, 0),
-        initial_noise=noises,
-        clip_x0=run.config.latent_max_abs,
-        cond=cond,
-        guidance=guidance,
-    )
-    return runs.decode(run, latents.numpy(), points)
+    one_batch = dict(batch_size=points, progress=False, condition=condition, guidance=guidance, initial_noise=noises)
+    return runs.generate(run, points, sampler, steps, eta, seed, **one_batch).images
 
 
 # ---------------------------------------------------------------------------- writing

@@ -452,6 +452,7 @@ def generate(
     progress: bool = True,
     condition: dict | None = None,
     guidance: float = DEFAULT_GUIDANCE,
+    initial_noise: np.ndarray | None = None,
 ) -> Samples:
     """n decoded samples of the EMA UNet, in batches of `batch_size` (a progress bar over batches).
 
@@ -459,6 +460,7 @@ def generate(
     units (e.g. {"slice": 0.6, "age": 80}); variables left out are unknown, and None samples
     unconditionally. guidance: the classifier-free guidance weight w of
     eps_u + w (eps_c − eps_u) (1: conditional only; each other w doubles the UNet's batch).
+    initial_noise: (n, h, w, c) starting noises x_T, or None to draw them from the seeds.
 
     The sampler's x0 estimate is clipped to ± the run's `latent_max_abs` (the range of the
     training latents; no clipping for runs made before it was recorded): without it, a
@@ -486,6 +488,7 @@ def generate(
             clip_x0=run.config.latent_max_abs,
             cond=None if cond is None else cond[start : start + size],
             guidance=guidance,
+            initial_noise=None if initial_noise is None else initial_noise[start : start + size],
         )
         if num_states:
             out, batch_states, timesteps = out
@@ -524,24 +527,18 @@ def condition_grid(
     rows = len(values)
     noise = np.random.default_rng(seed).standard_normal((columns, *run.latent_shape)).astype(np.float32)
     condition[variable] = np.repeat(values, columns)
-    cond = network_conditions(run, condition, rows * columns)
-    noises = np.tile(noise, (rows, 1, 1, 1))
-    latents = []
-    for b, start in enumerate(range(0, rows * columns, batch_size)):
-        stop = min(start + batch_size, rows * columns)
-        out = run.diffusion.sample(
-            stop - start,
-            run.latent_shape,
-            sampler=sampler,
-            steps=steps,
-            seed=batch_seed(seed, b),
-            clip_x0=run.config.latent_max_abs,
-            initial_noise=noises[start:stop],
-            cond=cond[start:stop],
-            guidance=guidance,
-        )
-        latents.append(out.numpy())
-    images = decode(run, np.concatenate(latents), batch_size)
+    images = generate(
+        run,
+        rows * columns,
+        sampler,
+        steps,
+        seed=seed,
+        batch_size=batch_size,
+        progress=False,
+        condition=condition,
+        guidance=guidance,
+        initial_noise=np.tile(noise, (rows, 1, 1, 1)),
+    ).images
     return images.reshape((rows, columns, *images.shape[1:]))
 
 
