@@ -71,7 +71,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from modules import MultiWorkerFit
+from modules import FitFixes
 
 __all__ = [
     "NoiseSchedule",
@@ -743,7 +743,7 @@ def _num_replicas() -> int:
     return tf.distribute.get_strategy().num_replicas_in_sync
 
 
-class LatentDiffusion(MultiWorkerFit, keras.Model):
+class LatentDiffusion(FitFixes, keras.Model):
     """Epsilon-prediction diffusion on (scaled) latents, with an EMA copy of the network.
 
     ``fit(latents)`` trains ``network``; after every optimizer step ``ema_network`` moves

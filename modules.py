@@ -47,12 +47,18 @@ LAYOUTS = ("project", "original")
 AUTOENCODER_ACTIVATIONS = ("relu", "silu", "gelu", "elu", "leaky_relu")
 
 
-class MultiWorkerFit:
-    """Mixin for a ``keras.Model`` that ``fit`` trains under ``MultiWorkerMirroredStrategy``.
+class FitFixes:
+    """Mixin for a ``keras.Model`` that ``fit`` trains: three Keras 3 (3.15 here) behaviours
+    worked around; everywhere else it changes nothing.
 
-    Keras 3 (3.15 here) assumes two things that the multi-worker strategy does not allow
-    (keras-team/keras#20585), and this mixin works around both; everywhere else it changes
-    nothing:
+    * ``compile`` builds the optimizer's slots (Adam's moments) for a built model. Without a
+      distribution strategy Keras creates them inside the first traced train step, and a
+      tf.function that creates variables is traced twice (once to create them, once
+      without): building them first halves the compile time of a fit's first step (a tiny
+      train.py run: 26 s -> 18 s).
+
+    Under ``MultiWorkerMirroredStrategy`` Keras assumes two things that the strategy does
+    not allow (keras-team/keras#20585):
 
     * before the first epoch Keras builds the model from one batch, which it gets with an
       eager ``strategy.reduce("MEAN", batch)`` of the distributed batch, and that fails
@@ -63,6 +69,11 @@ class MultiWorkerFit:
       `replica_logs` gives them shape (1,), so that the reduction is the mean over the
       replicas and the callbacks receive scalars as usual.
     """
+
+    def compile(self, *args, **kwargs):
+        super().compile(*args, **kwargs)
+        if self.built and self.optimizer is not None:
+            self.optimizer.build(self.trainable_variables)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         strategy = getattr(self, "_distribute_strategy", None)
@@ -767,7 +778,7 @@ def build_decoder(
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class AutoEncoder(MultiWorkerFit, keras.Model):
+class AutoEncoder(FitFixes, keras.Model):
     """Residual convolutional autoencoder: image -> latent -> reconstruction.
 
     ``encoder`` / ``decoder`` are the functional models of ``build_encoder`` /

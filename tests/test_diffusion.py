@@ -831,6 +831,20 @@ def test_mixed_precision_training(policy):
 
 
 @pytest.mark.slow
+def test_fit_traces_the_train_step_once(monkeypatch):
+    """compile builds Adam's slots (modules.FitFixes): were they created in the first trace,
+    TensorFlow would trace the train step a second time, doubling a fit's start-up."""
+    model = make_model(D.make_schedule("linear", 20), **FLAT_UNET_KW)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    assert model.optimizer.built and len(model.optimizer.variables) > 2 * len(model.trainable_variables)
+    traces = []
+    step = D.LatentDiffusion.train_step
+    monkeypatch.setattr(D.LatentDiffusion, "train_step", lambda self, data: traces.append(1) or step(self, data))
+    latents = np.random.default_rng(0).standard_normal((4, *LATENT)).astype(np.float32)
+    assert np.isfinite(fit_steps(model, latents, 2))
+    assert len(traces) == 1
+
+
 def test_train_step_and_sampler_under_xla():
     model = make_model(D.make_schedule("linear", 20), seed=4, **FLAT_UNET_KW)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=True)
