@@ -2,8 +2,8 @@
 
 Two worker processes on 127.0.0.1 (TF_CONFIG with free ports chosen here, tiny networks,
 CPU) against one process that mirrors the same global batch over 2 logical CPU devices:
-the same weights, only the chief's files, and a dead worker that ends the other within
---worker-timeout, after which --resume on both finishes the run.
+a dead worker ends the other within --worker-timeout, --resume on both finishes the run,
+only the chief wrote files, and the weights are the single process's.
 """
 
 import glob
@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, RUN_FLAGS, copy_of, history_epochs
+from conftest import ROOT, RUN_FLAGS, history_epochs
 
 KILLED_TRAIN = os.path.join(ROOT, "tests", "killed_train.py")
 TRAIN = os.path.join(ROOT, "train.py")
@@ -73,66 +73,29 @@ def relative_files(folder):
 
 
 @pytest.mark.slow
-def test_two_workers_train_as_one_mirrored_process_and_only_the_chief_writes(tiny_data, tmp_path):
-    flags = RUN_FLAGS + ["--data", tiny_data, "--sample-every", "0"]
+def test_two_workers_killed_and_resumed_train_as_one_mirrored_process_and_only_the_chief_writes(tiny_data, tmp_path):
+    """One chain (each TensorFlow process costs seconds of start-up and tracing): two workers
+    train both stages; worker 1 dies as diffusion epoch 2 begins; the chief gives up within
+    --worker-timeout with one line; --resume on both finishes; the weights equal those of an
+    uninterrupted single process mirroring the same global batch over 2 logical CPUs."""
+    flags = RUN_FLAGS + ["--data", tiny_data, "--ldm-epochs", "2", "--sample-every", "0"]
+    reference_flags = flags + ["--out", str(tmp_path / "mirrored"), "--strategy", "mirrored"]
     mirrored = textwrap.dedent(f"""
         import sys, tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         import train
-        sys.exit(train.main({flags + ["--out", str(tmp_path / "mirrored"), "--strategy", "mirrored"]!r}))
+        sys.exit(train.main({reference_flags!r}))
     """)
     reference = subprocess.Popen(
         [sys.executable, "-c", mirrored], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    ports = free_ports(2)
-    # Different --out per worker, so that anything worker 1 wrote would show: it must write nothing.
-    chief = worker(0, ports, flags + ["--out", str(tmp_path / "chief")])
-    other = worker(1, ports, flags + ["--out", str(tmp_path / "other")])
-    for process in (chief, other, reference):
-        code, out, err = finish(process)
-        assert code == 0, err[-3000:]
-    assert "replicas: 2" in out  # the mirrored reference's log, like each worker's
-    assert not (tmp_path / "other").exists()
-
-    # The chief wrote exactly what a single process writes (TensorBoard event names carry host and time).
-    def comparable(folder):
-        return [name for name in relative_files(folder) if "events.out" not in name]
-
-    assert comparable(tmp_path / "chief") == comparable(tmp_path / "mirrored")
-    assert history_epochs(tmp_path / "chief" / "history_diffusion.csv") == [0]
-    # The same global batches, draws and initial weights: the weights can differ only by the
-    # order of float32 sums in the all-reduce (between processes, against within one). Measured
-    # after 3 + 3 steps: at most 1.2e-7, one float32 rounding step of a weight near 1; the
-    # tolerance is 10× that. (A wrong data split or draw differs by ~1e-3 after one Adam step.)
-    for name in ("encoder", "decoder", "unet", "unet_ema"):
-        ours = h5_arrays(tmp_path / "chief" / f"{name}.weights.h5")
-        theirs = h5_arrays(tmp_path / "mirrored" / f"{name}.weights.h5")
-        assert ours.keys() == theirs.keys()
-        for key in ours:
-            np.testing.assert_allclose(ours[key], theirs[key], rtol=0, atol=1e-6, err_msg=f"{name}: {key}")
-
-
-@pytest.mark.slow
-def test_a_dead_worker_ends_the_other_within_the_timeout_and_resume_finishes(tiny_ae_run, tiny_data, tmp_path):
-    # The diffusion stage on a copy of a trained autoencoder: the stage whose epochs are killed and resumed.
-    out = copy_of(tiny_ae_run, tmp_path / "run")
-    flags = RUN_FLAGS + [
-        "--data",
-        tiny_data,
-        "--stage",
-        "ldm",
-        "--ldm-epochs",
-        "2",
-        "--sample-every",
-        "0",
-        "--out",
-        out,
-    ]
     timeout = 20
+    chief_out, other_out = str(tmp_path / "chief"), str(tmp_path / "other")
     ports = free_ports(2)
-    chief = worker(0, ports, flags + ["--worker-timeout", str(timeout)])
-    other = worker(1, ports, flags + ["--worker-timeout", str(timeout)], kill_point="diffusion-epoch-2")
+    # Worker 1 has its own --out, so that anything it wrote would show: it must write nothing.
+    chief = worker(0, ports, flags + ["--out", chief_out, "--worker-timeout", str(timeout)])
+    other = worker(1, ports, flags + ["--out", other_out, "--worker-timeout", str(timeout)], "diffusion-epoch-2")
     code, _, err = finish(other)
     assert code == -signal.SIGKILL, err[-3000:]
     died = time.monotonic()
@@ -143,12 +106,35 @@ def test_a_dead_worker_ends_the_other_within_the_timeout_and_resume_finishes(tin
     assert len(errors) == 1 and "lost contact with another worker" in errors[0] and "--resume" in errors[0], err[-3000:]
     assert "Traceback" not in err
     assert waited < timeout + 30, waited  # the timeout, plus the chief's own epoch end and exit
+    assert not os.path.exists(other_out)
+    assert history_epochs(os.path.join(chief_out, "history_diffusion.csv")) == [0]
 
+    # Resume as on a shared file system: every worker reads the chief's run directory.
     ports = free_ports(2)
-    resumed = [worker(i, ports, flags + ["--resume"]) for i in (0, 1)]
-    for process in resumed:
+    for process in [worker(i, ports, flags + ["--out", chief_out, "--resume"]) for i in (0, 1)]:
         code, stdout, err = finish(process)
         assert code == 0, err[-3000:]
         assert "resuming the diffusion model after epoch 1" in stdout
-    assert history_epochs(os.path.join(out, "history_diffusion.csv")) == [0, 1]
-    assert history_epochs(os.path.join(out, "history_autoencoder.csv")) == [0]
+    assert history_epochs(os.path.join(chief_out, "history_autoencoder.csv")) == [0]
+    assert history_epochs(os.path.join(chief_out, "history_diffusion.csv")) == [0, 1]
+    code, out, err = finish(reference)
+    assert code == 0, err[-3000:]
+    assert "replicas: 2" in out  # the mirrored reference's log, like each worker's
+
+    # The chief wrote exactly what a single process writes (TensorBoard event names carry host and time).
+    def comparable(folder):
+        return [name for name in relative_files(folder) if "events.out" not in name]
+
+    assert comparable(chief_out) == comparable(tmp_path / "mirrored")
+    # The same global batches, draws and initial weights, and a resume that restarts the
+    # stream and the draw counters where the checkpoint left them: the weights can differ
+    # only by the order of float32 sums in the all-reduce (between processes, against within
+    # one). Measured after 3 + 6 steps: at most 1.2e-7, one float32 rounding step of a weight
+    # near 1; the tolerance is 10× that. (A wrong data split, draw or resumed counter differs
+    # by ~1e-3 after one Adam step.)
+    for name in ("encoder", "decoder", "unet", "unet_ema"):
+        ours = h5_arrays(os.path.join(chief_out, f"{name}.weights.h5"))
+        theirs = h5_arrays(tmp_path / "mirrored" / f"{name}.weights.h5")
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            np.testing.assert_allclose(ours[key], theirs[key], rtol=0, atol=1e-6, err_msg=f"{name}: {key}")
