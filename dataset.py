@@ -487,10 +487,12 @@ def make_dataset(
         `find_labels`' values); NaN (unknown) is kept. They travel with their
         image through shuffle, repeat and skip, and flips leave them alone: the
         images are the same, in the same order, as without labels.
-    shuffle: a new order every epoch: the file names (all of them: strings are
-        cheap) are shuffled before decoding, so no image buffer is needed.
-    flip: mirror each image left-right with probability 1/2, anew each epoch.
-    seed: the same seed gives the same order and flips; None: random.
+    shuffle: a new order every pass of the repeated stream (`seeded_passes`): the
+        indices of the files are shuffled before decoding, so no image buffer is
+        needed. A single pass (repeat False) has one order, whichever iterator reads it.
+    flip: mirror each image left-right with probability 1/2, anew each pass.
+    seed: the same seed gives the same order and flips, in every iterator of the
+        dataset and in every process; None: a random seed, drawn once here.
     drop_remainder: drop the last, smaller batch.
     repeat: repeat forever (then give `fit` a `steps_per_epoch`).
     skip: images of the stream to pass over before the first batch, without
@@ -524,45 +526,66 @@ def make_dataset(
         in_memory = len(paths) * image_size * image_size * 4 <= IN_MEMORY_BYTES
     if in_memory:
         decoded, kept = _decode_all(paths, image_size)
-        keys = tf.data.Dataset.range(len(decoded))  # image i of `decoded`
         if labels is not None:
             labels = labels[kept]
 
-        def load(index):
+        def load(index):  # image `index` of `decoded`
             return tf.gather(decoded, index)
 
     else:
-        keys = tf.data.Dataset.from_tensor_slices(paths)
+        names = tf.constant(paths)
 
-        def load(path):
-            return load_image(path, image_size)
+        def load(index):
+            return load_image(tf.gather(names, index), image_size)
 
-    if labels is not None:  # each key with its labels: shuffled, repeated, skipped and dropped together
-        keys = tf.data.Dataset.zip(keys, tf.data.Dataset.from_tensor_slices(labels))
-    if shuffle:
-        keys = keys.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-    # One coin per image, drawn with the keys (a random op in the parallel map below
-    # would not be reproducible), so that `skip` skips coins and keys together.
-    if flip:
-        coins = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-    else:
-        coins = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).repeat()  # never heads
-    stream = tf.data.Dataset.zip(keys, coins)
-    if repeat:
-        stream = stream.repeat()
+    count = len(decoded) if in_memory else len(paths)
+    if seed is None:
+        seed = int(np.random.default_rng().integers(2**31))
+    # Indices and coins, not files: skip passes over images without reading them.
+    stream = seeded_passes(count, seed, shuffle=shuffle, flip=flip, repeat=repeat)
     if skip:
         stream = stream.skip(skip)
+    label_table = None if labels is None else tf.constant(labels)
 
-    def flipped(key, coin):
-        if labels is not None:
-            key, label = key
-        image = load(key)
-        image = tf.where(coin % 2 == 1, tf.reverse(image, axis=[1]), image)
-        return image if labels is None else (image, label)
+    def flipped(index, coin):
+        image = load(index)
+        image = tf.where(coin == 1, tf.reverse(image, axis=[1]), image)
+        return image if label_table is None else (image, tf.gather(label_table, index))
 
     images = stream.map(flipped, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
     images = images.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
     return images.with_options(without_autotune()) if in_memory else images
+
+
+def seeded_passes(count: int, seed: int, *, shuffle: bool = True, flip: bool = False, repeat: bool = True):
+    """A dataset of (index, coin) int64 scalar pairs: pass p = 0, 1, ... (one pass unless
+    `repeat`) visits every index of range(count) once, in the order
+    stateless_shuffle(range(count), seed=(seed, p)) (range order without `shuffle`), each
+    with a coin in {0, 1} (1 = mirror the image; always 0 without `flip`).
+
+    A pure function of (seed, p), so every iterator of the dataset gives the same stream.
+    `Dataset.shuffle(seed=..., reshuffle_each_iteration=True)` would not: all iterators of a
+    dataset draw their passes' seeds from one shared generator, so how far an earlier
+    iterator read changes the order of the next one. Keras reads a batch from one such
+    iterator to build a model under a distribution strategy, and its prefetching runs on
+    for a while: that made a resumed multi-worker run's stream depend on timing.
+    """
+    import tensorflow as tf
+
+    passes = tf.data.Dataset.counter() if repeat else tf.data.Dataset.range(1)
+
+    def one_pass(p):
+        order_seed, coin_seed = tf.unstack(tf.random.experimental.stateless_split(tf.stack([seed, p]), 2))
+        order = tf.range(count, dtype=tf.int64)
+        if shuffle:
+            order = tf.random.experimental.stateless_shuffle(order, seed=order_seed)
+        if flip:
+            coins = tf.random.stateless_uniform([count], coin_seed, minval=0, maxval=2, dtype=tf.int64)
+        else:
+            coins = tf.zeros([count], tf.int64)
+        return order, coins
+
+    return passes.map(one_pass).unbatch()
 
 
 def _decode_all(paths: list[str], image_size: int) -> tuple[tf.Tensor, np.ndarray]:

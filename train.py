@@ -425,9 +425,8 @@ def latent_batches(
         return batch if cond is None else {"latents": batch, "cond": tf.gather(cond, index)}
 
     return (
-        tf.data.Dataset.range(len(latents))
-        .shuffle(len(latents), seed=seed, reshuffle_each_iteration=True)
-        .repeat()
+        dataset.seeded_passes(len(latents), seed)
+        .map(lambda index, _: index)
         .skip(skip)
         .batch(batch_size, drop_remainder=True)
         .map(gather, num_parallel_calls=tf.data.AUTOTUNE)

@@ -265,13 +265,34 @@ def test_batches_have_the_promised_shape_dtype_and_range(tmp_path):
     assert dropped.element_spec.shape.as_list() == [2, 6, 6, 1] and len(list(dropped)) == 2
 
 
-def test_shuffle_is_seeded_and_changes_every_epoch(tmp_path):
+def test_shuffle_is_seeded_and_changes_every_pass(tmp_path):
     paths = distinct_images(tmp_path, 12)
-    ds = dataset.make_dataset(paths, 8, 12, shuffle=True, seed=3)
-    epoch1, epoch2 = batch_levels(ds)[0], batch_levels(ds)[0]
-    assert sorted(epoch1) == [20 * i for i in range(12)]
+    ds = dataset.make_dataset(paths, 8, 12, shuffle=True, seed=3, repeat=True)
+    epoch1, epoch2 = batch_levels(ds.take(2))
+    assert sorted(epoch1) == sorted(epoch2) == [20 * i for i in range(12)]
     assert epoch1 != sorted(epoch1) and epoch1 != epoch2
-    assert batch_levels(dataset.make_dataset(paths, 8, 12, shuffle=True, seed=3))[0] == epoch1
+    again = dataset.make_dataset(paths, 8, 12, shuffle=True, seed=3, repeat=True)
+    assert batch_levels(again.take(2)) == [epoch1, epoch2]
+    one_pass = dataset.make_dataset(paths, 8, 12, shuffle=True, seed=3)
+    assert batch_levels(one_pass) == batch_levels(one_pass) == [epoch1]
+
+
+def test_every_iterator_gives_the_same_stream_however_far_another_one_read():
+    """Keras reads a batch from an iterator of its own before a distributed fit, and that
+    iterator's prefetching runs on: the stream must not depend on how far it got (with
+    Dataset.shuffle(reshuffle_each_iteration=True) it does, once it reaches the next pass)."""
+    stream = dataset.seeded_passes(5, seed=11, flip=True)
+    fresh = [tuple(map(int, pair)) for pair in dataset.seeded_passes(5, seed=11, flip=True).take(15)]
+    early = iter(stream)
+    for _ in range(8):  # into the second pass
+        next(early)
+    assert [tuple(map(int, pair)) for pair in stream.take(15)] == fresh
+    passes = [sorted(index for index, _ in fresh[i : i + 5]) for i in (0, 5, 10)]
+    assert passes == [list(range(5))] * 3  # every index once per pass
+    assert len({tuple(index for index, _ in fresh[i : i + 5]) for i in (0, 5, 10)}) == 3  # a new order each
+    assert {coin for _, coin in fresh} == {0, 1}
+    unshuffled = dataset.seeded_passes(5, seed=11, shuffle=False, repeat=False)
+    assert [tuple(map(int, pair)) for pair in unshuffled] == [(i, 0) for i in range(5)]
 
 
 def test_repeat_keeps_going(tmp_path):
