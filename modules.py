@@ -55,7 +55,7 @@ class FitFixes:
       distribution strategy Keras creates them inside the first traced train step, and a
       tf.function that creates variables is traced twice (once to create them, once
       without): building them first halves the compile time of a fit's first step (a tiny
-      train.py run: 26 s -> 18 s).
+      train.py run: 23 s -> 16 s).
 
     Under ``MultiWorkerMirroredStrategy`` Keras assumes two things that the strategy does
     not allow (keras-team/keras#20585):
