@@ -526,6 +526,7 @@ def make_dataset(
         in_memory = len(paths) * image_size * image_size * 4 <= IN_MEMORY_BYTES
     if in_memory:
         decoded, kept = _decode_all(paths, image_size)
+        count = len(decoded)
         if labels is not None:
             labels = labels[kept]
 
@@ -533,12 +534,11 @@ def make_dataset(
             return tf.gather(decoded, index)
 
     else:
-        names = tf.constant(paths)
+        names, count = tf.constant(paths), len(paths)
 
         def load(index):
             return load_image(tf.gather(names, index), image_size)
 
-    count = len(decoded) if in_memory else len(paths)
     if seed is None:
         seed = int(np.random.default_rng().integers(2**31))
     # Indices and coins, not files: skip passes over images without reading them.

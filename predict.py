@@ -160,8 +160,9 @@ def save_samples(images: np.ndarray, out_dir: str, formats=("png",), description
         for name in formats
     }
     wanted = {path for group in paths.values() for path in group}
+    endings = "|".join(re.escape(ending) for ending, _ in FORMATS.values())
     for old in glob.glob(os.path.join(out_dir, "sample_*")):
-        if re.fullmatch(r"sample_\d+(\.png|_16bit\.png|\.nii\.gz)", os.path.basename(old)) and old not in wanted:
+        if re.fullmatch(rf"sample_\d+({endings})", os.path.basename(old)) and old not in wanted:
             os.remove(old)
     descriptions = descriptions or [""] * len(images)
     for name, group in paths.items():
