@@ -41,17 +41,6 @@ from cli import UserError
 CATEGORICAL_VALUES = (0.0, 1.0)  # a variable with no other values is categorical (a flag)
 
 
-def parse_names(text: str) -> tuple[str, ...]:
-    """--condition's value: "slice,age" → ("slice", "age"); "" or "none" → () (unconditional)."""
-    if text.strip().lower() in ("", "none"):
-        return ()
-    names = tuple(name.strip() for name in text.split(",") if name.strip())
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise ValueError(f"condition variable {repeated[0]!r} is named twice")
-    return names
-
-
 def condition_stats(names, columns, train_values: np.ndarray) -> dict:
     """Statistics of the variables `names` over the training labels (see the module docstring).
 

@@ -31,8 +31,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+# The choices of the flags, defined here once; modules.py, diffusion.py and samplers.py check
+# their arguments against the same tuples.
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
-LAYOUTS = ("project", "original")  # = modules.LAYOUTS (a test keeps them equal)
+LAYOUTS = ("project", "original")  # network wiring: this project's, or the original design's
+AUTOENCODER_NORMS = ("batch", "group")
+AUTOENCODER_ACTIVATIONS = ("relu", "silu", "gelu", "elu", "leaky_relu")
+SCHEDULES = ("linear", "cosine")
+SAMPLERS = ("ddim", "ddpm", "dpmpp")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 STAGES = ("all", "ae", "ldm")
 XLA_SETTINGS = ("auto", "on", "off")
@@ -58,9 +64,8 @@ class AutoencoderConfig:
     ae_channel_mults: tuple[int, ...] = option((1, 2, 4), "width multipliers per level; 3 levels = downsample ×4")
     ae_blocks_per_level: int = option(1, "residual blocks per autoencoder level")
     latent_channels: int = option(4, "channels of the latent (the original: 1)")
-    ae_norm: str = option("group", "autoencoder normalisation (the original: batch)", choices=("batch", "group"))
-    # choices: the same tuple as modules.AUTOENCODER_ACTIVATIONS (a test keeps them equal)
-    ae_activation: str = option("relu", "autoencoder activation", choices=("relu", "silu", "gelu", "elu", "leaky_relu"))
+    ae_norm: str = option("group", "autoencoder normalisation (the original: batch)", choices=AUTOENCODER_NORMS)
+    ae_activation: str = option("relu", "autoencoder activation", choices=AUTOENCODER_ACTIVATIONS)
     ae_layout: str = option(
         "project",
         "autoencoder wiring: project (two-conv blocks, widening encoder) or original (the original design's "
@@ -87,7 +92,7 @@ class UNetConfig:
 @dataclass
 class DiffusionConfig:
     timesteps: int = option(1000, "diffusion steps T")
-    schedule: str = option("linear", "noise schedule", choices=("linear", "cosine"))
+    schedule: str = option("linear", "noise schedule", choices=SCHEDULES)
     beta_start: float | None = option(None, "linear schedule: first β; None: 1e-4 × 1000/T")
     beta_end: float | None = option(None, "linear schedule: last β; None: 0.02 × 1000/T (at most 0.999)")
     ema_decay: float = option(0.999, "decay of the UNet's exponential moving average (used for sampling)")
@@ -103,14 +108,16 @@ class DiffusionConfig:
         return start, end
 
 
-def _condition_names(text: str) -> tuple[str, ...]:
-    """--condition's parser (conditioning.parse_names), an argparse type: errors become usage errors."""
-    import conditioning
-
-    try:
-        return conditioning.parse_names(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+def parse_condition_names(text: str) -> tuple[str, ...]:
+    """--condition's value: "slice,age" → ("slice", "age"); "" or "none" → () (unconditional).
+    An argparse type: a name given twice is an ArgumentTypeError (a one-line usage error)."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"condition variable {repeated[0]!r} is named twice")
+    return names
 
 
 @dataclass
@@ -119,7 +126,7 @@ class ConditionConfig:
         (),
         "label variables to condition the UNet on, comma-separated (e.g. slice,age,sex,cdr; columns of the data's "
         "labels.csv); none: unconditional",
-        parse=_condition_names,
+        parse=parse_condition_names,
     )
     cond_dropout: float = option(
         0.1, "classifier-free guidance training: probability of replacing each condition by 'unknown'"
@@ -343,6 +350,67 @@ def preset(name: str) -> RunConfig:
     return PRESETS[name]()
 
 
+# ---------------------------------------------------------------------------- sampling
+
+# Network evaluations per sample when --steps is not given (T when the run has fewer; DDPM always runs T).
+DEFAULT_STEPS = {"ddim": 50, "dpmpp": 20}
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to sample a trained run: one bundle, built once from predict.py's or evaluate.py's
+    flags (`cli.sampling_options`) and passed down to `runs.generate` and the samplers.
+
+    `steps` None means the sampler's `DEFAULT_STEPS` capped at the run's T (`resolved`).
+    """
+
+    sampler: str = option(
+        "ddim", "ddim, dpmpp (DPM-Solver++(2M), deterministic) or ddpm (all T steps)", choices=SAMPLERS
+    )
+    steps: int | None = option(
+        None, "DDIM or DPM-Solver++ steps, in [1, T]; None: 50 for DDIM, 20 for DPM-Solver++, T if smaller"
+    )
+    eta: float = option(0.0, "DDIM noise: 0 deterministic, 1 DDPM-like")
+    seed: int = option(0, "the same seed and batch size give the same images")
+    batch_size: int = option(16, "samples per sampler call")
+    guidance: float = option(3.0, "classifier-free guidance weight w of eps_u + w (eps_c - eps_u) (conditioned runs)")
+
+    def resolved(self, timesteps: int) -> SamplingOptions:
+        """These options with `steps` filled in for a run of `timesteps` T (see the class docstring)."""
+        if self.steps is not None:
+            return self
+        return dataclasses.replace(self, steps=min(DEFAULT_STEPS.get(self.sampler, DEFAULT_STEPS["ddim"]), timesteps))
+
+    def network_evaluations(self, timesteps: int) -> int:
+        """UNet calls per sample (per guided pair): DDIM's and DPM-Solver++'s `steps`, DDPM's T."""
+        return timesteps if self.sampler == "ddpm" else self.resolved(timesteps).steps
+
+    def label(self, timesteps: int) -> str:
+        """E.g. "DDIM 50 steps, eta 0", "DPM-Solver++(2M) 20 steps" or "DDPM 1000 steps", for titles and tables."""
+        steps = self.network_evaluations(timesteps)
+        if self.sampler == "ddim":
+            return f"DDIM {steps} steps, eta {self.eta:g}"
+        if self.sampler == "dpmpp":
+            return f"DPM-Solver++(2M) {steps} steps"
+        return f"DDPM {steps} steps"
+
+    def validate(self, timesteps: int, n: int = 1) -> None:
+        """Raise ValueError (one line, in the flags' words) for options a run of T `timesteps` cannot honour."""
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if n < 1 or self.batch_size < 1:
+            raise ValueError(f"--n and --batch-size must be positive, got {n} and {self.batch_size}")
+        steps = self.resolved(timesteps).steps
+        if self.sampler != "ddpm" and not 1 <= steps <= timesteps:
+            raise ValueError(f"--steps must be in [1, {timesteps}] (the run's T), got {steps}")
+        if self.eta < 0:
+            raise ValueError(f"--eta must be >= 0, got {self.eta}")
+        if self.eta and self.sampler != "ddim":
+            raise ValueError(f"--eta applies to the ddim sampler only, got --eta {self.eta:g} with {self.sampler}")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {self.seed}")
+
+
 # ---------------------------------------------------------------------------- JSON
 
 
@@ -407,10 +475,13 @@ def _field_type(cls, f: dataclasses.Field):
     return hints[f.name]
 
 
-def add_dataclass_arguments(group, cls, defaults) -> None:
-    """Add one flag per field of the dataclass `cls` to `group` (a parser or argument group),
-    defaulting to the field's value in the instance `defaults`; help from the field's metadata."""
+def add_dataclass_arguments(group, cls, defaults, exclude=()) -> None:
+    """Add one flag per field of the dataclass `cls` (but those named in `exclude`) to `group`
+    (a parser or argument group), defaulting to the field's value in the instance `defaults`;
+    help from the field's metadata."""
     for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
         default = getattr(defaults, f.name)
         kind = _field_type(cls, f)
         help_text = f"{f.metadata['help']} (default: {default})"

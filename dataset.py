@@ -50,7 +50,7 @@ What this module provides:
 
 Folders are written atomically: into a temporary sibling folder that is renamed
 into place at the end, so an interrupted run never leaves a folder that looks
-complete. Errors a user can cause raise `DataError`; the command line prints
+complete. Errors a user can cause raise `UserError`; the command line prints
 its message as one line and exits with status 1 (``--debug`` or
 ``OASIS_LDM_DEBUG=1`` shows the traceback instead).
 
@@ -81,6 +81,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+from cli import UserError
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -128,11 +130,6 @@ OASIS1_CLINICAL = {"Age": "age", "M/F": "sex", "CDR": "cdr", "MMSE": "mmse", "nW
 OASIS1_SEX = {"M": 0.0, "F": 1.0}
 
 
-class DataError(Exception):
-    """A problem with the data that the user can fix: a missing folder, no
-    usable image, an output folder in the way. The message is one line."""
-
-
 # ----------------------------------------------------------------------------- finding images
 
 
@@ -148,18 +145,18 @@ def find_splits(root, val_fraction: float = 0.1, test_fraction: float = 0.05, se
     Returns {split: sorted absolute paths} with the keys of `SPLITS`; the
     validate and test lists may be empty. Files that cannot be decoded are left
     out, with one warning naming how many and the first few.
-    Raises `DataError` when `root` is missing or holds no usable training image.
+    Raises `UserError` when `root` is missing or holds no usable training image.
     """
     root = _existing_folder(root)
     candidates = _split_candidates(root, val_fraction, test_fraction, seed)
     if not candidates["train"]:
-        raise DataError(f"no PNG images in {root / SPLIT_FOLDER.format('train')}")
+        raise UserError(f"no PNG images in {root / SPLIT_FOLDER.format('train')}")
     splits, bad = {}, []
     for split, paths in candidates.items():
         splits[split], bad_here = check_images(paths)
         bad += bad_here
     if not splits["train"]:  # before the warning: one line for the user, not two
-        raise DataError(f"no usable training image in {root}: all {len(candidates['train'])} PNG files are unreadable")
+        raise UserError(f"no usable training image in {root}: all {len(candidates['train'])} PNG files are unreadable")
     if bad:
         warnings.warn(
             f"skipping {len(bad)} unreadable PNG file(s) under {root}: {_some(bad)} "
@@ -218,19 +215,19 @@ def describe_png(path) -> tuple[tuple[int, int], str]:
 
 def resolve_data_dir(data_dir: str | None) -> pathlib.Path:
     """The data folder to train on: `data_dir`, or the demo data set (made on
-    first use) when it is None. Raises `DataError` if `data_dir` is missing."""
+    first use) when it is None. Raises `UserError` if `data_dir` is missing."""
     if data_dir is None:
         return ensure_demo_dataset()
     return _existing_folder(data_dir)
 
 
 def _existing_folder(path) -> pathlib.Path:
-    """`path` as a Path; DataError unless it is an existing folder."""
+    """`path` as a Path; UserError unless it is an existing folder."""
     folder = pathlib.Path(path).expanduser()
     if not folder.exists():
-        raise DataError(f"data folder not found: {folder}")
+        raise UserError(f"data folder not found: {folder}")
     if not folder.is_dir():
-        raise DataError(f"not a folder: {folder}")
+        raise UserError(f"not a folder: {folder}")
     return folder
 
 
@@ -244,7 +241,7 @@ def _split_candidates(root: pathlib.Path, val_fraction: float, test_fraction: fl
         return {split: _png_files(root / SPLIT_FOLDER.format(split)) for split in SPLITS}
     files = _png_files(root)
     if not files:
-        raise DataError(
+        raise UserError(
             f"no PNG images in {root}: expected a {SPLIT_FOLDER.format('train')}/ folder or *.png files in it"
         )
     names = {os.path.basename(path): path for path in files}
@@ -269,7 +266,7 @@ def _split_keys(keys: list[str], val_fraction: float, test_fraction: float, seed
     one key; below that everything goes to train.
     """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise DataError(
+        raise UserError(
             f"validation and test fractions must be >= 0 with a sum < 1, got {val_fraction} and {test_fraction}"
         )
     order = sorted(keys)
@@ -281,7 +278,7 @@ def _split_keys(keys: list[str], val_fraction: float, test_fraction: float, seed
 
     n_test, n_val = held_out(test_fraction), held_out(val_fraction)
     if n_test + n_val >= len(order):
-        raise DataError(
+        raise UserError(
             f"{len(order)} item(s) are too few to hold out {val_fraction:g} for validation "
             f"and {test_fraction:g} for test"
         )
@@ -328,7 +325,7 @@ def find_labels(root, splits: dict[str, list[str]]) -> Labels | None:
     to 0..1 over each case's slices in all splits (0.5 for a lone slice).
     Otherwise None.
 
-    Raises `DataError` for a malformed labels.csv: no `file` or no label
+    Raises `UserError` for a malformed labels.csv: no `file` or no label
     column, a bad or repeated column name, a row of the wrong length, a file
     named twice or missing under `root`, a usable image without a row, a value
     of a usable image's row that is not a finite number (``80``, ``0.5``,
@@ -349,22 +346,22 @@ def _read_labels_csv(root: pathlib.Path, splits: dict[str, list[str]]) -> Labels
     with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
         rows = [(line, row) for line, row in enumerate(csv.reader(f), start=1) if any(cell.strip() for cell in row)]
     if not rows:
-        raise DataError(f"{path} is empty: expected a header `file,<label>,...`")
+        raise UserError(f"{path} is empty: expected a header `file,<label>,...`")
     header = [cell.strip() for cell in rows[0][1]]
     if "file" not in header:
-        raise DataError(f"{path} has no `file` column (header: {','.join(header)})")
+        raise UserError(f"{path} has no `file` column (header: {','.join(header)})")
     repeated = sorted(name for name, n in collections.Counter(header).items() if n > 1)
     if repeated:
-        raise DataError(f"{path}: column {repeated[0]!r} appears more than once in the header")
+        raise UserError(f"{path}: column {repeated[0]!r} appears more than once in the header")
     bad_names = [name for name in header if name != "file" and not LABEL_NAME.fullmatch(name)]
     if bad_names:
-        raise DataError(
+        raise UserError(
             f"{path}: {len(bad_names)} bad column name(s), e.g. {bad_names[0]!r}: "
             "use letters, digits and underscores, not starting with a digit"
         )
     columns = tuple(name for name in header if name != "file")
     if not columns:
-        raise DataError(f"{path} has no label column, only `file`")
+        raise UserError(f"{path} has no label column, only `file`")
     file_at = header.index("file")
     label_at = [header.index(name) for name in columns]
 
@@ -378,20 +375,20 @@ def _read_labels_csv(root: pathlib.Path, splits: dict[str, list[str]]) -> Labels
             duplicates.append(name)
         table.setdefault(name, (line, row))
     if short:
-        raise DataError(
+        raise UserError(
             f"{path}: {len(short)} row(s) without {len(header)} cells or without a file, e.g. line {short[0]}"
         )
     if duplicates:
-        raise DataError(f"{path}: {len(duplicates)} file(s) with more than one row, e.g. {duplicates[0]}")
+        raise UserError(f"{path}: {len(duplicates)} file(s) with more than one row, e.g. {duplicates[0]}")
     absent = [  # ".." or "/..." would leave the data folder
         name for name in table if name.startswith("/") or name.split("/")[0] == ".." or not (root / name).is_file()
     ]
     if absent:
-        raise DataError(f"{path}: {len(absent)} row(s) name files that are not under {root}, e.g. {absent[0]}")
+        raise UserError(f"{path}: {len(absent)} row(s) name files that are not under {root}, e.g. {absent[0]}")
     keys = {split: [_relative_name(root, p) for p in paths] for split, paths in splits.items()}
     unlabelled = [name for names in keys.values() for name in names if name not in table]
     if unlabelled:
-        raise DataError(f"{path}: {len(unlabelled)} image(s) have no row, e.g. {unlabelled[0]}")
+        raise UserError(f"{path}: {len(unlabelled)} image(s) have no row, e.g. {unlabelled[0]}")
 
     numbers, bad_values = {}, []  # only the rows of usable images: the others are ignored
     for name in sorted({name for names in keys.values() for name in names}, key=lambda name: table[name][0]):
@@ -403,7 +400,7 @@ def _read_labels_csv(root: pathlib.Path, splits: dict[str, list[str]]) -> Labels
             if value is None
         ]
     if bad_values:
-        raise DataError(f"{path}: {len(bad_values)} value(s) are not finite numbers, e.g. {bad_values[0]}")
+        raise UserError(f"{path}: {len(bad_values)} value(s) are not finite numbers, e.g. {bad_values[0]}")
     values = {
         split: np.array([numbers[name] for name in names], np.float32).reshape(len(names), len(columns))
         for split, names in keys.items()
@@ -517,7 +514,7 @@ def make_dataset(
 
     paths = [str(p) for p in paths]
     if not paths:
-        raise DataError("no image files to make a dataset from")
+        raise UserError("no image files to make a dataset from")
     if labels is not None:
         labels = np.asarray(labels, np.float32)
         if labels.ndim != 2 or len(labels) != len(paths):
@@ -591,14 +588,14 @@ def seeded_passes(count: int, seed: int, *, shuffle: bool = True, flip: bool = F
 def _decode_all(paths: list[str], image_size: int) -> tuple[tf.Tensor, np.ndarray]:
     """Every image of `paths` decoded: (float32 (M, size, size, 1), int64 (M,) their
     indices in `paths`); a file that fails to decode is left out, with a logged warning.
-    DataError when none decodes."""
+    UserError when none decodes."""
     import tensorflow as tf
 
     pairs = tf.data.Dataset.from_tensor_slices((np.arange(len(paths), dtype=np.int64), paths))
     decoded = pairs.map(lambda i, path: (i, load_image(path, image_size)), num_parallel_calls=tf.data.AUTOTUNE)
     batches = list(decoded.ignore_errors(log_warning=True).batch(256).prefetch(tf.data.AUTOTUNE))
     if not batches:
-        raise DataError(f"none of the {len(paths)} image files could be decoded, e.g. {paths[0]}")
+        raise UserError(f"none of the {len(paths)} image files could be decoded, e.g. {paths[0]}")
     return tf.concat([images for _, images in batches], axis=0), np.concatenate([i.numpy() for i, _ in batches])
 
 
@@ -730,7 +727,7 @@ def _build_atomically(out, build, replace: bool = False) -> pathlib.Path:
     """
     out = pathlib.Path(out).expanduser()
     if not replace and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out} already exists and is not empty; remove it or choose another output folder")
+        raise UserError(f"{out} already exists and is not empty; remove it or choose another output folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     tmp = out.parent / f".{out.name}.partial-{tag}"
@@ -774,7 +771,7 @@ def ensure_demo_dataset(out="data/demo") -> pathlib.Path:
 
     Idempotent: returns at once when `out` holds a complete demo set of this
     version (its manifest exists); an older demo set there is replaced, in one
-    rename. Raises `DataError` when `out` holds something else.
+    rename. Raises `UserError` when `out` holds something else.
     """
     out = pathlib.Path(out).expanduser()
     manifest = out / MANIFEST
@@ -783,7 +780,7 @@ def ensure_demo_dataset(out="data/demo") -> pathlib.Path:
         if made.get("version") == DEMO_VERSION:
             return out
         if not str(made.get("source", "")).startswith("nilearn"):
-            raise DataError(f"{out} holds another data set (its {MANIFEST} is not the demo set's)")
+            raise UserError(f"{out} holds another data set (its {MANIFEST} is not the demo set's)")
         return _build_atomically(out, _write_demo_slices, replace=True)
     try:
         return _build_atomically(out, _write_demo_slices)
@@ -850,7 +847,7 @@ def _mni152_uint8() -> np.ndarray:
 
     path = _nilearn_data_folder() / MNI152_T1
     if not path.is_file():
-        raise DataError(f"the MNI152 template is missing from the nilearn package: {path}")
+        raise UserError(f"the MNI152 template is missing from the nilearn package: {path}")
     volume = np.asarray(nib.as_closest_canonical(nib.load(path)).dataobj, dtype=np.float32)
     brain = volume > 0
     low = 0.5 * np.percentile(volume[brain], 1)
@@ -864,7 +861,7 @@ def _nilearn_data_folder() -> pathlib.Path:
     """nilearn's bundled data folder, found without importing nilearn (slow)."""
     spec = importlib.util.find_spec("nilearn")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("the nilearn package is needed for the demo data set: pip install -r requirements.txt")
+        raise UserError("the nilearn package is needed for the demo data set: pip install -r requirements.txt")
     return pathlib.Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
 
 
@@ -902,18 +899,18 @@ def convert_oasis1(
     Sessions without any row get empty clinical cells and one warning.
 
     Returns {split: slices written}. A volume that cannot be read is skipped
-    with one warning; `DataError` when `src` or `clinical` is missing, the
+    with one warning; `UserError` when `src` or `clinical` is missing, the
     clinical table is malformed, or nothing is usable.
     """
     src = _existing_folder(src)
     table = None if clinical is None else _read_oasis1_clinical(clinical)
     volumes = sorted(src.rglob("*_t88_masked_gfc.hdr"), key=lambda p: p.name)
     if not volumes:
-        raise DataError(f"no OASIS-1 volumes (*_t88_masked_gfc.hdr) under {src}")
+        raise UserError(f"no OASIS-1 volumes (*_t88_masked_gfc.hdr) under {src}")
     copies = collections.Counter(_oasis_session(p) for p in volumes)
     repeated = sorted(session for session, n in copies.items() if n > 1)
     if repeated:  # their slices would overwrite each other
-        raise DataError(
+        raise UserError(
             f"{len(repeated)} session(s) found more than once under {src}, e.g. {repeated[0]}; keep one copy"
         )
     subjects = _split_keys(sorted({_oasis_subject(p) for p in volumes}), val_fraction, test_fraction, seed)
@@ -922,7 +919,7 @@ def convert_oasis1(
     def build(folder: pathlib.Path) -> dict:
         counts, skipped, rows = _write_oasis1_slices(folder, volumes, split_of)
         if not counts["train"]:
-            raise DataError(f"no usable OASIS-1 volume for the training split under {src}")
+            raise UserError(f"no usable OASIS-1 volume for the training split under {src}")
         columns, unmatched = ["slice"], []
         if table is not None:
             columns += list(OASIS1_CLINICAL.values())
@@ -981,39 +978,39 @@ def _write_oasis1_slices(
 
 def _read_oasis1_clinical(path) -> dict[str, list[float | None]]:
     """{session ID: [age, sex, cdr, mmse, nwbv, etiv]} from the OASIS-1 clinical CSV,
-    None for a blank cell; sex M -> 0, F -> 1. DataError when the file is missing,
+    None for a blank cell; sex M -> 0, F -> 1. UserError when the file is missing,
     lacks the ID column or one of `OASIS1_CLINICAL`, names an ID twice, or holds a
     value that is not a number (or a sex other than M or F)."""
     path = pathlib.Path(path).expanduser()
     if not path.is_file():
-        raise DataError(f"clinical file not found: {path}")
+        raise UserError(f"clinical file not found: {path}")
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         header = [name.strip() for name in reader.fieldnames or []]
         rows = [{key.strip(): (cell or "").strip() for key, cell in row.items() if key} for row in reader]
     if OASIS1_ID not in header:
-        raise DataError(f"{path} has no {OASIS1_ID} column (header: {','.join(header)})")
+        raise UserError(f"{path} has no {OASIS1_ID} column (header: {','.join(header)})")
     missing = [name for name in OASIS1_CLINICAL if name not in header]
     if missing:
-        raise DataError(f"{path} lacks the column(s) {', '.join(missing)}")
+        raise UserError(f"{path} lacks the column(s) {', '.join(missing)}")
     table = {}
     for line, row in enumerate(rows, start=2):
         session = row[OASIS1_ID]
         if not session:
             continue
         if session in table:
-            raise DataError(f"{path}: {session} has more than one row (line {line})")
+            raise UserError(f"{path}: {session} has more than one row (line {line})")
         values = []
         for name in OASIS1_CLINICAL:
             cell = row[name]
             if name == "M/F" and cell:
                 if cell not in OASIS1_SEX:
-                    raise DataError(f"{path}: {session} (line {line}) has M/F {cell!r}, expected M or F")
+                    raise UserError(f"{path}: {session} (line {line}) has M/F {cell!r}, expected M or F")
                 values.append(OASIS1_SEX[cell])
                 continue
             value = _label_value(cell)
             if value is None:
-                raise DataError(f"{path}: {session} (line {line}) has {name} {cell!r}, not a number")
+                raise UserError(f"{path}: {session} (line {line}) has {name} {cell!r}, not a number")
             values.append(None if math.isnan(value) else value)
         table[session] = values
     return table
@@ -1078,7 +1075,7 @@ def main(argv=None) -> int:
     with warnings.catch_warnings(record=True) as caught:
         try:
             status = args.command(args)
-        except (DataError, OSError) as err:
+        except (UserError, OSError) as err:
             if debug:
                 raise
             print(f"error: {err}", file=sys.stderr)
@@ -1163,7 +1160,7 @@ def _inspect_command(args) -> int:
     if segmentation:
         print(f"  ignored (segmentation masks): {', '.join(segmentation)}")
     if not usable["train"]:
-        raise DataError(f"no usable training image in {root}")
+        raise UserError(f"no usable training image in {root}")
     labels = find_labels(root, usable)
     if labels is None:
         print(f"  labels: none (no {LABELS})")

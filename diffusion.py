@@ -71,7 +71,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from modules import FitFixes
+from keras_fixes import FitFixes
 
 __all__ = [
     "NoiseSchedule",

@@ -83,13 +83,14 @@ import sys
 import time
 from dataclasses import dataclass
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import cli  # noqa: E402  (first: quiets TensorFlow before it loads)
+
+cli.quiet_tensorflow()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import cli  # noqa: E402
 import conditioning  # noqa: E402
 import config as cfg  # noqa: E402
 import dataset  # noqa: E402
@@ -573,7 +574,7 @@ def parse_guidance(text: str) -> list[float]:
 
 
 def run_splits(config) -> tuple[str, dict[str, list[str]]]:
-    """The run's data folder and its split, exactly as train.py made it (DataError if missing)."""
+    """The run's data folder and its split, exactly as train.py made it (UserError if missing)."""
     data_dir = dataset.resolve_data_dir(config.data.data)
     return os.path.abspath(data_dir), dataset.find_splits(data_dir, seed=config.train.seed)
 

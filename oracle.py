@@ -193,7 +193,7 @@ def train_oracle(
         loss=MaskedMSE(mean, std),
         jit_compile=False,
     )
-    model.optimizer.build(model.trainable_variables)  # now, not in the first trace: see modules.FitFixes
+    model.optimizer.build(model.trainable_variables)  # now, not in the first trace: see keras_fixes.FitFixes
     start = time.perf_counter()
     history = model.fit(train, epochs=1, steps_per_epoch=steps, shuffle=False, verbose=0)
     seconds = time.perf_counter() - start

@@ -45,12 +45,13 @@ import re
 import sys
 import warnings
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import cli  # noqa: E402  (first: quiets TensorFlow before it loads)
+
+cli.quiet_tensorflow()
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import cli  # noqa: E402
 import conditioning  # noqa: E402
 import figures  # noqa: E402
 import runs  # noqa: E402

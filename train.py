@@ -26,13 +26,14 @@ import re
 import sys
 import warnings
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import cli  # noqa: E402  (first: quiets TensorFlow before it loads)
+
+cli.quiet_tensorflow()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import cli  # noqa: E402
 import conditioning  # noqa: E402
 import config as cfg  # noqa: E402
 import dataset  # noqa: E402
@@ -591,7 +592,11 @@ def run(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.cli(run, argv)
+    policy = keras.config.dtype_policy()  # `run` sets the global policy; a caller in this process keeps its own
+    try:
+        return cli.cli(run, argv)
+    finally:
+        keras.config.set_dtype_policy(policy)
 
 
 if __name__ == "__main__":

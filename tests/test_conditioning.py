@@ -5,6 +5,7 @@ The guidance tests use an analytic stand-in network whose conditional and uncond
 predictions are known, so eps_u + w (eps_c - eps_u) can be checked exactly.
 """
 
+import argparse
 import math
 import warnings
 
@@ -14,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 import conditioning as C
+import config as cfg
 import diffusion as D
 import modules
 from cli import UserError
@@ -27,11 +29,11 @@ NAN = float("nan")
 
 
 def test_parse_names_and_assignments():
-    assert C.parse_names("slice,age") == ("slice", "age")
-    assert C.parse_names(" slice , age ") == ("slice", "age")
-    assert C.parse_names("none") == C.parse_names("") == ()
-    with pytest.raises(ValueError, match="'slice' is named twice"):
-        C.parse_names("slice,age,slice")
+    assert cfg.parse_condition_names("slice,age") == ("slice", "age")
+    assert cfg.parse_condition_names(" slice , age ") == ("slice", "age")
+    assert cfg.parse_condition_names("none") == cfg.parse_condition_names("") == ()
+    with pytest.raises(argparse.ArgumentTypeError, match="'slice' is named twice"):
+        cfg.parse_condition_names("slice,age,slice")
     assert C.parse_assignments(["slice=0.6", "age=80"]) == {"slice": 0.6, "age": 80.0}
     assert C.parse_assignments(None) == {}
     for bad in ("slice", "slice=", "=3", "slice=abc", "slice=nan"):

@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 import dataset
-from dataset import SPLITS, DataError
+from cli import UserError
+from dataset import SPLITS
 
 PROJECT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -104,9 +105,9 @@ def test_tiny_flat_folders_train_on_everything(tmp_path):
 def test_bad_fractions_are_data_errors(tmp_path):
     for i in range(3):
         save_png(tmp_path / f"{i}.png", gray(0))
-    with pytest.raises(DataError, match="fractions must be >= 0 with a sum < 1, got 0.6 and 0.5"):
+    with pytest.raises(UserError, match="fractions must be >= 0 with a sum < 1, got 0.6 and 0.5"):
         dataset.find_splits(tmp_path, val_fraction=0.6, test_fraction=0.5)
-    with pytest.raises(DataError, match="3 item.s. are too few to hold out 0.5 for validation and 0.45 for test"):
+    with pytest.raises(UserError, match="3 item.s. are too few to hold out 0.5 for validation and 0.45 for test"):
         dataset.find_splits(tmp_path, val_fraction=0.5, test_fraction=0.45)
 
 
@@ -173,19 +174,19 @@ def test_good_folders_give_no_warning(tmp_path):
 
 
 def test_missing_empty_and_unusable_folders_are_data_errors(tmp_path):
-    with pytest.raises(DataError, match="data folder not found: .*nowhere"):
+    with pytest.raises(UserError, match="data folder not found: .*nowhere"):
         dataset.find_splits(tmp_path / "nowhere")
-    with pytest.raises(DataError, match="data folder not found"):
+    with pytest.raises(UserError, match="data folder not found"):
         dataset.resolve_data_dir(str(tmp_path / "nowhere"))
-    with pytest.raises(DataError, match="no PNG images in"):
+    with pytest.raises(UserError, match="no PNG images in"):
         dataset.find_splits(tmp_path)  # empty
     (tmp_path / "keras_png_slices_train").mkdir()
-    with pytest.raises(DataError, match="no PNG images in .*keras_png_slices_train"):
+    with pytest.raises(UserError, match="no PNG images in .*keras_png_slices_train"):
         dataset.find_splits(tmp_path)
     (tmp_path / "keras_png_slices_train" / "a.png").write_text("text")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the error alone, no warning before it: one line for the user
-        with pytest.raises(DataError, match="all 1 PNG files are unreadable"):
+        with pytest.raises(UserError, match="all 1 PNG files are unreadable"):
             dataset.find_splits(tmp_path)
 
 
@@ -371,7 +372,7 @@ def test_a_file_broken_after_the_check_is_skipped_not_fatal(tmp_path):
 
 
 def test_no_paths_is_a_data_error():
-    with pytest.raises(DataError, match="no image files"):
+    with pytest.raises(UserError, match="no image files"):
         dataset.make_dataset([], 8, 2)
 
 
@@ -386,10 +387,10 @@ def test_cli_missing_folder_is_one_line_and_exit_1(tmp_path, capsys):
 
 
 def test_cli_debug_shows_the_traceback(tmp_path, monkeypatch):
-    with pytest.raises(DataError):
+    with pytest.raises(UserError):
         dataset.main(["inspect", str(tmp_path / "nowhere"), "--debug"])
     monkeypatch.setenv("OASIS_LDM_DEBUG", "1")
-    with pytest.raises(DataError):
+    with pytest.raises(UserError):
         dataset.main(["inspect", str(tmp_path / "nowhere")])
 
 
@@ -494,14 +495,14 @@ def test_an_older_demo_set_is_replaced_and_a_foreign_manifest_refused(tmp_path):
     other = tmp_path / "other"
     save_png(other / "mine.png", gray(0))
     (other / "manifest.json").write_text(json.dumps({"source": "my scanner"}))
-    with pytest.raises(DataError, match="holds another data set"):
+    with pytest.raises(UserError, match="holds another data set"):
         dataset.ensure_demo_dataset(other)
     assert (other / "mine.png").exists()
 
 
 def test_demo_does_not_overwrite_a_foreign_folder(tmp_path):
     save_png(tmp_path / "demo" / "mine.png", gray(0))
-    with pytest.raises(DataError, match="already exists and is not empty"):
+    with pytest.raises(UserError, match="already exists and is not empty"):
         dataset.ensure_demo_dataset(tmp_path / "demo")
     assert (tmp_path / "demo" / "mine.png").exists()
 
@@ -583,10 +584,10 @@ def test_convert_oasis1_is_deterministic_and_never_overwrites(tmp_path):
     listing = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob("*.png"))  # noqa: E731
     assert listing(tmp_path / "a") == listing(tmp_path / "b")
     assert not list(tmp_path.glob(".*.partial-*"))
-    with pytest.raises(DataError, match="already exists"):
+    with pytest.raises(UserError, match="already exists"):
         dataset.convert_oasis1(src, tmp_path / "a")
     write_oasis1(src, SESSIONS[:1], disc="disc2")  # the same session twice would overwrite slices
-    with pytest.raises(DataError, match="1 session.s. found more than once .* OAS1_0001_MR1"):
+    with pytest.raises(UserError, match="1 session.s. found more than once .* OAS1_0001_MR1"):
         dataset.convert_oasis1(src, tmp_path / "c")
 
 

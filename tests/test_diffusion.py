@@ -832,7 +832,7 @@ def test_mixed_precision_training(policy):
 
 @pytest.mark.slow
 def test_fit_traces_the_train_step_once(monkeypatch):
-    """compile builds Adam's slots (modules.FitFixes): were they created in the first trace,
+    """compile builds Adam's slots (keras_fixes.FitFixes): were they created in the first trace,
     TensorFlow would trace the train step a second time, doubling a fit's start-up."""
     model = make_model(D.make_schedule("linear", 20), **FLAT_UNET_KW)
     model.compile(optimizer=keras.optimizers.Adam(1e-3))

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import dataset
-from dataset import SPLITS, DataError
+from cli import UserError
+from dataset import SPLITS
 from test_dataset import SESSIONS, gray, make_layout, save_png, write_oasis1
 
 
@@ -118,7 +119,7 @@ def test_malformed_labels_csv_is_a_one_line_data_error(tmp_path, rows, message):
         save_png(tmp_path / name, gray(0))
     write_csv(tmp_path / "labels.csv", rows)
     splits = {"train": [str(tmp_path / "a.png"), str(tmp_path / "b.png")], "validate": [], "test": []}
-    with pytest.raises(DataError, match=message) as caught:
+    with pytest.raises(UserError, match=message) as caught:
         dataset.find_labels(tmp_path, splits)
     assert "\n" not in str(caught.value)
 
@@ -349,13 +350,13 @@ def test_a_bad_clinical_table_is_a_data_error_before_any_conversion(tmp_path, he
     src, out = tmp_path / "oasis", tmp_path / "png"
     write_oasis1(src, SESSIONS[:1])
     clinical = write_csv(tmp_path / "clinical.csv", [header, row])
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(UserError, match=message):
         dataset.convert_oasis1(src, out, 0, 0, clinical=clinical)
     assert not out.exists()
-    with pytest.raises(DataError, match="clinical file not found: .*nowhere.csv"):
+    with pytest.raises(UserError, match="clinical file not found: .*nowhere.csv"):
         dataset.convert_oasis1(src, out, 0, 0, clinical=tmp_path / "nowhere.csv")
     write_csv(clinical, [CLINICAL_HEADER, CLINICAL[0], CLINICAL[0]])
-    with pytest.raises(DataError, match="OAS1_0001_MR1 has more than one row .line 3."):
+    with pytest.raises(UserError, match="OAS1_0001_MR1 has more than one row .line 3."):
         dataset.convert_oasis1(src, out, 0, 0, clinical=clinical)
 
 
