@@ -70,6 +70,7 @@ from keras import ops  # noqa: E402
 
 import config as cfg  # noqa: E402
 import dataset  # noqa: E402
+import hardware  # noqa: E402
 import runs  # noqa: E402
 from diffusion import LatentDiffusion, epsilon_mse, make_schedule  # noqa: E402
 
@@ -372,7 +373,7 @@ def bench_unet(bench: BenchConfig) -> dict:
     config = run_config(bench)
     schedule = make_schedule("linear", bench.timesteps)
 
-    with runs.dtype_policy("float32"):
+    with hardware.dtype_policy("float32"):
         unet = runs.build_diffusion(config).network
         optimizer = keras.optimizers.Adam(config.train.lr)
     rng = np.random.default_rng(0)
@@ -392,7 +393,7 @@ def bench_unet(bench: BenchConfig) -> dict:
     result["ours"] = time_compiled_variants(bench, "unet", build, x0, bench.unet_steps, images)
 
     # The original's UNet (plain Keras) in our compiled step, float32, XLA off.
-    with runs.dtype_policy("float32"):
+    with hardware.dtype_policy("float32"):
         u = config.unet
         network = OriginalUNet(
             bench.latent_size,
@@ -428,7 +429,7 @@ def bench_autoencoder(bench: BenchConfig) -> dict:
     config = run_config(bench)
     config.data.image_size = size
 
-    with runs.dtype_policy("float32"):
+    with hardware.dtype_policy("float32"):
         autoencoder = runs.build_autoencoder(config)
         optimizer = keras.optimizers.Adam(config.train.ae_lr)
     seconds = time_calls(
@@ -458,7 +459,7 @@ def time_compiled_variants(bench: BenchConfig, label: str, build, batch, steps: 
     variant; `build(config)` returns the compiled model for a config of `run_config`."""
     out = {}
     for precision, xla in variants(bench):
-        with runs.dtype_policy(precision):
+        with hardware.dtype_policy(precision):
             model = build(run_config(bench, precision, xla))
         step = compiled_step(model, batch)
         seconds = time_calls(lambda step=step: [step() for _ in range(steps)], bench.warmup, bench.repeats)
@@ -476,7 +477,7 @@ def bench_sampling(bench: BenchConfig) -> dict:
     """Seconds to `samples` decoded images: the original's sampler against predict.py's."""
     config = run_config(bench)
     h, c = bench.latent_size, bench.latent_channels
-    with runs.dtype_policy("float32"):  # predict.py samples in float32
+    with hardware.dtype_policy("float32"):  # predict.py samples in float32
         diffusion = runs.build_diffusion(config)
         decoder = runs.build_autoencoder(config).decoder
     unet, schedule, n = diffusion.ema_network, diffusion.schedule, bench.samples
@@ -629,8 +630,8 @@ def machine() -> dict:
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "date": datetime.date.today().isoformat(),
-        "train_py_precision": runs.resolve_precision("auto"),
-        "train_py_xla": runs.resolve_xla("auto", runs.resolve_precision("auto")),
+        "train_py_precision": hardware.resolve_precision("auto"),
+        "train_py_xla": hardware.resolve_xla("auto", hardware.resolve_precision("auto")),
     }
 
 
@@ -981,7 +982,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in bench.only:
             print(f"{name}:", flush=True)
             start = time.perf_counter()
-            with runs.dtype_policy("float32"):  # each benchmark sets its own; nothing leaks out
+            with hardware.dtype_policy("float32"):  # each benchmark sets its own; nothing leaks out
                 results[name] = steps[name](bench)
             print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
     results["headline"] = headline(results)

@@ -95,6 +95,7 @@ import conditioning  # noqa: E402
 import config as cfg  # noqa: E402
 import dataset  # noqa: E402
 import figures  # noqa: E402
+import hardware  # noqa: E402
 import oracle  # noqa: E402
 import runs  # noqa: E402
 
@@ -289,7 +290,7 @@ def inception_model(weights_path: str) -> keras.Model:
     Built with weights=None and loaded from `weights_path`, so Keras never tries to download;
     UserError when the file is unreadable or holds other weights.
     """
-    with runs.dtype_policy("float32"):
+    with hardware.dtype_policy("float32"):
         model = keras.applications.InceptionV3(
             include_top=False, weights=None, pooling="avg", input_shape=(INCEPTION_SIZE, INCEPTION_SIZE, 3)
         )

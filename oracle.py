@@ -54,6 +54,7 @@ import numpy as np
 import tensorflow as tf
 
 import config as cfg
+import hardware
 import runs
 from cli import UserError
 
@@ -127,7 +128,7 @@ class MaskedMSE(keras.losses.Loss):
 def build_network(image_size: int, k: int) -> keras.Model:
     """The oracle CNN, (B, image_size, image_size, 1) float32 in [-1, 1] → (B, k) float32 normalised
     labels, built in float32 whatever the global dtype policy."""
-    with runs.dtype_policy("float32"):
+    with hardware.dtype_policy("float32"):
         images = keras.Input((image_size, image_size, 1), name="images")
         x = images
         for i, width in enumerate(WIDTHS):

@@ -19,7 +19,6 @@ Checkpoints and histories are written by train.py's callbacks.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import glob
 import os
@@ -33,6 +32,7 @@ import tensorflow as tf
 import conditioning
 import config as cfg
 import figures
+import hardware
 from cli import UserError
 from diffusion import SAMPLERS, LatentDiffusion, NoiseSchedule, make_schedule
 from modules import AutoEncoder, UNet
@@ -105,76 +105,6 @@ def read_config(run_dir: str) -> cfg.RunConfig:
 # ---------------------------------------------------------------------------- the models of a config
 
 
-def resolve_precision(precision: str) -> str:
-    """`auto` → mixed_bfloat16 on a CPU-only machine whose CPU computes bf16 natively
-    (bench.py, session 4: 1.31× float32's images/s for the UNet, 1.79× for the autoencoder), float32 elsewhere:
-    on a GPU, choose mixed_float16 / mixed_bfloat16 explicitly."""
-    if precision != "auto":
-        return precision
-    if tf.config.list_physical_devices("GPU"):
-        return "float32"
-    flags = cpu_flags()
-    return "mixed_bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
-
-
-def cpu_flags() -> str:
-    """The CPU's feature flags as /proc/cpuinfo lists them ("" where there is none to read)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
-def resolve_xla(setting: str, precision: str) -> bool:
-    """Whether to compile the train steps with XLA (`jit_compile`) for `--xla` `setting`.
-
-    `auto` is on only on a CPU-only machine whose TensorFlow runs without its oneDNN kernels,
-    in float32. That is an AVX2 CPU: TensorFlow 2.21 turns oneDNN off by default on CPUs
-    without AVX512-VNNI/BF16/AMX, and its own convolutions are then several times slower than
-    the code XLA generates for the CPU at hand (bench.py and BENCHMARKS.md: 1.4-1.5× the
-    demo's train steps). With oneDNN on (the bf16 CPUs) XLA made every step slower (0.5-0.7×).
-    On a GPU, auto stays off: not measured yet.
-    """
-    if setting != "auto":
-        return setting == "on"
-    if precision != "float32" or tf.config.list_physical_devices("GPU"):
-        return False
-    return not onednn_enabled()
-
-
-def onednn_enabled() -> bool:
-    """Whether this TensorFlow process runs its oneDNN CPU kernels: TF_ENABLE_ONEDNN_OPTS when
-    set, else TensorFlow's choice for this CPU (on for AVX512-VNNI/BF16, AVX-VNNI or AMX)."""
-    try:
-        from tensorflow.python.util import _pywrap_util_port  # TensorFlow's own answer (internal API)
-
-        return bool(_pywrap_util_port.IsMklEnabled())
-    except (ImportError, AttributeError):
-        pass
-    setting = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
-    if setting is not None:
-        return setting.strip().lower() in ("1", "true")
-    flags = cpu_flags()
-    return any(flag in flags for flag in ("avx512_vnni", "avx512_bf16", "avx_vnni", "amx_"))
-
-
-@contextlib.contextmanager
-def dtype_policy(name: str):
-    """Build the Keras layers made inside with the dtype policy `name`, then restore the global one.
-
-    Layers take the global policy when they are created; train.py sets it for training (e.g.
-    mixed_bfloat16 on a CPU with bf16 units) and leaves it set, so without this a model
-    loaded in the same process after training would compute in bf16 and give other images.
-    """
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(name)
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(previous)
-
-
 def unit_range(images) -> tf.Tensor:
     """Images in [-1, 1] → float32 in [0, 1]: (x + 1) / 2. The range SSIM and MS-SSIM are computed on.
 
@@ -238,8 +168,8 @@ def compile_diffusion(model: LatentDiffusion, config: cfg.RunConfig) -> None:
 
 
 def train_with_xla(config: cfg.RunConfig) -> bool:
-    """`resolve_xla` for the run's --xla and --precision (both may be `auto`)."""
-    return resolve_xla(config.train.xla, resolve_precision(config.train.precision))
+    """`hardware.resolve_xla` for the run's --xla and --precision (both may be `auto`)."""
+    return hardware.resolve_xla(config.train.xla, hardware.resolve_precision(config.train.precision))
 
 
 # ---------------------------------------------------------------------------- weights
@@ -315,7 +245,7 @@ def load_run(run_dir: str, encoder: bool = False, precision: str = "float32") ->
             f"{run_dir} is not fully trained yet ({what}); finish it with: python train.py --out {run_dir} --resume"
         )
 
-    with dtype_policy(resolve_precision(precision)):
+    with hardware.dtype_policy(hardware.resolve_precision(precision)):
         autoencoder = build_autoencoder(config)
         diffusion = build_diffusion(config)
     load_weights(autoencoder.decoder, os.path.join(run_dir, "decoder.weights.h5"))

@@ -38,6 +38,7 @@ import conditioning  # noqa: E402
 import config as cfg  # noqa: E402
 import dataset  # noqa: E402
 import figures  # noqa: E402
+import hardware  # noqa: E402
 import runs  # noqa: E402
 from diffusion import LatentDiffusion  # noqa: E402
 from modules import AutoEncoder  # noqa: E402
@@ -535,7 +536,7 @@ def run(argv: list[str]) -> None:
     labels = find_conditions(config, data_dir, splits)  # and bad labels neither
     if chief:  # the other workers of a cluster write nothing (is_chief)
         runs.start_run_dir(config)
-    precision = runs.resolve_precision(config.train.precision)
+    precision = hardware.resolve_precision(config.train.precision)
     keras.config.set_dtype_policy(precision)
     keras.utils.set_random_seed(config.train.seed)
     if config.train.deterministic:

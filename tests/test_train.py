@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import config as cfg
+import hardware
 import runs
 import train
 from conftest import ROOT, RUN_FLAGS, TINY, copy_of, history_epochs
@@ -83,19 +84,19 @@ def test_xla_run_trains_both_stages(tiny_data, tmp_path, capsys):
 def test_xla_auto_is_on_only_for_float32_on_a_cpu_without_onednn(monkeypatch):
     monkeypatch.setattr(runs.tf.config, "list_physical_devices", lambda kind=None: [])
     monkeypatch.setattr(runs, "onednn_enabled", lambda: False)  # an AVX2 CPU
-    assert runs.resolve_xla("auto", "float32") is True
-    assert runs.resolve_xla("auto", "mixed_bfloat16") is False
-    assert runs.resolve_xla("off", "float32") is False and runs.resolve_xla("on", "mixed_bfloat16") is True
+    assert hardware.resolve_xla("auto", "float32") is True
+    assert hardware.resolve_xla("auto", "mixed_bfloat16") is False
+    assert hardware.resolve_xla("off", "float32") is False and hardware.resolve_xla("on", "mixed_bfloat16") is True
     monkeypatch.setattr(runs, "onednn_enabled", lambda: True)  # a CPU with AVX512-BF16/AMX
-    assert runs.resolve_xla("auto", "float32") is False
+    assert hardware.resolve_xla("auto", "float32") is False
     monkeypatch.setattr(runs.tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"])
     monkeypatch.setattr(runs, "onednn_enabled", lambda: False)
-    assert runs.resolve_xla("auto", "float32") is False  # GPUs: not measured, off
+    assert hardware.resolve_xla("auto", "float32") is False  # GPUs: not measured, off
 
 
 def test_onednn_enabled_follows_the_environment_variable():
     """TensorFlow reads TF_ENABLE_ONEDNN_OPTS at start-up: check in fresh processes."""
-    code = "import runs; print(runs.onednn_enabled())"
+    code = "import runs; print(hardware.onednn_enabled())"
     answers = []
     for value in ("0", "1"):
         env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": value, "TF_CPP_MIN_LOG_LEVEL": "3"}
