@@ -25,7 +25,7 @@ This module owns what happens between the labels and the network:
   for unknown names and a warning for values outside the training range.
 * `parse_assignments`: predict.py's ``--condition slice=0.6 age=80`` into that dict.
 
-Classifier-free guidance itself (eps_u + w (eps_c − eps_u)) lives in diffusion.Sampler;
+Classifier-free guidance itself (eps_u + w (eps_c − eps_u)) lives in samplers.Sampler;
 the dropout of conditions during training in diffusion.LatentDiffusion.
 """
 

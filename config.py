@@ -368,7 +368,7 @@ class SamplingOptions:
         "ddim", "ddim, dpmpp (DPM-Solver++(2M), deterministic) or ddpm (all T steps)", choices=SAMPLERS
     )
     steps: int | None = option(
-        None, "DDIM or DPM-Solver++ steps, in [1, T]; None: 50 for DDIM, 20 for DPM-Solver++, T if smaller"
+        None, "DDIM or DPM-Solver++ steps, in [1, T]; not given: 50 for DDIM, 20 for DPM-Solver++, T if smaller"
     )
     eta: float = option(0.0, "DDIM noise: 0 deterministic, 1 DDPM-like")
     seed: int = option(0, "the same seed and batch size give the same images")

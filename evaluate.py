@@ -4,14 +4,17 @@
     python evaluate.py --run runs/demo --n 256 --steps 100
     python evaluate.py --run runs/oasis --inception-weights ~/inception_v3_notop.h5
 
-Options: --run RUN (a folder, or a name under runs/; default: the newest run), --n 64
-samples, --sampler ddim|dpmpp|ddpm, --steps 50 (DPM-Solver++: 20; at most T), --eta 0.0, --seed 0, --batch-size 16,
---max-train N (compare with at most N training images in the nearest-neighbour search,
-evenly spaced; default 0 = all), --inception-weights PATH (InceptionV3 "notop" weights
-for FID/KID), --debug.
+Options (`python evaluate.py --help`): --run RUN (a folder, or a name under runs/; default:
+the newest run), --n 64 samples, --sampler ddim|dpmpp|ddpm, --steps (DDIM: 50, DPM-Solver++:
+20, at most T), --eta 0.0, --seed 0, --batch-size 16, --precision (of the networks, default
+float32), --max-train N (compare with at most N training images in the nearest-neighbour
+search, evenly spaced; default 0 = all), --inception-weights PATH (InceptionV3 "notop"
+weights for FID/KID), --guidance W[,W...] (conditioned runs: classifier-free guidance
+weights, the first gives the headline metrics, more make a sweep; default 3),
+--oracle-steps 600 (training steps of the conditioning oracle), --debug.
 
 Metrics (SSIM and MS-SSIM on images mapped from [-1, 1] to [0, 1] with max_val = 1,
-11-px Gaussian filter, as tf.image.ssim; see runs.unit_range for why not on [-1, 1]):
+11-px Gaussian filter, as tf.image.ssim; see metrics.unit_range for why not on [-1, 1]):
     ae_ssim, ae_psnr            autoencoder reconstruction of every validation image (mean)
     sample_nn_ssim_median       per sample, the highest SSIM to any image the diffusion model
                                 trained on (the training images and, when the run flips, their
@@ -96,15 +99,11 @@ import config as cfg  # noqa: E402
 import dataset  # noqa: E402
 import figures  # noqa: E402
 import hardware  # noqa: E402
+import metrics  # noqa: E402
 import oracle  # noqa: E402
+import prepare  # noqa: E402
 import runs  # noqa: E402
 
-# Standard MS-SSIM weights of the five scales (Wang et al. 2003), finest first.
-MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
-SSIM_FILTER = 11  # tf.image.ssim's default filter size
-# Elements of one broadcast image tensor in the pairwise SSIM (a few such live at once).
-PAIRWISE_BUDGET = 2**23
-INCEPTION_SIZE = 299
 INCEPTION_NOTOP = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"  # Keras' cache name
 FID_NOTE = (
     "Keras InceptionV3 (ImageNet) features, not pytorch-fid's port of the TF-slim graph that published FIDs use: "
@@ -116,145 +115,7 @@ MEMORISATION_PAIRS = 8  # columns of memorisation.png
 # ---------------------------------------------------------------------------- SSIM-based metrics
 
 
-@tf.function(reduce_retracing=True)
-def pairwise_ssim(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
-    """SSIM of every pair: a (n, H, W, 1), b (m, H, W, 1) in [-1, 1] → (n, m), computed on [0, 1].
-
-    One broadcast tf.image.ssim call on (n, 1, ...) against (1, m, ...): no Python loop.
-    """
-    return tf.image.ssim(runs.unit_range(a)[:, None], runs.unit_range(b)[None], max_val=1.0)
-
-
-@dataclass
-class Nearest:
-    """For n query images, the reference image of highest SSIM to each.
-
-    scores: float64 (n,) in [-1, 1]; index: int64 (n,), that reference's position in the
-    reference stream; images: float32 (n, H, W, 1), the reference itself.
-    """
-
-    scores: np.ndarray
-    index: np.ndarray
-    images: np.ndarray
-
-
-def nearest_ssim(queries: np.ndarray, references) -> Nearest:
-    """For each query image, the reference image of highest SSIM (ties: the first).
-
-    queries: (n, H, W, 1) in [-1, 1]; references: an iterable of (m_i, H, W, 1) batches
-    (e.g. a tf.data.Dataset, so the training set never has to fit in memory), or one
-    array. Each query against itself gives 1.
-    """
-    if isinstance(references, np.ndarray):
-        references = [references]
-    queries = tf.constant(queries, tf.float32)
-    best = np.full(len(queries), -np.inf)
-    index = np.full(len(queries), -1, np.int64)
-    images = np.zeros(queries.shape, np.float32)
-    per_chunk = max(1, PAIRWISE_BUDGET // int(np.prod(queries.shape)))
-    seen = 0
-    for batch in references:
-        batch = np.asarray(batch, np.float32)
-        for start in range(0, len(batch), per_chunk):
-            chunk = batch[start : start + per_chunk]
-            scores = pairwise_ssim(queries, tf.constant(chunk)).numpy()
-            top = scores.argmax(axis=1)
-            better = scores[np.arange(len(top)), top] > best
-            best[better] = scores[better, top[better]]
-            index[better] = seen + start + top[better]
-            images[better] = chunk[top[better]]
-        seen += len(batch)
-    return Nearest(best, index, images)
-
-
-def msssim_scales(image_size: int) -> int:
-    """How many of the five MS-SSIM scales fit: the coarsest, image_size / 2^(k-1), must be ≥ 11."""
-    return max(1, min(len(MSSSIM_WEIGHTS), 1 + int(math.floor(math.log2(image_size / SSIM_FILTER)))))
-
-
-def msssim_diversity(images: np.ndarray) -> tuple[float | None, int]:
-    """Mean MS-SSIM over all n(n-1)/2 pairs of images (n, H, W, 1) in [-1, 1], and the scale count.
-
-    Identical images give 1; lower means more diverse. Uses `msssim_scales(H)` scales with
-    renormalised weights (see the module docstring). None for fewer than 2 images.
-    """
-    n, size = len(images), images.shape[1]
-    scales = msssim_scales(size)
-    if n < 2:
-        return None, scales
-    weights = np.array(MSSSIM_WEIGHTS[:scales]) / np.sum(MSSSIM_WEIGHTS[:scales])
-    i, j = np.triu_indices(n, k=1)
-    per_chunk = max(1, PAIRWISE_BUDGET // int(np.prod(images.shape[1:])))
-    images = tf.constant(images, tf.float32)
-    total = 0.0
-    for start in range(0, len(i), per_chunk):
-        a = tf.gather(images, i[start : start + per_chunk])
-        b = tf.gather(images, j[start : start + per_chunk])
-        total += float(
-            tf.reduce_sum(
-                tf.image.ssim_multiscale(
-                    runs.unit_range(a), runs.unit_range(b), max_val=1.0, power_factors=tuple(weights)
-                )
-            )
-        )
-    return total / len(i), scales
-
-
 # ---------------------------------------------------------------------------- FID and KID
-
-
-def _sqrt_psd(s: np.ndarray) -> np.ndarray:
-    """The symmetric square root of a symmetric PSD matrix, by eigendecomposition
-    (negative round-off eigenvalues clipped to 0)."""
-    w, v = np.linalg.eigh((s + s.T) / 2.0)
-    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-
-
-def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
-    """Fréchet (2-Wasserstein²) distance of N(mu1, s1) and N(mu2, s2):
-
-        ||mu1 - mu2||² + Tr(s1) + Tr(s2) - 2 Tr(sqrt(s1 s2)).
-
-    Tr(sqrt(s1 s2)) = Σ sqrt(λ_i) over the eigenvalues λ_i of sqrt(s1) s2 sqrt(s1), which
-    is symmetric PSD and similar to s1 s2: no general matrix square root (scipy) needed.
-    mu: (d,), s: (d, d) symmetric PSD. Returns a float ≥ 0 (round-off below 0 is clipped).
-    """
-    mu1, mu2, s1, s2 = (np.asarray(x, np.float64) for x in (mu1, mu2, s1, s2))
-    root = _sqrt_psd(s1)
-    inner = root @ s2 @ root
-    trace_sqrt = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2.0), 0.0, None)))
-    return max(0.0, float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2.0 * trace_sqrt))
-
-
-def fid(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """FID of two feature sets (n, d) and (m, d): the Fréchet distance of their Gaussian fits
-    (mean, covariance with ddof = 1). Needs n, m ≥ 2."""
-    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
-    # atleast_2d: np.cov of one feature column is 0-d
-    cov_a, cov_b = (np.atleast_2d(np.cov(x, rowvar=False)) for x in (a, b))
-    return frechet_distance(a.mean(0), cov_a, b.mean(0), cov_b)
-
-
-def kid(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """KID: the unbiased estimate of MMD² with the kernel k(x, y) = (x·y / d + 1)³ (Bińkowski et al. 2018).
-
-        Σ_{i≠j} k(x_i, x_j) / (n(n-1)) + Σ_{i≠j} k(y_i, y_j) / (m(m-1)) - 2 Σ_{i,j} k(x_i, y_j) / (nm)
-
-    over all of both sets (no subsets). Zero in expectation when both sets come from the
-    same distribution, so it can be slightly negative. Needs n, m ≥ 2.
-    """
-    x, y = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
-    d, n, m = x.shape[1], len(x), len(y)
-
-    def kernel(p, q):
-        return (p @ q.T / d + 1.0) ** 3
-
-    kxx, kyy = kernel(x, x), kernel(y, y)
-    return float(
-        (kxx.sum() - np.trace(kxx)) / (n * (n - 1))
-        + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-        - 2.0 * kernel(x, y).mean()
-    )
 
 
 def find_inception_weights(path: str | None) -> tuple[str | None, str]:
@@ -292,22 +153,13 @@ def inception_model(weights_path: str) -> keras.Model:
     """
     with hardware.dtype_policy("float32"):
         model = keras.applications.InceptionV3(
-            include_top=False, weights=None, pooling="avg", input_shape=(INCEPTION_SIZE, INCEPTION_SIZE, 3)
+            include_top=False,
+            weights=None,
+            pooling="avg",
+            input_shape=(metrics.INCEPTION_SIZE, metrics.INCEPTION_SIZE, 3),
         )
     runs.load_weights(model, weights_path, built_from="InceptionV3(include_top=False)")
     return model
-
-
-def inception_features(model: keras.Model, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
-    """Features (N, 2048) of images (N, H, W, 1) in [-1, 1]: bilinear resize to 299×299, gray
-    repeated to 3 channels; [-1, 1] is already InceptionV3's input range (preprocess_input "tf")."""
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = tf.image.resize(
-            tf.constant(images[start : start + batch_size], tf.float32), (INCEPTION_SIZE, INCEPTION_SIZE)
-        )
-        out.append(model(tf.clip_by_value(tf.repeat(x, 3, axis=-1), -1.0, 1.0), training=False).numpy())
-    return np.concatenate(out)
 
 
 def inception_scores(
@@ -327,12 +179,12 @@ def inception_scores(
         model = inception_model(path)
     except cli.UserError as e:
         return {**null, "fid_note": str(e)}
-    fs, fr, ft = (inception_features(model, x, batch_size) for x in (samples, real, train))
+    fs, fr, ft = (metrics.inception_features(model, x, batch_size) for x in (samples, real, train))
     return {
-        "fid": fid(fs, fr),
-        "kid": kid(fs, fr),
-        "fid_real": fid(fr, ft),
-        "kid_real": kid(fr, ft),
+        "fid": metrics.fid(fs, fr),
+        "kid": metrics.kid(fs, fr),
+        "fid_real": metrics.fid(fr, ft),
+        "kid_real": metrics.kid(fr, ft),
         "fid_note": f"InceptionV3 ({path}) pool features of {len(samples)} samples vs {len(real)} validation "
         f"images (fid_real: those vs {len(train)} training images); FID is biased at small n. {FID_NOTE}",
     }
@@ -356,15 +208,16 @@ def evenly_spaced(paths: list[str], k: int) -> list[str]:
 
 
 def autoencoder_scores(run: runs.Run, paths: list[str], batch_size: int) -> tuple[float | None, float | None]:
-    """Mean SSIM and PSNR (dB) of decoder(encoder(x)) against x over the images of `paths` (runs.ssim / runs.psnr)."""
+    """Mean SSIM and PSNR (dB) of decoder(encoder(x)) against x over the images of `paths`
+    (metrics.ssim, metrics.psnr)."""
     if not paths:
         return None, None
     total_ssim = total_psnr = count = 0.0
     for x in dataset.make_dataset(paths, run.config.data.image_size, batch_size, shuffle=False):
         recon = run.autoencoder.decoder(run.autoencoder.encoder(x, training=False), training=False)
         k = int(x.shape[0])
-        total_ssim += float(runs.ssim(x, recon)) * k
-        total_psnr += float(runs.psnr(x, recon)) * k
+        total_ssim += float(metrics.ssim(x, recon)) * k
+        total_psnr += float(metrics.psnr(x, recon)) * k
         count += k
     return total_ssim / count, total_psnr / count
 
@@ -388,7 +241,9 @@ def device_name() -> str:
     return f"CPU {model}, {os.cpu_count()} cores"
 
 
-def memorisation_figure(samples: np.ndarray, nearest: Nearest, train_paths: list[str], path: str, title: str) -> None:
+def memorisation_figure(
+    samples: np.ndarray, nearest: metrics.Nearest, train_paths: list[str], path: str, title: str
+) -> None:
     """memorisation.png: the MEMORISATION_PAIRS samples of highest SSIM to a training image
     (or mirror image), each above that image. nearest: of `samples` first (more may follow);
     its index counts the training images, then (≥ len(train_paths)) their mirror images."""
@@ -398,13 +253,11 @@ def memorisation_figure(samples: np.ndarray, nearest: Nearest, train_paths: list
     for i in nearest.index[order]:
         stem = os.path.splitext(os.path.basename(train_paths[i % len(train_paths)]))[0]
         names.append(stem + (" (mirror)" if i >= len(train_paths) else ""))
-    figures.nearest_pairs(
-        samples[order],
-        nearest.images[order],
-        [f"SSIM {s:.3f}" for s in nearest.scores[order]],
-        names,
+    figures.image_grid(
+        np.stack([samples[order], nearest.images[order]]),
         path,
         title=f"{title}: the {k} closest to a training image (bottom)",
+        cell_labels=[f"SSIM {s:.3f}" for s in nearest.scores[order]] + names,
     )
 
 
@@ -435,29 +288,29 @@ def _shown(value) -> str:
     return "null" if value is None else f"{value:.4g}"
 
 
-def format_table(metrics: dict) -> str:
+def format_table(results: dict) -> str:
     """The metrics as an aligned text table, with the conditions above and notes below."""
     head = (
-        f"run {metrics['run']}: n = {metrics['n']} samples ({metrics['sampler_label']}, seed {metrics['seed']}), "
-        f"{metrics['n_real']} real (validation) images, {metrics['nn_reference_images']} training images; "
-        f"MS-SSIM {metrics['msssim_scales']} scale(s); {metrics['device']}, TF {metrics['tensorflow']}"
+        f"run {results['run']}: n = {results['n']} samples ({results['sampler_label']}, seed {results['seed']}), "
+        f"{results['n_real']} real (validation) images, {results['nn_reference_images']} training images; "
+        f"MS-SSIM {results['msssim_scales']} scale(s); {results['device']}, TF {results['tensorflow']}"
     )
     rows = [head, "", f"{'metric':<26}{'value':>10}  meaning"]
     for key, meaning in DESCRIPTIONS.items():
-        rows.append(f"{key:<26}{_shown(metrics.get(key)):>10}  {meaning}")
-    conditioned = [key for key in metrics if key.startswith("cond_")]
+        rows.append(f"{key:<26}{_shown(results.get(key)):>10}  {meaning}")
+    conditioned = [key for key in results if key.startswith("cond_")]
     if conditioned:
-        rows.append(f"conditioned on {', '.join(metrics['condition_variables'])}, guidance {metrics['guidance']:g}:")
-        rows += [f"{key:<32}{_shown(metrics[key]):>10}" for key in conditioned]
-        rows.append("guidance sweep: " + ", ".join(k for k in metrics["guidance_sweep"][0] if k != "guidance"))
-        for entry in metrics["guidance_sweep"]:
+        rows.append(f"conditioned on {', '.join(results['condition_variables'])}, guidance {results['guidance']:g}:")
+        rows += [f"{key:<32}{_shown(results[key]):>10}" for key in conditioned]
+        rows.append("guidance sweep: " + ", ".join(k for k in results["guidance_sweep"][0] if k != "guidance"))
+        for entry in results["guidance_sweep"]:
             rows.append(
                 f"  w = {entry['guidance']:<6g}"
                 + "".join(f"{_shown(v):>10}" for k, v in entry.items() if k != "guidance")
             )
     rows.append("")
-    rows.append(f"fid_note: {metrics['fid_note']}")
-    rows += [f"note: {note}" for note in metrics["notes"]]
+    rows.append(f"fid_note: {results['fid_note']}")
+    rows += [f"note: {note}" for note in results["notes"]]
     return "\n".join(rows)
 
 
@@ -521,7 +374,7 @@ def median_abs_error(predicted: np.ndarray, wanted: np.ndarray) -> float | None:
     return float(np.median(error)) if len(error) else None
 
 
-def slice_error(nearest: Nearest, data: ConditionData, wanted: np.ndarray) -> float | None:
+def slice_error(nearest: metrics.Nearest, data: ConditionData, wanted: np.ndarray) -> float | None:
     """Median |wanted − the slice label of each query's nearest training image| (an index
     ≥ the number of training images is a mirror image, which keeps its slice)."""
     found = data.train_labels[nearest.index % len(data.train_labels), data.names.index("slice")]
@@ -576,7 +429,7 @@ def parse_guidance(text: str) -> list[float]:
 
 def run_splits(config) -> tuple[str, dict[str, list[str]]]:
     """The run's data folder and its split, exactly as train.py made it (UserError if missing)."""
-    data_dir = dataset.resolve_data_dir(config.data.data)
+    data_dir = prepare.resolve_data_dir(config.data.data)
     return os.path.abspath(data_dir), dataset.find_splits(data_dir, seed=config.train.seed)
 
 
@@ -585,21 +438,18 @@ def evaluate(
     data_dir: str,
     splits: dict[str, list[str]],
     n: int,
-    sampler: str,
-    steps: int,
-    eta: float,
-    seed: int,
-    batch_size: int,
-    max_train: int,
-    inception_weights: str | None,
+    options: cfg.SamplingOptions,
+    max_train: int = 0,
+    inception_weights: str | None = None,
     guidance: list[float] | None = None,
     oracle_steps: int = 600,
 ) -> dict:
     """Every metric of the module docstring for `run`, with its conditions, as a JSON-ready dict.
 
     data_dir, splits: the run's data folder and {"train", "validate", "test": image paths} (`run_splits`).
-    guidance: classifier-free guidance weights of a conditioned run (the first gives the
-    headline metrics; default [runs.DEFAULT_GUIDANCE]); oracle_steps: its training steps.
+    options: how to sample (`config.SamplingOptions`, steps resolved); guidance: classifier-free
+    guidance weights of a conditioned run (the first gives the headline metrics; default
+    [options.guidance]); oracle_steps: its training steps.
     """
     started = time.time()
     config = run.config
@@ -610,16 +460,17 @@ def evaluate(
     if not splits["validate"]:
         notes.append("no validation images: ae_* and real_* metrics are null")
 
-    guidance = list(guidance or [runs.DEFAULT_GUIDANCE])
+    guidance = list(guidance or [options.guidance])
+    batch_size, T = options.batch_size, config.diffusion.timesteps
     data = condition_data(config, data_dir, splits, train_paths, real_paths, n) if config.condition_stats else None
     asked = ""
     if data:
         what = "slice evenly spaced" if data.sweep else f"the labels of {len(real_paths)} validation images"
         asked = f", asked for {what}, guidance {guidance[0]:g}"
-    print(f"sampling {n} images ({runs.sampler_label(sampler, steps, eta, config)}{asked})", flush=True)
+    print(f"sampling {n} images ({options.label(T)}{asked})", flush=True)
 
     def sample(condition, w):
-        return runs.generate(run, n, sampler, steps, eta, seed, batch_size, condition=condition, guidance=w).images
+        return runs.generate(run, n, options, condition=condition, guidance=w).images
 
     samples = sample(data.headline if data else None, guidance[0])
     real = load_images(real_paths, size, batch_size)
@@ -636,7 +487,7 @@ def evaluate(
     references = dataset.make_dataset(train_paths, size, batch_size, shuffle=False)
     if config.data.flip:
         references = dataset.with_mirrors(references)
-    nearest = nearest_ssim(np.concatenate([samples, real]), references.as_numpy_iterator())
+    nearest = metrics.nearest_ssim(np.concatenate([samples, real]), references.as_numpy_iterator())
     cond_scores = {}
     if data:
         cond_scores = conditioned_metrics(
@@ -647,8 +498,8 @@ def evaluate(
     memorisation_figure(samples, nearest, train_paths, figure, title=f"{run.name}: {len(samples)} samples")
 
     print("MS-SSIM diversity", flush=True)
-    sample_div, scales = msssim_diversity(samples)
-    real_div, _ = msssim_diversity(real)
+    sample_div, scales = metrics.msssim_diversity(samples)
+    real_div, _ = metrics.msssim_diversity(real)
 
     print("FID / KID", flush=True)
     train_for_fid = load_images(evenly_spaced(splits["train"], len(real)), size, batch_size)
@@ -662,11 +513,11 @@ def evaluate(
         "run": run.name,
         "run_dir": os.path.abspath(run.directory),
         "n": n,
-        "sampler": sampler,
-        "steps": runs.sampler_steps(config, sampler, steps),
-        "eta": eta if sampler == "ddim" else None,
-        "seed": seed,
-        "sampler_label": runs.sampler_label(sampler, steps, eta, config),
+        "sampler": options.sampler,
+        "steps": options.network_evaluations(T),
+        "eta": options.eta if options.sampler == "ddim" else None,
+        "seed": options.seed,
+        "sampler_label": options.label(T),
         "precision": run.diffusion.ema_network.dtype_policy.name,  # the networks' (--precision)
         "image_size": size,
         "data": data_dir,
@@ -709,8 +560,8 @@ def conditioned_metrics(run, data, samples, real, nearest, references, sample, g
     n = len(samples)
     print(f"oracle for {', '.join(data.names)} (cached in {os.path.join(run.directory, oracle.ORACLE_FOLDER)})")
     judge = fit_oracle(run, data, oracle_steps, batch_size)
-    first = Nearest(nearest.scores[:n], nearest.index[:n], nearest.images[:n])
-    real_nearest = Nearest(nearest.scores[n:], nearest.index[n:], nearest.images[n:])
+    first = metrics.Nearest(nearest.scores[:n], nearest.index[:n], nearest.images[:n])
+    real_nearest = metrics.Nearest(nearest.scores[n:], nearest.index[n:], nearest.images[n:])
 
     sweep = []
     for w in guidance:
@@ -719,7 +570,7 @@ def conditioned_metrics(run, data, samples, real, nearest, references, sample, g
         else:
             print(f"guidance {w:g}: sampling {n} images", flush=True)
             images = sample(data.headline, w)
-            found = nearest_ssim(images, references.as_numpy_iterator())
+            found = metrics.nearest_ssim(images, references.as_numpy_iterator())
         entry = {"guidance": w}
         if data.sweep:
             entry["cond_slice_mae"] = slice_error(found, data, data.sweep["slice"])
@@ -729,14 +580,14 @@ def conditioned_metrics(run, data, samples, real, nearest, references, sample, g
             asked_held_out = images
         entry.update(oracle_errors(judge.predict(asked_held_out), data.held_out, data, "samples"))
         entry["sample_nn_ssim_median"] = _number(np.median(found.scores))
-        entry["sample_msssim_diversity"] = _number(msssim_diversity(images)[0])
+        entry["sample_msssim_diversity"] = _number(metrics.msssim_diversity(images)[0])
         sweep.append(entry)
 
     print("unconditional samples (the chance level)", flush=True)
     unconditional = sample(None, 1.0)
     scores = {key: value for key, value in sweep[0].items() if key.startswith("cond_")}
     if data.sweep:
-        plain = nearest_ssim(unconditional, references.as_numpy_iterator())
+        plain = metrics.nearest_ssim(unconditional, references.as_numpy_iterator())
         scores["cond_slice_mae_unconditional"] = slice_error(plain, data, data.sweep["slice"])
         scores["cond_slice_mae_real"] = slice_error(real_nearest, data, data.real_labels[:, data.names.index("slice")])
     scores.update(oracle_errors(judge.predict(unconditional), data.held_out, data, "unconditional"))
@@ -762,7 +613,7 @@ def conditioned_metrics(run, data, samples, real, nearest, references, sample, g
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = cli.FlagParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    runs.add_sampling_arguments(parser, n=64)
+    cli.add_sampling_arguments(parser, n=64)
     parser.add_argument(
         "--max-train",
         type=int,
@@ -772,9 +623,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--inception-weights", help="InceptionV3 notop .h5 weights for FID/KID (default: Keras' cache)")
     parser.add_argument(
         "--guidance",
-        default=f"{runs.DEFAULT_GUIDANCE:g}",
+        default=f"{cfg.SamplingOptions.guidance:g}",
         help="conditioned runs: classifier-free guidance weight(s), comma-separated (e.g. 1,2,3,5: a sweep; "
-        f"the first gives the headline metrics) (default: {runs.DEFAULT_GUIDANCE:g})",
+        f"the first gives the headline metrics) (default: {cfg.SamplingOptions.guidance:g})",
     )
     parser.add_argument(
         "--oracle-steps", type=int, default=600, help="training steps of the conditioning oracle (default: 600)"
@@ -787,33 +638,20 @@ def run(argv: list[str]) -> None:
     args = parse_args(argv)
     run_dir = runs.resolve_run(args.run)
     config = runs.read_config(run_dir)
-    args.steps = runs.choose_steps(config, args.steps, args.sampler)
-    runs.check_sampling_args(config, args.n, args.sampler, args.steps, args.eta, args.seed, args.batch_size)
     guidance = parse_guidance(args.guidance)
+    options = cli.sampling_options(args, config, guidance=guidance[0])
     if args.oracle_steps < 1:
         raise cli.UserError(f"--oracle-steps must be positive, got {args.oracle_steps}")
     data_dir, splits = run_splits(config)  # before the models: a missing data folder fails at once
     loaded = runs.load_run(run_dir, encoder=True, precision=args.precision)
     runs.check_writable(run_dir)  # metrics.json goes there: fail now, not after the work
-    metrics = evaluate(
-        loaded,
-        data_dir,
-        splits,
-        args.n,
-        args.sampler,
-        args.steps,
-        args.eta,
-        args.seed,
-        args.batch_size,
-        args.max_train,
-        args.inception_weights,
-        guidance,
-        args.oracle_steps,
+    results = evaluate(
+        loaded, data_dir, splits, args.n, options, args.max_train, args.inception_weights, guidance, args.oracle_steps
     )
     path = os.path.join(loaded.directory, "metrics.json")
-    cfg.write_json_atomic(metrics, path)
+    cfg.write_json_atomic(results, path)
     print()
-    print(format_table(metrics))
+    print(format_table(results))
     print(f"\nwrote {path}")
 
 

@@ -73,20 +73,51 @@ def loss_curves(csv_path: str | os.PathLike, path: str | os.PathLike, title: str
     save_figure(fig, path)
 
 
-def image_grid(images: np.ndarray, path: str | os.PathLike, title: str = "", ncols: int = 8) -> None:
-    """A grid of images (N, H, W, 1) in [-1, 1], without axes."""
+def image_grid(
+    images: np.ndarray,
+    path: str | os.PathLike,
+    title: str = "",
+    ncols: int = 8,
+    row_labels=(),
+    column_labels=(),
+    cell_labels=None,
+) -> None:
+    """The project's one grid of images in [-1, 1], without axes.
+
+    images: (N, H, W, 1), laid out in rows of `ncols` (the last row may be short), or
+        (R, C, H, W, 1), R rows of C images (e.g. conditions.png: rows = values of one
+        condition, columns = seeds; memorisation.png: samples above their training images).
+    row_labels: one label per row, left of it; column_labels: one per column, above the first
+        row; cell_labels: one per image (flat, in image order), above it (e.g. SSIM values).
+    """
     images = np.asarray(images, dtype=np.float32)
-    n = len(images)
-    ncols = min(ncols, n)
-    nrows = -(-n // ncols)
-    fig = Figure(figsize=(1.5 * ncols, 1.5 * nrows + (0.4 if title else 0)))
+    if images.ndim == 5:
+        nrows, ncols = images.shape[:2]
+        images = images.reshape((-1, *images.shape[2:]))
+    else:
+        ncols = min(ncols, len(images))
+        nrows = -(-len(images) // ncols)
+    labels = list(cell_labels) if cell_labels is not None else []
+    label_room = 0.3 if labels else 0.0
+    fig = Figure(
+        figsize=(1.5 * ncols + (0.9 if len(row_labels) else 0), (1.5 + label_room) * nrows + (0.5 if title else 0.1))
+    )
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i < n:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        if i < len(images):
             ax.imshow(images[i, :, :, 0], cmap="gray", vmin=-1, vmax=1)
+            if labels:
+                ax.set_title(str(labels[i]), fontsize=8)
+    for r, label in enumerate(row_labels):
+        axes[r, 0].set_ylabel(str(label), fontsize=9)
+    for c, label in enumerate(column_labels):
+        axes[0, c].set_title(str(label), fontsize=8)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=10)
     save_figure(fig, path)
 
 
@@ -145,59 +176,4 @@ def denoising(latents: np.ndarray, images: np.ndarray, timesteps, path: str | os
         axes[2 * i + 1, 0].set_ylabel(f"#{i} decoded")
     if title:
         fig.suptitle(title)
-    save_figure(fig, path)
-
-
-def image_strip(images: np.ndarray, labels, path: str | os.PathLike, title: str = "") -> None:
-    """One row of images (N, H, W, 1) in [-1, 1], each titled with its label (e.g. an interpolation)."""
-    images = np.asarray(images, dtype=np.float32)
-    n = len(images)
-    fig = Figure(figsize=(1.5 * n, 1.9 + (0.4 if title else 0)))
-    axes = fig.subplots(1, n, squeeze=False)[0]
-    for ax, image, label in zip(axes, images, labels, strict=True):
-        ax.imshow(image[:, :, 0], cmap="gray", vmin=-1, vmax=1)
-        ax.set_title(str(label), fontsize=9)
-        ax.axis("off")
-    if title:
-        fig.suptitle(title)
-    save_figure(fig, path)
-
-
-def nearest_pairs(top: np.ndarray, bottom: np.ndarray, top_labels, bottom_labels, path, title: str = "") -> None:
-    """Two rows of images (N, H, W, 1) in [-1, 1], column i pairing top[i] with bottom[i]
-    (e.g. a sample and its nearest training image), each titled with its label."""
-    n = len(top)
-    fig = Figure(figsize=(1.7 * n, 4.0 + (0.4 if title else 0)))
-    axes = fig.subplots(2, n, squeeze=False)
-    for row, (images, labels) in enumerate(((top, top_labels), (bottom, bottom_labels))):
-        for ax, image, label in zip(axes[row], images, labels, strict=True):
-            ax.imshow(np.asarray(image)[:, :, 0], cmap="gray", vmin=-1, vmax=1)
-            ax.set_title(str(label), fontsize=8)
-            ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    save_figure(fig, path)
-
-
-def labelled_rows(images: np.ndarray, row_labels, path: str | os.PathLike, title: str = "", column_title="") -> None:
-    """A grid of images (R, C, H, W, 1) in [-1, 1] with a label per row (e.g. conditions.png:
-    rows = values of one condition, columns = seeds); `column_title` above the first row."""
-    images = np.asarray(images, dtype=np.float32)
-    rows, cols = images.shape[:2]
-    fig = Figure(figsize=(1.5 * cols + 0.9, 1.5 * rows + (0.5 if title else 0.1)))
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for r in range(rows):
-        for c in range(cols):
-            ax = axes[r, c]
-            ax.imshow(images[r, c, :, :, 0], cmap="gray", vmin=-1, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-        axes[r, 0].set_ylabel(str(row_labels[r]), fontsize=9)
-    if column_title:
-        for c in range(cols):
-            axes[0, c].set_title(column_title.format(c), fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
     save_figure(fig, path)

@@ -5,18 +5,21 @@
     python predict.py --run demo --sampler ddpm --out /tmp/samples
     python predict.py --run demo --condition slice=0.6 --guidance 3   # a conditioned run
 
-Options: --run RUN (a folder, or a name under runs/; default: the run whose config.json
-is newest), --n 16, --sampler ddim|dpmpp|ddpm, --steps 50 (DDIM; DPM-Solver++: 20; at most T;
-DDPM runs all T), --eta 0.0 (DDIM noise, 0 = deterministic), --seed 0, --batch-size 16, --out DIR
-(default RUN/predictions), --debug (tracebacks instead of one-line errors; or set
-OASIS_LDM_DEBUG=1). A run trained with --condition also takes --condition NAME=VALUE ...
-(variables left out are unknown; none given: unconditional samples), --guidance W
-(classifier-free guidance weight, default 3) and --sweep NAME (the variable conditions.png
-sweeps; default: the first one not given with --condition).
+Options (`python predict.py --help`): --run RUN (a folder, or a name under runs/; default:
+the run whose config.json is newest), --n 16, --sampler ddim|dpmpp|ddpm, --steps (DDIM: 50,
+DPM-Solver++: 20, at most T; DDPM runs all T), --eta 0.0 (DDIM noise, 0 = deterministic),
+--seed 0, --batch-size 16, --precision float32|mixed_bfloat16|mixed_float16|auto, --format
+png|png16|nifti (one or more), --out DIR (default RUN/predictions), --debug (tracebacks
+instead of one-line errors; or set OASIS_LDM_DEBUG=1). A run trained with --condition also
+takes --condition NAME=VALUE ... (variables left out are unknown; none given: unconditional
+samples), --guidance W (classifier-free guidance weight, default 3) and --sweep NAME (the
+variable conditions.png sweeps; default: the first one not given with --condition).
 
 Writes to --out:
     samples.png          a grid of all samples
-    sample_000.png ...   one 8-bit grayscale PNG per sample, at the run's image size
+    sample_000.png ...   one file per sample and --format, at the run's image size: an 8-bit
+                         grayscale PNG (png), sample_000_16bit.png (png16), sample_000.nii.gz
+                         (nifti; see FORMATS)
     denoising.png        the first few samples from noise to image: latent (channel 0)
                          and its decoding at about six states, columns labelled with t
     interpolation.png    samples decoded along a spherical interpolation (slerp) between
@@ -32,13 +35,15 @@ slightly other images (README, "Samplers"). Batch b is
 sampled with a seed derived from (--seed, b), so the same --seed and --batch-size give
 byte-identical files.
 
-Finding and loading the run and its batched sampling (`runs.generate`) live in runs.py,
+Finding and loading the run and its batched sampling (`runs.generate`, with one
+`config.SamplingOptions` built from the flags by `cli.sampling_options`) live in runs.py,
 shared with evaluate.py; this file owns the figures and files written from the samples.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import os
 import re
@@ -53,6 +58,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import conditioning  # noqa: E402
+import config as cfg  # noqa: E402
 import figures  # noqa: E402
 import runs  # noqa: E402
 
@@ -89,19 +95,15 @@ def interpolate(
     noise_a: np.ndarray,
     noise_b: np.ndarray,
     points: int,
-    sampler: str,
-    steps: int,
-    eta: float,
-    seed: int,
+    options: cfg.SamplingOptions,
     condition: dict | None = None,
-    guidance: float = runs.DEFAULT_GUIDANCE,
 ) -> np.ndarray:
     """Decoded samples (points, H, W, 1) started from slerp(noise_a, noise_b) at evenly spaced
     fractions 0 … 1; noise_*: (h, w, c) initial noises x_T. With DDIM and eta = 0 the two ends
     are exactly the samples of noise_a and noise_b (under the same `condition`, if any)."""
     noises = slerp(noise_a, noise_b, np.linspace(0.0, 1.0, points))
-    one_batch = dict(batch_size=points, progress=False, condition=condition, guidance=guidance, initial_noise=noises)
-    return runs.generate(run, points, sampler, steps, eta, seed, **one_batch).images
+    one_batch = dataclasses.replace(options, batch_size=points)
+    return runs.generate(run, points, one_batch, progress=False, condition=condition, initial_noise=noises).images
 
 
 # ---------------------------------------------------------------------------- writing
@@ -192,24 +194,20 @@ def write_predictions(
     run: runs.Run,
     out_dir: str,
     n: int,
-    sampler: str,
-    steps: int,
-    eta: float,
-    seed: int,
-    batch_size: int,
+    options: cfg.SamplingOptions,
     condition: dict | None = None,
-    guidance: float = runs.DEFAULT_GUIDANCE,
     sweep: str | None = None,
     formats=("png",),
 ) -> list[str]:
     """Sample and write every output file of predict.py to `out_dir` (an existing folder); returns
-    the file names written. condition, guidance: as runs.generate; sweep: the variable of
+    the file names written. options, condition: as runs.generate; sweep: the variable of
     conditions.png (conditioned runs only); formats: of the per-sample files (`FORMATS`)."""
-    num_states = min(DENOISING_STATES, runs.sampler_steps(run.config, sampler, steps) + 1)
-    samples = runs.generate(
-        run, n, sampler, steps, eta, seed, batch_size, num_states=num_states, condition=condition, guidance=guidance
-    )
-    label = f"{run.name}: {runs.sampler_label(sampler, steps, eta, run.config)}, seed {seed}"
+    T = run.config.diffusion.timesteps
+    options = options.resolved(T)
+    seed, guidance, batch_size = options.seed, options.guidance, options.batch_size
+    num_states = min(DENOISING_STATES, options.network_evaluations(T) + 1)
+    samples = runs.generate(run, n, options, num_states=num_states, condition=condition)
+    label = f"{run.name}: {options.label(T)}, seed {seed}"
     if condition:
         label += ", " + ", ".join(f"{k} {v:g}" for k, v in condition.items()) + f", guidance {guidance:g}"
 
@@ -217,7 +215,8 @@ def write_predictions(
     written = ["samples.png"]
     asked = "".join(f" {k}={v:g}" for k, v in (condition or {}).items()) + (f" w={guidance:g}" if condition else "")
     descriptions = [
-        f"oasis-ldm {run.name} #{i} seed {seed} batch {batch_size} {sampler} {steps}{asked}" for i in range(n)
+        f"oasis-ldm {run.name} #{i} seed {seed} batch {batch_size} {options.sampler} {options.steps}{asked}"
+        for i in range(n)
     ]
     pngs = save_samples(samples.images, out_dir, formats, descriptions)
 
@@ -233,15 +232,14 @@ def write_predictions(
 
     if n >= 2:
         noise_a, noise_b = samples.states[0, 0], samples.states[0, 1]
-        images = interpolate(
-            run, noise_a, noise_b, INTERPOLATION_POINTS, sampler, steps, eta, seed, condition, guidance
-        )
+        images = interpolate(run, noise_a, noise_b, INTERPOLATION_POINTS, options, condition)
         fractions = np.linspace(0.0, 1.0, INTERPOLATION_POINTS)
-        figures.image_strip(
+        figures.image_grid(
             images,
-            [f"{u:.2f}" for u in fractions],
             os.path.join(out_dir, "interpolation.png"),
             title=f"{label}: slerp from the noise of sample 0 to that of sample 1",
+            ncols=len(images),
+            cell_labels=[f"{u:.2f}" for u in fractions],
         )
         written.append("interpolation.png")
     else:
@@ -255,7 +253,7 @@ def write_predictions(
         sweep = sweep or next((name for name in stats if name not in condition), next(iter(stats)))
         fixed = {k: v for k, v in condition.items() if k != sweep}
         path = os.path.join(out_dir, "conditions.png")
-        runs.conditions_figure(run, path, sweep, fixed, guidance, sampler, steps, seed, batch_size)
+        runs.conditions_figure(run, path, options, sweep, fixed)
         written.append("conditions.png")
     return written + [os.path.basename(pngs[0]) + (f" … {os.path.basename(pngs[-1])}" if len(pngs) > 1 else "")]
 
@@ -265,7 +263,7 @@ def write_predictions(
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = cli.FlagParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    runs.add_sampling_arguments(parser, n=16)
+    cli.add_sampling_arguments(parser, n=16)
     parser.add_argument(
         "--condition",
         nargs="+",
@@ -275,9 +273,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--guidance",
         type=float,
-        default=runs.DEFAULT_GUIDANCE,
+        default=cfg.SamplingOptions.guidance,
         help=f"classifier-free guidance weight w: eps_u + w (eps_c - eps_u); 1 = conditional only, "
-        f"0 = unconditional (default: {runs.DEFAULT_GUIDANCE:g})",
+        f"0 = unconditional (default: {cfg.SamplingOptions.guidance:g})",
     )
     parser.add_argument("--sweep", metavar="NAME", help="the variable conditions.png varies (default: the first)")
     parser.add_argument(
@@ -297,8 +295,7 @@ def run(argv: list[str]) -> None:
     args = parse_args(argv)
     run_dir = runs.resolve_run(args.run)
     config = runs.read_config(run_dir)
-    args.steps = runs.choose_steps(config, args.steps, args.sampler)
-    runs.check_sampling_args(config, args.n, args.sampler, args.steps, args.eta, args.seed, args.batch_size)
+    options = cli.sampling_options(args, config, guidance=args.guidance)
     condition = conditioning.parse_assignments(args.condition)
     with warnings.catch_warnings():  # bad names fail before any work; range warnings come with the sampling
         warnings.simplefilter("ignore")
@@ -308,25 +305,13 @@ def run(argv: list[str]) -> None:
     loaded = runs.load_run(run_dir, precision=args.precision)
     out_dir = args.out or os.path.join(run_dir, "predictions")
     make_output_folder(out_dir)
-    label = runs.sampler_label(args.sampler, args.steps, args.eta, loaded.config)
+    label = options.label(config.diffusion.timesteps)
     asked = "".join(f", {k}={v:g}" for k, v in condition.items())
     if config.condition_stats:
         asked += f", guidance {args.guidance:g}" if condition else ", no condition (unconditional)"
     print(f"run {run_dir}: {args.n} sample{'s' if args.n != 1 else ''}, {label}, seed {args.seed}{asked}", flush=True)
-    written = write_predictions(
-        loaded,
-        out_dir,
-        args.n,
-        args.sampler,
-        args.steps,
-        args.eta,
-        args.seed,
-        args.batch_size,
-        condition,
-        args.guidance,
-        args.sweep,
-        tuple(dict.fromkeys(args.format)),
-    )
+    formats = tuple(dict.fromkeys(args.format))
+    written = write_predictions(loaded, out_dir, args.n, options, condition, args.sweep, formats)
     print(f"wrote {out_dir}: {', '.join(written)}")
 
 

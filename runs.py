@@ -27,21 +27,19 @@ import warnings
 
 import keras
 import numpy as np
-import tensorflow as tf
 
+import cli
 import conditioning
 import config as cfg
 import figures
 import hardware
+import metrics
 from cli import UserError
-from diffusion import SAMPLERS, LatentDiffusion, NoiseSchedule, make_schedule
+from diffusion import LatentDiffusion, NoiseSchedule, make_schedule
 from modules import AutoEncoder, UNet
+from samplers import Sampler
 
-RUNS_ROOT = "runs"
-# Network evaluations per sample when --steps is not given (T when the run has fewer; DDPM always runs T).
-DEFAULT_STEPS = {"ddim": 50, "dpmpp": 20}
-# Classifier-free guidance weight w of a conditioned run when --guidance is not given (README, "Conditioning").
-DEFAULT_GUIDANCE = 3.0
+RUNS_ROOT = cli.RUNS_ROOT
 
 
 # ---------------------------------------------------------------------------- the folder
@@ -105,28 +103,6 @@ def read_config(run_dir: str) -> cfg.RunConfig:
 # ---------------------------------------------------------------------------- the models of a config
 
 
-def unit_range(images) -> tf.Tensor:
-    """Images in [-1, 1] → float32 in [0, 1]: (x + 1) / 2. The range SSIM and MS-SSIM are computed on.
-
-    SSIM is not invariant to shifting both images: its luminance term
-    (2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1) collapses where window means are near 0,
-    which on [-1, 1] is mid-grey tissue (means 0.05 and 0.0 give 0.14 there, 0.999 on
-    [0, 1]). The literature and TensorFlow's docs use non-negative images with max_val 1.
-    """
-    return (tf.cast(images, tf.float32) + 1.0) / 2.0
-
-
-def ssim(y_true, y_pred):
-    """Mean SSIM of images in [-1, 1], computed on [0, 1] with max_val 1 (see `unit_range`);
-    11-px Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, as tf.image.ssim."""
-    return tf.reduce_mean(tf.image.ssim(unit_range(y_true), unit_range(y_pred), max_val=1.0))
-
-
-def psnr(y_true, y_pred):
-    """Mean PSNR in dB of images in [-1, 1] (dynamic range 2; the same as [0, 1] with max_val 1)."""
-    return tf.reduce_mean(tf.image.psnr(tf.cast(y_true, tf.float32), tf.cast(y_pred, tf.float32), max_val=2.0))
-
-
 def build_autoencoder(config: cfg.RunConfig) -> AutoEncoder:
     """The autoencoder of `config`, built (its constructor creates the weights)."""
     return AutoEncoder(**config.autoencoder_kwargs())
@@ -137,7 +113,7 @@ def compile_autoencoder(autoencoder: AutoEncoder, config: cfg.RunConfig) -> None
     autoencoder.compile(
         optimizer=keras.optimizers.Adam(config.train.ae_lr),
         loss="mse",
-        metrics=[ssim, psnr],
+        metrics=[metrics.ssim, metrics.psnr],
         jit_compile=train_with_xla(config),
     )
 
@@ -209,12 +185,17 @@ def load_weights(model: keras.Model, path: str, built_from: str = "config.json")
 @dataclasses.dataclass
 class Run:
     """A trained run, ready to sample: `diffusion.ema_network` holds unet_ema.weights.h5,
-    `autoencoder.decoder` holds decoder.weights.h5 (the encoder is loaded only on request)."""
+    `autoencoder.decoder` holds decoder.weights.h5 (the encoder is loaded only on request),
+    and `sampler` samples with the EMA network (one per run, so its traces are reused)."""
 
     directory: str
     config: cfg.RunConfig
     autoencoder: keras.Model
     diffusion: keras.Model
+    sampler: Sampler = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.sampler = Sampler(self.diffusion.ema_network, self.diffusion.schedule)
 
     @property
     def name(self) -> str:
@@ -267,74 +248,6 @@ def batch_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] >> 1)
 
 
-def add_sampling_arguments(parser, n: int) -> None:
-    """The flags predict.py and evaluate.py share: --run, --n (default `n`), --sampler, --steps,
-    --eta, --seed, --batch-size (checked against the run by `check_sampling_args`), --precision."""
-    parser.add_argument("--run", help=f"run folder, or a name under {RUNS_ROOT}/ (default: the newest run)")
-    parser.add_argument("--n", type=int, default=n, help=f"number of samples (default: {n})")
-    parser.add_argument(
-        "--sampler",
-        choices=SAMPLERS,
-        default="ddim",
-        help="ddim, dpmpp (DPM-Solver++(2M), deterministic), or ddpm (all T steps); default: ddim",
-    )
-    parser.add_argument(
-        "--steps",
-        type=int,
-        help="DDIM or DPM-Solver++ steps, in [1, T] (default: 50 and 20, or T if smaller; DDPM uses all T)",
-    )
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like (default: 0)")
-    parser.add_argument("--seed", type=int, default=0, help="same seed and batch size, same images (default: 0)")
-    parser.add_argument("--batch-size", type=int, default=16, help="samples per sampler call (default: 16)")
-    parser.add_argument(
-        "--precision",
-        choices=cfg.PRECISIONS,
-        default="float32",
-        help="compute precision of the UNet and decoder; the sampler state stays float32; auto: mixed_bfloat16 "
-        "on a CPU with native bf16, else float32 (default: float32)",
-    )
-
-
-def sampler_steps(config: cfg.RunConfig, sampler: str, steps: int) -> int:
-    """Number of network evaluations of one sample: DDIM's and DPM-Solver++'s `steps`, DDPM's T."""
-    return config.diffusion.timesteps if sampler == "ddpm" else steps
-
-
-def choose_steps(config: cfg.RunConfig, steps: int | None, sampler: str = "ddim") -> int:
-    """--steps as given, or (None) the sampler's DEFAULT_STEPS capped at the run's T."""
-    if steps is not None:
-        return steps
-    return min(DEFAULT_STEPS.get(sampler, DEFAULT_STEPS["ddim"]), config.diffusion.timesteps)
-
-
-def check_sampling_args(
-    config: cfg.RunConfig, n: int, sampler: str, steps: int, eta: float, seed: int, batch_size: int
-) -> None:
-    """UserError for sampling options the run cannot honour (checked before any work)."""
-    T = config.diffusion.timesteps
-    if sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if n < 1 or batch_size < 1:
-        raise UserError(f"--n and --batch-size must be positive, got {n} and {batch_size}")
-    if sampler != "ddpm" and not 1 <= steps <= T:
-        raise UserError(f"--steps must be in [1, {T}] (the run's T), got {steps}")
-    if eta < 0:
-        raise UserError(f"--eta must be >= 0, got {eta}")
-    if eta and sampler != "ddim":
-        raise UserError(f"--eta applies to the ddim sampler only, got --eta {eta:g} with {sampler}")
-    if seed < 0:
-        raise UserError(f"--seed must be >= 0, got {seed}")
-
-
-def sampler_label(sampler: str, steps: int, eta: float, config: cfg.RunConfig) -> str:
-    """E.g. "DDIM 50 steps, eta 0", "DPM-Solver++(2M) 20 steps" or "DDPM 1000 steps", for titles and tables."""
-    if sampler == "ddim":
-        return f"DDIM {steps} steps, eta {eta:g}"
-    if sampler == "dpmpp":
-        return f"DPM-Solver++(2M) {steps} steps"
-    return f"DDPM {config.diffusion.timesteps} steps"
-
-
 @dataclasses.dataclass
 class Samples:
     """Output of `generate` for n samples.
@@ -373,24 +286,24 @@ def network_conditions(run: Run, condition: dict | None, n: int) -> np.ndarray |
 def generate(
     run: Run,
     n: int,
-    sampler: str = "ddim",
-    steps: int = 50,
-    eta: float = 0.0,
-    seed: int = 0,
-    batch_size: int = 16,
+    options: cfg.SamplingOptions | None = None,
+    *,
+    condition: dict | None = None,
+    guidance: float | None = None,
     num_states: int = 0,
     progress: bool = True,
-    condition: dict | None = None,
-    guidance: float = DEFAULT_GUIDANCE,
     initial_noise: np.ndarray | None = None,
 ) -> Samples:
-    """n decoded samples of the EMA UNet, in batches of `batch_size` (a progress bar over batches).
+    """n decoded samples of the EMA UNet, in batches of `options.batch_size` (a progress bar over batches).
 
-    condition: for a conditioned run, {variable: value} or {variable: n values} in the labels'
-    units (e.g. {"slice": 0.6, "age": 80}); variables left out are unknown, and None samples
-    unconditionally. guidance: the classifier-free guidance weight w of
-    eps_u + w (eps_c − eps_u) (1: conditional only; each other w doubles the UNet's batch).
-    initial_noise: (n, h, w, c) starting noises x_T, or None to draw them from the seeds.
+    options: sampler, steps, eta, seed, batch size and guidance weight (default
+    `config.SamplingOptions()`: DDIM 50 steps, seed 0); `guidance`, when given, replaces
+    options.guidance. condition: for a conditioned run, {variable: value} or {variable: n
+    values} in the labels' units (e.g. {"slice": 0.6, "age": 80}); variables left out are
+    unknown, and None samples unconditionally. The guidance weight w of
+    eps_u + w (eps_c − eps_u) applies only with a condition (1: conditional only; any other
+    w doubles the UNet's batch). initial_noise: (n, h, w, c) starting noises x_T, or None to
+    draw them from the seeds.
 
     The sampler's x0 estimate is clipped to ± the run's `latent_max_abs` (the range of the
     training latents; no clipping for runs made before it was recorded): without it, a
@@ -398,27 +311,29 @@ def generate(
     estimate by 1/sqrt(ᾱ) ≈ 20,000, and the sample diverges.
 
     num_states: K = 0, or 2..(steps + 1) states of each sample's reverse process to keep
-    (see `Samples`). Batch b uses `batch_seed(seed, b)`.
+    (see `Samples`). Batch b uses the seed `batch_seed(options.seed, b)`. ValueError for
+    options the run cannot honour (`SamplingOptions.validate`).
     """
-    check_sampling_args(run.config, n, sampler, steps, eta, seed, batch_size)
+    options = options or cfg.SamplingOptions()
+    if guidance is not None:
+        options = dataclasses.replace(options, guidance=float(guidance))
+    T = run.config.diffusion.timesteps
+    options = options.resolved(T)
+    options.validate(T, n)
     cond = network_conditions(run, condition, n)
-    sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
+    batch = options.batch_size
+    sizes = [min(batch, n - start) for start in range(0, n, batch)]
     bar = keras.utils.Progbar(len(sizes), unit_name="batch") if progress else None
     latents, states, timesteps = [], [], None
     for b, size in enumerate(sizes):
-        start = b * batch_size
-        out = run.diffusion.sample(
-            size,
-            run.latent_shape,
-            sampler=sampler,
-            steps=steps,
-            eta=eta,
-            seed=batch_seed(seed, b),
+        rows = slice(b * batch, b * batch + size)
+        out = run.sampler.sample(
+            (size, *run.latent_shape),
+            dataclasses.replace(options, seed=batch_seed(options.seed, b)),
             num_intermediates=num_states,
             clip_x0=run.config.latent_max_abs,
-            cond=None if cond is None else cond[start : start + size],
-            guidance=guidance,
-            initial_noise=None if initial_noise is None else initial_noise[start : start + size],
+            cond=None if cond is None else cond[rows],
+            initial_noise=None if initial_noise is None else initial_noise[rows],
         )
         if num_states:
             out, batch_states, timesteps = out
@@ -428,7 +343,7 @@ def generate(
             bar.update(b + 1)
     latents = np.concatenate(latents)
     return Samples(
-        images=decode(run, latents, batch_size),
+        images=decode(run, latents, batch),
         latents=latents,
         states=np.concatenate(states, axis=1) if num_states else None,
         timesteps=timesteps,
@@ -440,33 +355,25 @@ def condition_grid(
     variable: str,
     values,
     columns: int,
+    options: cfg.SamplingOptions,
     fixed: dict | None = None,
-    guidance: float = DEFAULT_GUIDANCE,
-    sampler: str = "ddim",
-    steps: int = 50,
-    seed: int = 0,
-    batch_size: int = 16,
 ) -> np.ndarray:
     """Decoded samples (len(values), columns, H, W, 1) in [-1, 1]: row r asks for
     `variable` = values[r] (plus the `fixed` conditions), column c starts every row from the
-    same initial noise (seeded by `seed`), so a row-to-row change is the condition's doing."""
+    same initial noise (seeded by `options.seed`), so a row-to-row change is the condition's doing."""
     condition = dict(fixed or {})
     if variable in condition:
         raise UserError(f"condition {variable} is swept in conditions.png; do not also fix it")
     values = np.asarray(values, np.float64)
     rows = len(values)
-    noise = np.random.default_rng(seed).standard_normal((columns, *run.latent_shape)).astype(np.float32)
+    noise = np.random.default_rng(options.seed).standard_normal((columns, *run.latent_shape)).astype(np.float32)
     condition[variable] = np.repeat(values, columns)
     images = generate(
         run,
         rows * columns,
-        sampler,
-        steps,
-        seed=seed,
-        batch_size=batch_size,
+        options,
         progress=False,
         condition=condition,
-        guidance=guidance,
         initial_noise=np.tile(noise, (rows, 1, 1, 1)),
     ).images
     return images.reshape((rows, columns, *images.shape[1:]))
@@ -479,29 +386,26 @@ CONDITION_COLUMNS = 6  # seeds (initial noises) in conditions.png
 def conditions_figure(
     run: Run,
     path: str,
+    options: cfg.SamplingOptions,
     variable: str | None = None,
     fixed: dict | None = None,
-    guidance: float = DEFAULT_GUIDANCE,
-    sampler: str = "ddim",
-    steps: int = 50,
-    seed: int = 0,
-    batch_size: int = 16,
 ) -> None:
     """conditions.png of a conditioned run: rows sweep `variable` (default: the first condition
-    variable) over its training range, columns are seeds (`condition_grid`)."""
+    variable) over its training range, columns are seeds (`condition_grid`); DDIM's eta is 0
+    here, so that a row differs from the next by its condition only."""
     stats = run.config.condition_stats
     variable = variable or next(iter(stats))
     if variable not in stats:
         raise UserError(f"--sweep {variable}: the run is conditioned on {', '.join(stats)} only")
     values = conditioning.sweep_values(stats, variable, CONDITION_ROWS)
-    steps = min(steps, run.config.diffusion.timesteps)
-    images = condition_grid(run, variable, values, CONDITION_COLUMNS, fixed, guidance, sampler, steps, seed, batch_size)
+    T = run.config.diffusion.timesteps
+    options = dataclasses.replace(options, eta=0.0, steps=min(options.resolved(T).steps, T))
+    images = condition_grid(run, variable, values, CONDITION_COLUMNS, options, fixed)
     also = "".join(f", {name} {value:g}" for name, value in (fixed or {}).items())
-    label = sampler_label(sampler, steps, 0.0, run.config)
-    figures.labelled_rows(
+    figures.image_grid(
         images,
-        [f"{variable} {v:.2f}" for v in values],
         path,
-        title=f"{run.name}: rows {variable}{also}, guidance {guidance:g}, {label}",
-        column_title="seed {}",
+        title=f"{run.name}: rows {variable}{also}, guidance {options.guidance:g}, {options.label(T)}",
+        row_labels=[f"{variable} {v:.2f}" for v in values],
+        column_labels=[f"seed {c}" for c in range(CONDITION_COLUMNS)],
     )

@@ -39,6 +39,7 @@ import config as cfg  # noqa: E402
 import dataset  # noqa: E402
 import figures  # noqa: E402
 import hardware  # noqa: E402
+import prepare  # noqa: E402
 import runs  # noqa: E402
 from diffusion import LatentDiffusion  # noqa: E402
 from modules import AutoEncoder  # noqa: E402
@@ -384,29 +385,20 @@ def encode_training_set(encoder: keras.Model, config: cfg.RunConfig, paths: list
 
 
 class TensorBoardSamples(keras.callbacks.Callback):
-    """Every `every` epochs, decode a few EMA samples and log them as TensorBoard images."""
+    """Every `every` epochs, decode a few samples of the EMA UNet being trained (unconditional,
+    DDIM 50 steps, seed 0) and log them as TensorBoard images."""
 
-    def __init__(self, decoder, config: cfg.RunConfig, log_dir: str, every: int, n: int = 8):
+    def __init__(self, run: runs.Run, log_dir: str, every: int, n: int = 8):
         super().__init__()
-        self.decoder, self.config, self.every, self.n = decoder, config, every, n
+        self.run, self.every, self.n = run, every, n
         self.writer = tf.summary.create_file_writer(log_dir)
 
     def on_epoch_end(self, epoch, logs=None):
         if not self.every or (epoch + 1) % self.every:
             return
-        images = decode_samples(self.model, self.decoder, self.config, self.n, seed=0)
+        images = runs.generate(self.run, self.n, cfg.SamplingOptions(batch_size=self.n), progress=False).images
         with self.writer.as_default():
             tf.summary.image("samples", (images + 1.0) / 2.0, step=epoch + 1, max_outputs=self.n)
-
-
-def decode_samples(
-    model: LatentDiffusion, decoder, config: cfg.RunConfig, n: int, seed: int, steps: int = 50
-) -> np.ndarray:
-    """n images (n, H, W, 1) in [-1, 1]: DDIM latents from the EMA UNet, ÷ scale factor, decoded."""
-    h, c = config.latent_size, config.autoencoder.latent_channels
-    steps = min(steps, config.diffusion.timesteps)
-    latents = model.sample(n, (h, h, c), sampler="ddim", steps=steps, seed=seed, clip_x0=config.latent_max_abs)
-    return decoder(latents / config.scale_factor, training=False).numpy()
 
 
 def latent_batches(
@@ -491,9 +483,10 @@ def train_diffusion(
     if initial_epoch:
         print(f"resuming the diffusion model after epoch {initial_epoch}")
     callbacks = stage_callbacks(run_dir, LDM, config, resumed=initial_epoch > 0, chief=chief)
+    run = runs.Run(run_dir, config, autoencoder, model)  # samples with the EMA network as it trains
     if chief:
         samples_dir = os.path.join(run_dir, "logs", LDM, "samples")
-        callbacks.append(TensorBoardSamples(autoencoder.decoder, config, samples_dir, t.sample_every))
+        callbacks.append(TensorBoardSamples(run, samples_dir, t.sample_every))
     fit_or_stop(
         model,
         strategy,
@@ -511,12 +504,13 @@ def train_diffusion(
     runs.save_weights(model.network, os.path.join(run_dir, "unet.weights.h5"))
     runs.save_weights(model.ema_network, os.path.join(run_dir, "unet_ema.weights.h5"))
     figures.loss_curves(history_csv, os.path.join(run_dir, "figures", "diffusion_loss.png"), "latent diffusion (ε MSE)")
-    samples = decode_samples(model, autoencoder.decoder, config, 16, seed=t.seed)
-    title = "samples (EMA UNet, DDIM 50 steps" + (", no condition)" if config.condition.condition else ")")
+    options = cfg.SamplingOptions(seed=t.seed)  # DDIM 50 steps (T if fewer)
+    samples = runs.generate(run, 16, options, progress=False).images
+    title = f"samples (EMA UNet, {options.label(config.diffusion.timesteps)}"
+    title += ", no condition)" if config.condition.condition else ")"
     figures.image_grid(samples, os.path.join(run_dir, "figures", "samples.png"), title=title)
     if config.condition.condition:
-        run = runs.Run(run_dir, config, autoencoder, model)
-        runs.conditions_figure(run, os.path.join(run_dir, "figures", "conditions.png"), seed=t.seed)
+        runs.conditions_figure(run, os.path.join(run_dir, "figures", "conditions.png"), options)
     return model
 
 
@@ -531,7 +525,7 @@ def run(argv: list[str]) -> None:
     if config.terminal_alpha_bar is None:  # a fresh run, or one made before it was recorded
         config.terminal_alpha_bar = float(runs.noise_schedule(config).alphas_cumprod[-1])
     # Find the data before anything is written: a bad --data leaves no run directory behind.
-    data_dir = dataset.resolve_data_dir(config.data.data)
+    data_dir = prepare.resolve_data_dir(config.data.data)
     splits = dataset.find_splits(data_dir, seed=config.train.seed)
     labels = find_conditions(config, data_dir, splits)  # and bad labels neither
     if chief:  # the other workers of a cluster write nothing (is_chief)

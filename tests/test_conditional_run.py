@@ -19,9 +19,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+import config as cfg
 import dataset
 import evaluate
 import predict
+import prepare
 import runs
 import train
 from conftest import RUN_FLAGS, copy_of
@@ -43,7 +45,7 @@ SUBJECTS = [
 
 def write_release(src, clinical_csv):
     """The release described in the module docstring, under `src`, and its clinical CSV."""
-    template = dataset._mni152_uint8()[::3, ::3, ::3].astype(np.float32)  # RAS, 3 mm
+    template = prepare._mni152_uint8()[::3, ::3, ::3].astype(np.float32)  # RAS, 3 mm
     las = template[::-1]  # Analyze volumes are stored radiologically (to Left, Anterior, Superior)
     for i, (session, *_rest) in enumerate(SUBJECTS):
         folder = src / "disc1" / session / "PROCESSED" / "MPRAGE" / "T88_111"
@@ -119,7 +121,12 @@ def test_a_conditioned_run_records_its_statistics_and_samples_every_subset(cond_
     for k in range(len(asked) + 1):
         for subset in itertools.combinations(asked, k):
             images = runs.generate(
-                run, 2, steps=3, seed=1, progress=False, condition={v: asked[v] for v in subset}, guidance=3.0
+                run,
+                2,
+                cfg.SamplingOptions(steps=3, seed=1),
+                progress=False,
+                condition={v: asked[v] for v in subset},
+                guidance=3.0,
             ).images
             assert images.shape == (2, 16, 16, 1) and np.isfinite(images).all()
             seen.append(images)
@@ -127,7 +134,7 @@ def test_a_conditioned_run_records_its_statistics_and_samples_every_subset(cond_
     # Conditions change the samples (the same seed and noise otherwise).
     assert not np.allclose(seen[0], seen[-1])
     # Each sampler compiled once for all 16 subsets (and once more for the unguided first call).
-    assert run.diffusion._ema_sampler._ddim_fn.experimental_get_tracing_count() <= 2
+    assert run.sampler._ddim_fn.experimental_get_tracing_count() <= 2
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ import conditioning as C
 import config as cfg
 import diffusion as D
 import modules
+import samplers as S
 from cli import UserError
 
 LATENT = (4, 4, 2)
@@ -186,8 +187,8 @@ def test_guided_sampling_is_eps_u_plus_w_times_the_difference(sampler):
     schedule = D.make_schedule("linear", 20, 0.005, 0.2)
     cond = np.array([[0.5, 0.0], [-1.0, 0.0], [NAN, 0.0]], np.float32)
     w = 3.0
-    guided = D.Sampler(CondEcho(), schedule)
-    reference = D.Sampler(Constant([w * 0.5, w * -1.0, 0.0]), schedule)
+    guided = S.Sampler(CondEcho(), schedule)
+    reference = S.Sampler(Constant([w * 0.5, w * -1.0, 0.0]), schedule)
     options = dict(seed=4) if sampler == "ddpm" else dict(steps=7, seed=4)
     got = getattr(guided, sampler)((3, *LATENT), cond=cond, guidance=w, **options)
     want = getattr(reference, sampler)((3, *LATENT), **options)
@@ -195,7 +196,7 @@ def test_guided_sampling_is_eps_u_plus_w_times_the_difference(sampler):
     # w = 1 is the conditional prediction alone, w = 0 the unconditional one.
     one = getattr(guided, sampler)((3, *LATENT), cond=cond, guidance=1.0, **options)
     np.testing.assert_allclose(
-        one.numpy(), getattr(D.Sampler(Constant([0.5, -1.0, 0.0]), schedule), sampler)((3, *LATENT), **options), 1e-5
+        one.numpy(), getattr(S.Sampler(Constant([0.5, -1.0, 0.0]), schedule), sampler)((3, *LATENT), **options), 1e-5
     )
     zero = getattr(guided, sampler)((3, *LATENT), cond=cond, guidance=0.0, **options)
     none = getattr(guided, sampler)((3, *LATENT), **options)
@@ -204,7 +205,7 @@ def test_guided_sampling_is_eps_u_plus_w_times_the_difference(sampler):
 
 def test_new_conditions_and_weights_reuse_the_trace():
     schedule = D.make_schedule("linear", 20, 0.005, 0.2)
-    s = D.Sampler(CondEcho(), schedule)
+    s = S.Sampler(CondEcho(), schedule)
     for w, c in ((2.0, 0.1), (3.0, 0.4), (5.0, -0.2)):
         s.ddim((2, *LATENT), steps=5, cond=np.full((2, 1), c, np.float32), guidance=w)
     assert s._ddim_fn.experimental_get_tracing_count() == 1

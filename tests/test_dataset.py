@@ -1,27 +1,20 @@
-"""dataset.py: finding slices, bad files, the tf.data pipeline, the demo set, the OASIS-1 converter, the CLI.
+"""dataset.py: finding slices, bad files, load_image and the tf.data pipeline.
 
-Every input is a tiny image or volume written into tmp_path, so expected values
+Every input is a tiny image written into tmp_path, so expected values
 can be worked out by hand.
 """
 
-import json
 import pathlib
-import subprocess
-import sys
-import time
 import warnings
 
-import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
 
 import dataset
+import prepare
 from cli import UserError
 from dataset import SPLITS
-
-PROJECT = pathlib.Path(__file__).resolve().parents[1]
-
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -177,7 +170,7 @@ def test_missing_empty_and_unusable_folders_are_data_errors(tmp_path):
     with pytest.raises(UserError, match="data folder not found: .*nowhere"):
         dataset.find_splits(tmp_path / "nowhere")
     with pytest.raises(UserError, match="data folder not found"):
-        dataset.resolve_data_dir(str(tmp_path / "nowhere"))
+        prepare.resolve_data_dir(str(tmp_path / "nowhere"))
     with pytest.raises(UserError, match="no PNG images in"):
         dataset.find_splits(tmp_path)  # empty
     (tmp_path / "keras_png_slices_train").mkdir()
@@ -188,10 +181,6 @@ def test_missing_empty_and_unusable_folders_are_data_errors(tmp_path):
         warnings.simplefilter("error")  # the error alone, no warning before it: one line for the user
         with pytest.raises(UserError, match="all 1 PNG files are unreadable"):
             dataset.find_splits(tmp_path)
-
-
-def test_resolve_data_dir_returns_an_existing_folder(tmp_path):
-    assert dataset.resolve_data_dir(str(tmp_path)) == tmp_path
 
 
 # ----------------------------------------------------------------------------- load_image
@@ -374,238 +363,3 @@ def test_a_file_broken_after_the_check_is_skipped_not_fatal(tmp_path):
 def test_no_paths_is_a_data_error():
     with pytest.raises(UserError, match="no image files"):
         dataset.make_dataset([], 8, 2)
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def test_cli_missing_folder_is_one_line_and_exit_1(tmp_path, capsys):
-    assert dataset.main(["inspect", str(tmp_path / "nowhere")]) == 1
-    captured = capsys.readouterr()
-    assert captured.err.strip() == f"error: data folder not found: {tmp_path / 'nowhere'}"
-    assert captured.out == ""
-
-
-def test_cli_debug_shows_the_traceback(tmp_path, monkeypatch):
-    with pytest.raises(UserError):
-        dataset.main(["inspect", str(tmp_path / "nowhere"), "--debug"])
-    monkeypatch.setenv("OASIS_LDM_DEBUG", "1")
-    with pytest.raises(UserError):
-        dataset.main(["inspect", str(tmp_path / "nowhere")])
-
-
-def test_cli_script_exits_1_without_traceback(tmp_path):
-    (tmp_path / "empty").mkdir()
-    result = subprocess.run(
-        [sys.executable, str(PROJECT / "dataset.py"), "inspect", str(tmp_path / "empty")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 1
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: no PNG images in")
-    assert "Traceback" not in result.stderr
-
-
-def test_inspect_reports_counts_sizes_modes_and_bad_files(tmp_path, capsys):
-    make_layout(tmp_path, counts=(3, 1, 0))
-    save_png(tmp_path / "keras_png_slices_train" / "rgb.png", np.zeros((4, 6, 3), np.uint8))
-    (tmp_path / "keras_png_slices_validate" / "broken.png").write_text("x")
-
-    assert dataset.main(["inspect", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
-    assert "OASIS layout" in out
-    assert lines["train"].split()[1] == "4" and "8x8 (3)" in lines["train"] and "6x4 (1)" in lines["train"]
-    assert "L (3)" in lines["train"] and "RGB (1)" in lines["train"]
-    assert lines["validate"].split()[1] == "1" and lines["test"].split()[1] == "0"
-    assert "unreadable" in out and "broken.png: not a PNG file" in out
-    assert "keras_png_slices_seg_train" in out
-
-
-def test_inspect_fails_when_nothing_is_usable(tmp_path, capsys):
-    (tmp_path / "keras_png_slices_train").mkdir()
-    (tmp_path / "keras_png_slices_train" / "a.png").write_text("x")
-    assert dataset.main(["inspect", str(tmp_path)]) == 1
-    captured = capsys.readouterr()
-    assert "a.png: not a PNG file" in captured.out
-    assert captured.err.strip() == f"error: no usable training image in {tmp_path}"
-
-
-# ----------------------------------------------------------------------------- demo data set
-
-
-def test_demo_dataset_is_made_once_complete_and_atomically(tmp_path):
-    out = tmp_path / "demo"
-    leftover = tmp_path / ".demo.partial-dead"  # as a killed run leaves it
-    save_png(leftover / "keras_png_slices_train" / "junk.png", gray(0, 256))
-
-    assert dataset.ensure_demo_dataset(out) == out
-    splits = dataset.find_splits(out)
-    assert {k: len(v) for k, v in splits.items()} == {"train": 94, "validate": 16, "test": 8}
-    assert not any("junk" in p for paths in splits.values() for p in paths)
-    assert list(tmp_path.glob(".demo.partial-*")) == [leftover]  # its own temporary folder is gone
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["slices"] == {split: len(paths) for split, paths in splits.items()}
-
-    brain_anywhere = np.zeros((256, 256), bool)
-    for path in splits["train"]:
-        with Image.open(path) as image:
-            assert image.size == (256, 256) and image.mode == "L"
-            brain_anywhere |= np.asarray(image) > 0
-    rows, cols = np.nonzero(brain_anywhere)
-    assert rows.min() > 20 and cols.min() > 20  # black border all round
-    assert abs((rows.min() + rows.max()) / 2 - 127.5) <= 1 and abs((cols.min() + cols.max()) / 2 - 127.5) <= 1
-
-    before = {p: pathlib.Path(p).stat().st_mtime_ns for p in splits["train"]}
-    start = time.perf_counter()
-    assert dataset.ensure_demo_dataset(out) == out
-    assert time.perf_counter() - start < 0.5
-    assert {p: pathlib.Path(p).stat().st_mtime_ns for p in splits["train"]} == before
-
-
-def test_demo_holds_out_slabs_at_least_4_mm_from_any_training_slice(tmp_path):
-    """Validation and test are contiguous slabs (two heights each), with 3 slices left out
-    on each side, so no held-out slice is a 1-mm neighbour of a training slice."""
-    out = dataset.ensure_demo_dataset(tmp_path / "demo")
-    heights = {
-        split: [int(pathlib.Path(p).stem.split("_z")[1]) for p in paths]
-        for split, paths in dataset.find_splits(out).items()
-    }
-    for split in ("validate", "test"):
-        assert min(abs(a - b) for a in heights[split] for b in heights["train"]) == 4
-        runs_of_slices = np.split(heights[split], np.flatnonzero(np.diff(heights[split]) != 1) + 1)
-        assert [len(r) for r in runs_of_slices] == ([8, 8] if split == "validate" else [4, 4])
-    # The splitter alone, 142 slices: the 8-slice validation slab centred at 0.35 · 141 = 49.35
-    # is 46..53, the 4-slice test slab at 0.2 · 141 = 28.2 is 27..30, each with 3 left out around.
-    splits = dataset.demo_splits(142)
-    picked = [splits[i] for i in (0, 23, 24, 27, 30, 31, 45, 46, 53, 54, 141)]
-    assert picked == ["train", "train", None, "test", "test", None, None, "validate", "validate", None, "train"]
-
-
-def test_an_older_demo_set_is_replaced_and_a_foreign_manifest_refused(tmp_path):
-    out = tmp_path / "demo"
-    save_png(out / "keras_png_slices_train" / "mni152_z001.png", gray(0, 256))
-    (out / "manifest.json").write_text(json.dumps({"source": "nilearn x", "slices": {"train": 1}}))  # version 1
-    dataset.ensure_demo_dataset(out)
-    assert json.loads((out / "manifest.json").read_text())["version"] == dataset.DEMO_VERSION
-    assert not (out / "keras_png_slices_train" / "mni152_z001.png").exists()
-    assert list(tmp_path.iterdir()) == [out]  # no temporary or old folder left beside it
-
-    other = tmp_path / "other"
-    save_png(other / "mine.png", gray(0))
-    (other / "manifest.json").write_text(json.dumps({"source": "my scanner"}))
-    with pytest.raises(UserError, match="holds another data set"):
-        dataset.ensure_demo_dataset(other)
-    assert (other / "mine.png").exists()
-
-
-def test_demo_does_not_overwrite_a_foreign_folder(tmp_path):
-    save_png(tmp_path / "demo" / "mine.png", gray(0))
-    with pytest.raises(UserError, match="already exists and is not empty"):
-        dataset.ensure_demo_dataset(tmp_path / "demo")
-    assert (tmp_path / "demo" / "mine.png").exists()
-
-
-def test_demo_slices_look_like_a_t1_brain(tmp_path):
-    """Axial, anterior up, T1 contrast: the mid slice is longer front to back than
-    wide and has near-white (white matter) and darker (grey matter, CSF) pixels;
-    the lowest slices (cerebellum, at the back of the head) sit in the lower half."""
-    out = dataset.ensure_demo_dataset(tmp_path / "demo")
-    bottom_to_top = [np.asarray(Image.open(p)) for p in sorted((out / "keras_png_slices_train").glob("*.png"))]
-    middle = bottom_to_top[len(bottom_to_top) // 2]
-    rows, cols = np.nonzero(middle)
-    assert rows.max() - rows.min() > 1.1 * (cols.max() - cols.min())
-    brain = middle[middle > 0]
-    assert np.percentile(brain, 90) > 200 and np.percentile(brain, 10) < 150
-    for low_slice in bottom_to_top[:10]:
-        assert np.nonzero(low_slice)[0].mean() > 140  # image centre: 127.5
-
-
-# ----------------------------------------------------------------------------- OASIS-1 converter
-
-# Six subjects; subject 2 has a second session (MR2), which must land in the same split.
-SESSIONS = [f"OAS1_000{i}_MR1" for i in range(1, 7)] + ["OAS1_0002_MR2"]
-KEPT_Z = [3, 4, 5, 6, 7, 8]  # z 0, 1, 9 empty; z 2 holds one voxel (near-empty)
-
-
-def oasis1_volume():
-    """A 20x24x10 int16 volume as nibabel reads Analyze: axes to Left, Anterior, Superior.
-
-    A block of brain at z 3..8 with a one-voxel hole at i=2 (patient's right),
-    j=21 (anterior): in the PNG it must sit at the block's top-left corner.
-    """
-    volume = np.zeros((20, 24, 10), np.int16)
-    volume[1:19, 1:23, 3:9] = 400
-    volume[2, 21, 3:9] = 0
-    volume[10, 10, 2] = 400
-    return volume
-
-
-def write_oasis1(src, sessions, disc="disc1"):
-    for session in sessions:
-        folder = src / disc / session / "PROCESSED" / "MPRAGE" / "T88_111"
-        folder.mkdir(parents=True)
-        nib.save(nib.AnalyzeImage(oasis1_volume(), np.eye(4)), folder / f"{session}_mpr_n4_anon_111_t88_masked_gfc.hdr")
-
-
-def test_convert_oasis1_splits_by_subject_and_skips_empty_slices(tmp_path):
-    src, out = tmp_path / "oasis", tmp_path / "png"
-    write_oasis1(src, SESSIONS + ["OAS1_0007_MR1"])
-    next(src.rglob("OAS1_0007_MR1_*.img")).unlink()  # an unreadable volume
-
-    with pytest.warns(UserWarning, match="skipped 1 unreadable or empty volume.*OAS1_0007"):
-        counts = dataset.convert_oasis1(src, out, val_fraction=0.2, test_fraction=0.2)
-
-    assert counts == {split: len(list((out / f"keras_png_slices_{split}").glob("*.png"))) for split in SPLITS}
-    assert sum(counts.values()) == len(SESSIONS) * len(KEPT_Z)
-    subjects = {split: {p.name[:9] for p in (out / f"keras_png_slices_{split}").glob("*.png")} for split in SPLITS}
-    assert all(subjects.values())
-    assert sum(len(s) for s in subjects.values()) == len(set.union(*subjects.values())) == 6  # no subject twice
-    z_written = {int(p.stem[-3:]) for p in out.rglob("*.png")}
-    assert z_written == set(KEPT_Z)
-    mr2 = next(out.rglob("OAS1_0002_MR2_slice_005.png")).parent
-    assert next(out.rglob("OAS1_0002_MR1_slice_005.png")).parent == mr2  # sessions follow their subject
-
-    image = np.asarray(Image.open(next(out.rglob("OAS1_0001_MR1_slice_005.png"))))
-    assert image.shape == (256, 256) and image.dtype == np.uint8
-    rows, cols = np.nonzero(image)
-    assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) == (22, 18)  # Y rows, X columns
-    assert image[rows.min() + 1, cols.min() + 1] == 0  # the anterior-right hole: top-left
-    assert image[rows.min() + 1, cols.max() - 1] == 255
-    assert image[rows.max() - 1, cols.min() + 1] == 255
-
-
-def test_convert_oasis1_is_deterministic_and_never_overwrites(tmp_path):
-    src = tmp_path / "oasis"
-    write_oasis1(src, SESSIONS)
-    dataset.convert_oasis1(src, tmp_path / "a", 0.2, 0.2)
-    dataset.convert_oasis1(src, tmp_path / "b", 0.2, 0.2)
-    listing = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob("*.png"))  # noqa: E731
-    assert listing(tmp_path / "a") == listing(tmp_path / "b")
-    assert not list(tmp_path.glob(".*.partial-*"))
-    with pytest.raises(UserError, match="already exists"):
-        dataset.convert_oasis1(src, tmp_path / "a")
-    write_oasis1(src, SESSIONS[:1], disc="disc2")  # the same session twice would overwrite slices
-    with pytest.raises(UserError, match="1 session.s. found more than once .* OAS1_0001_MR1"):
-        dataset.convert_oasis1(src, tmp_path / "c")
-
-
-def test_convert_oasis1_cli(tmp_path, capsys):
-    src, out = tmp_path / "oasis", tmp_path / "png"
-    write_oasis1(src, SESSIONS)
-    broken = src / "disc1" / "OAS1_0009_MR1_mpr_n4_anon_111_t88_masked_gfc.hdr"
-    broken.write_text("not an Analyze header")
-    assert dataset.main(["convert-oasis1", str(src), "--out", str(out), "--val", "0.2", "--test", "0.2"]) == 0
-    captured = capsys.readouterr()
-    assert f"wrote {out}: train " in captured.out
-    assert captured.err.splitlines() == [
-        f"{len(SESSIONS) + 1}/{len(SESSIONS) + 1} volumes converted",  # stderr is no terminal: final count only
-        f"warning: skipped 1 unreadable or empty volume(s): {broken}",
-    ]
-    assert len(dataset.find_splits(out)["train"]) > 0
-
-    assert dataset.main(["convert-oasis1", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 1
-    assert capsys.readouterr().err.strip() == f"error: data folder not found: {tmp_path / 'nothing'}"
-    assert dataset.main(["convert-oasis1", str(out), "--out", str(tmp_path / "x")]) == 1
-    assert "no OASIS-1 volumes" in capsys.readouterr().err

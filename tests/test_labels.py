@@ -1,11 +1,9 @@
-"""dataset.py labels: labels.csv and find_labels, labelled make_dataset batches, the labels the
-demo set and the OASIS-1 converter write, and what `inspect` says about them.
+"""dataset.py labels: labels.csv and find_labels, and labelled make_dataset batches.
 
 As in test_dataset.py, every input is tiny and written into tmp_path.
 """
 
 import csv
-import json
 import math
 import pathlib
 
@@ -15,7 +13,7 @@ import pytest
 import dataset
 from cli import UserError
 from dataset import SPLITS
-from test_dataset import SESSIONS, gray, make_layout, save_png, write_oasis1
+from test_dataset import gray, make_layout, save_png
 
 
 def write_csv(path, rows):
@@ -242,163 +240,3 @@ def test_with_mirrors_keeps_the_labels(tmp_path):
     np.testing.assert_array_equal(y2, labels)
     plain = [x.numpy() for x in dataset.with_mirrors(dataset.make_dataset(paths, 8, 3, shuffle=False))]
     np.testing.assert_array_equal(np.stack(plain), np.stack([x1, x2]))  # unlabelled batches: as before
-
-
-# ----------------------------------------------------------------------------- demo data set
-
-
-def test_demo_labels_give_each_slice_its_height(tmp_path):
-    """slice = i / (n - 1) over the brain-bearing slices, bottom to top, for every PNG written."""
-    out = tmp_path / "demo"
-    save_png(out / "keras_png_slices_train" / "mni152_z001.png", gray(0, 256))
-    (out / "manifest.json").write_text(json.dumps({"source": "nilearn x", "version": 2}))  # without labels
-    dataset.ensure_demo_dataset(out)
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["version"] == dataset.DEMO_VERSION == 3 and manifest["labels"] == ["slice"]
-
-    splits = dataset.find_splits(out)
-    labels = dataset.find_labels(out, splits)  # every PNG has its row, or this raises
-    assert labels.columns == ("slice",) and labels.source == "labels.csv"
-    assert len(read_csv(out / "labels.csv")) == sum(len(paths) for paths in splits.values())
-    z = {split: np.array([int(pathlib.Path(p).stem.split("_z")[1]) for p in paths]) for split, paths in splits.items()}
-    every_z = np.concatenate(list(z.values()))
-    every = np.concatenate([labels.values[split][:, 0] for split in SPLITS])
-    assert labels.values["train"][0, 0] == 0 and labels.values["train"][-1, 0] == 1  # the lowest and highest slice
-    np.testing.assert_allclose(every, (every_z - every_z.min()) / (every_z.max() - every_z.min()), atol=1e-6)
-    assert 0 < labels.values["validate"].min() < labels.values["validate"].max() < 1
-
-
-# ----------------------------------------------------------------------------- OASIS-1 converter
-
-CLINICAL_HEADER = "ID,M/F,Hand,Age,Educ,SES,MMSE,CDR,eTIV,nWBV,ASF,Delay".split(",")
-# Subjects 4 to 6 are young controls: no Educ, SES, MMSE, CDR. OAS1_0002_MR2 has no row of its
-# own (its subject's MR1 gives its values); OAS1_0099_MR1 has no volume.
-CLINICAL = [
-    ["OAS1_0001_MR1", "F", "R", "74", "2", "3", "29", "0", "1344", "0.743", "1.306", "N/A"],
-    ["OAS1_0002_MR1", "F", "R", "55", "4", "1", "29", "0", "1147", "0.81", "1.531", "N/A"],
-    ["OAS1_0003_MR1", "F", "R", "73", "4", "3", "27", "0.5", "1454", "0.708", "1.207", "N/A"],
-    ["OAS1_0004_MR1", "M", "R", "28", "", "", "", "", "1588", "0.803", "1.105", "N/A"],
-    ["OAS1_0005_MR1", "M", "R", "18", "", "", "", "", "1737", "0.848", "1.01", "N/A"],
-    ["OAS1_0006_MR1", "F", "R", "24", "", "", "", "", "1131", "0.862", "1.551", "N/A"],
-    ["OAS1_0099_MR1", "M", "R", "80", "1", "1", "20", "1", "1500", "0.7", "1.2", "N/A"],
-]
-
-
-def test_convert_oasis1_writes_slice_labels(tmp_path):
-    src, out = tmp_path / "oasis", tmp_path / "png"
-    write_oasis1(src, SESSIONS)
-    dataset.convert_oasis1(src, out, 0.2, 0.2)
-    assert json.loads((out / "manifest.json").read_text())["labels"] == ["slice"]
-    rows = read_csv(out / "labels.csv")
-    assert len(rows) == len(list(out.rglob("*.png")))
-    for name, row in rows.items():
-        assert list(row) == ["slice"]
-        z = int(name[-7:-4])  # KEPT_Z = 3..8 are the brain-bearing slices: (z - 3) / 5
-        assert float(row["slice"]) == pytest.approx((z - 3) / 5)
-    labels = dataset.find_labels(out, dataset.find_splits(out))
-    assert labels.columns == ("slice",)
-
-
-def test_convert_oasis1_joins_the_clinical_table(tmp_path):
-    src, out = tmp_path / "oasis", tmp_path / "png"
-    write_oasis1(src, SESSIONS + ["OAS1_0007_MR1"])  # subject 7 has no row at all
-    clinical = write_csv(tmp_path / "oasis_cross-sectional.csv", [CLINICAL_HEADER] + CLINICAL)
-
-    with pytest.warns(UserWarning, match=r"^1 session\(s\) have no row in .*left empty: OAS1_0007_MR1$"):
-        dataset.convert_oasis1(src, out, 0.2, 0.2, clinical=clinical)
-
-    columns = ["slice", "age", "sex", "cdr", "mmse", "nwbv", "etiv"]
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["labels"] == columns and manifest["sessions_without_clinical"] == ["OAS1_0007_MR1"]
-    rows = read_csv(out / "labels.csv")
-    by_session = {name.split("/")[1][:13]: row for name, row in rows.items()}
-    assert list(by_session["OAS1_0001_MR1"]) == columns
-    assert {k: by_session["OAS1_0001_MR1"][k] for k in columns[1:]} == dict(
-        age="74", sex="1", cdr="0", mmse="29", nwbv="0.743", etiv="1344"
-    )
-    assert by_session["OAS1_0004_MR1"]["sex"] == "0"
-    assert by_session["OAS1_0004_MR1"]["cdr"] == by_session["OAS1_0004_MR1"]["mmse"] == ""  # unknown, not 0
-    assert by_session["OAS1_0002_MR2"]["age"] == "55"  # the subject's other session
-    assert all(by_session["OAS1_0007_MR1"][k] == "" for k in columns[1:])
-    assert by_session["OAS1_0007_MR1"]["slice"] != ""
-
-    labels = dataset.find_labels(out, dataset.find_splits(out))
-    assert labels.columns == tuple(columns)
-    every = np.concatenate(list(labels.values.values()))
-    assert np.isnan(every[:, 3]).sum() == 4 * 6  # cdr unknown: subjects 4, 5, 6, 7 (6 slices each)
-    assert set(np.unique(every[:, 2][~np.isnan(every[:, 2])])) == {0.0, 1.0}
-
-
-@pytest.mark.parametrize(
-    "header, row, message",
-    [
-        (["Subject", "M/F"], ["OAS1_0001_MR1", "F"], "has no ID column .header: Subject,M/F."),
-        (["ID", "M/F", "Age"], ["OAS1_0001_MR1", "F", "74"], "lacks the column.s. CDR, MMSE, nWBV, eTIV"),
-        (
-            CLINICAL_HEADER,
-            ["OAS1_0001_MR1", "X", *CLINICAL[0][2:]],
-            "OAS1_0001_MR1 .line 2. has M/F 'X', expected M or F",
-        ),
-        (
-            CLINICAL_HEADER,
-            [*CLINICAL[0][:3], "old", *CLINICAL[0][4:]],
-            "OAS1_0001_MR1 .line 2. has Age 'old', not a number",
-        ),
-    ],
-)
-def test_a_bad_clinical_table_is_a_data_error_before_any_conversion(tmp_path, header, row, message):
-    src, out = tmp_path / "oasis", tmp_path / "png"
-    write_oasis1(src, SESSIONS[:1])
-    clinical = write_csv(tmp_path / "clinical.csv", [header, row])
-    with pytest.raises(UserError, match=message):
-        dataset.convert_oasis1(src, out, 0, 0, clinical=clinical)
-    assert not out.exists()
-    with pytest.raises(UserError, match="clinical file not found: .*nowhere.csv"):
-        dataset.convert_oasis1(src, out, 0, 0, clinical=tmp_path / "nowhere.csv")
-    write_csv(clinical, [CLINICAL_HEADER, CLINICAL[0], CLINICAL[0]])
-    with pytest.raises(UserError, match="OAS1_0001_MR1 has more than one row .line 3."):
-        dataset.convert_oasis1(src, out, 0, 0, clinical=clinical)
-
-
-def test_convert_oasis1_cli_with_clinical(tmp_path, capsys):
-    src, out = tmp_path / "oasis", tmp_path / "png"
-    write_oasis1(src, SESSIONS)
-    clinical = write_csv(tmp_path / "oasis_cross-sectional.csv", [CLINICAL_HEADER] + CLINICAL)
-    assert dataset.main(["convert-oasis1", str(src), "--out", str(out), "--clinical", str(clinical)]) == 0
-    assert "warning" not in capsys.readouterr().err
-    assert list(next(iter(read_csv(out / "labels.csv").values()))) == [
-        "slice",
-        "age",
-        "sex",
-        "cdr",
-        "mmse",
-        "nwbv",
-        "etiv",
-    ]
-
-    assert dataset.main(["convert-oasis1", str(src), "--out", str(tmp_path / "x"), "--clinical", "nowhere.csv"]) == 1
-    assert capsys.readouterr().err.strip() == "error: clinical file not found: nowhere.csv"
-
-
-# ----------------------------------------------------------------------------- inspect
-
-
-def test_inspect_lists_the_label_columns(tmp_path, capsys):
-    layout_with_labels(tmp_path)
-    assert dataset.main(["inspect", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "  labels from labels.csv: 2 column(s)" in out
-    columns = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith("    ")}
-    assert columns["slice"] == "min 0 max 20 distinct 3 missing 0".split()
-    assert columns["age"] == "min 70 max 72 distinct 3 missing 1".split()
-
-
-def test_inspect_without_labels_and_with_a_bad_labels_csv(tmp_path, capsys):
-    make_layout(tmp_path)
-    assert dataset.main(["inspect", str(tmp_path)]) == 0
-    assert "  labels: none (no labels.csv)" in capsys.readouterr().out
-
-    write_csv(tmp_path / "labels.csv", [["file", "age"], ["keras_png_slices_train/case_0.png", "1"]])
-    assert dataset.main(["inspect", str(tmp_path)]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "5 image(s) have no row, e.g." in err

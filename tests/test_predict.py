@@ -58,7 +58,9 @@ def test_writes_every_file_and_the_same_seed_gives_the_same_bytes(tiny_run, load
     for figure in ["denoising.png", "interpolation.png", "samples.png"]:
         assert os.path.getsize(os.path.join(out, figure)) > 2000
     # The PNGs are exactly the sampler's images at the run's size, converted by round((x + 1) * 127.5).
-    expected = predict.to_uint8(runs.generate(loaded, 4, steps=4, seed=7, batch_size=4, progress=False).images)
+    expected = predict.to_uint8(
+        runs.generate(loaded, 4, cfg.SamplingOptions(steps=4, seed=7, batch_size=4), progress=False).images
+    )
     assert expected.shape == (4, 16, 16, 1) and expected.std() > 0
     for i in range(4):
         with Image.open(os.path.join(out, f"sample_{i:03d}.png")) as png:
@@ -87,12 +89,18 @@ def test_models_compute_in_float32_whatever_the_global_policy(tiny_run, loaded):
     assert keras.config.dtype_policy().name == "mixed_bfloat16"  # restored
     for model in (run.autoencoder.decoder, run.diffusion.ema_network):
         assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
-    a, b = (runs.generate(r, 2, steps=4, seed=7, batch_size=2, progress=False).images for r in (run, loaded))
+    a, b = (
+        runs.generate(r, 2, cfg.SamplingOptions(steps=4, seed=7, batch_size=2), progress=False).images
+        for r in (run, loaded)
+    )
     np.testing.assert_array_equal(a, b)
 
 
 def test_another_seed_gives_other_images(loaded):
-    a, b = (runs.generate(loaded, 4, steps=4, seed=seed, batch_size=4, progress=False).images for seed in (7, 8))
+    a, b = (
+        runs.generate(loaded, 4, cfg.SamplingOptions(steps=4, seed=seed, batch_size=4), progress=False).images
+        for seed in (7, 8)
+    )
     assert all(np.abs(a[i] - b[i]).max() > 1e-2 for i in range(4))
 
 
@@ -102,15 +110,19 @@ def test_sampling_clips_x0_to_the_runs_latent_range(loaded):
     assert loaded.config.latent_max_abs > 1.0  # recorded by train.py
     config = copy.deepcopy(loaded.config)
     config.latent_max_abs = 0.5
-    clipped = runs.generate(dataclasses.replace(loaded, config=config), 4, steps=4, seed=7, progress=False)
+    clipped = runs.generate(
+        dataclasses.replace(loaded, config=config), 4, cfg.SamplingOptions(steps=4, seed=7), progress=False
+    )
     assert np.abs(clipped.latents).max() <= 0.5 + 1e-6
     config.latent_max_abs = None
-    free = runs.generate(dataclasses.replace(loaded, config=config), 4, steps=4, seed=7, progress=False)
+    free = runs.generate(
+        dataclasses.replace(loaded, config=config), 4, cfg.SamplingOptions(steps=4, seed=7), progress=False
+    )
     assert np.abs(free.latents).max() > 0.5
 
 
 def test_batches_use_distinct_seeds(loaded):
-    images = runs.generate(loaded, 4, steps=4, seed=7, batch_size=2, progress=False).images
+    images = runs.generate(loaded, 4, cfg.SamplingOptions(steps=4, seed=7, batch_size=2), progress=False).images
     assert np.abs(images[:2] - images[2:]).max() > 1e-2  # batch 1 is not a copy of batch 0
 
 
@@ -124,7 +136,9 @@ def test_save_samples_removes_older_samples_only(tmp_path):
 
 
 def test_ddpm_sampler_and_denoising_states(loaded):
-    samples = runs.generate(loaded, 2, sampler="ddpm", seed=1, batch_size=2, num_states=6, progress=False)
+    samples = runs.generate(
+        loaded, 2, cfg.SamplingOptions(sampler="ddpm", seed=1, batch_size=2), num_states=6, progress=False
+    )
     assert samples.images.shape == (2, 16, 16, 1) and samples.latents.shape == (2, 8, 8, 2)
     assert samples.states.shape == (6, 2, 8, 8, 2)
     np.testing.assert_array_equal(samples.timesteps, [20, 16, 12, 8, 4, 0])  # T = 20 steps, evenly recorded
@@ -136,8 +150,10 @@ def test_ddpm_sampler_and_denoising_states(loaded):
 
 
 def test_interpolation_ends_are_the_samples_of_its_two_noises(loaded):
-    samples = runs.generate(loaded, 2, steps=4, seed=3, batch_size=2, num_states=2, progress=False)
-    images = predict.interpolate(loaded, samples.states[0, 0], samples.states[0, 1], 5, "ddim", 4, 0.0, seed=3)
+    samples = runs.generate(loaded, 2, cfg.SamplingOptions(steps=4, seed=3, batch_size=2), num_states=2, progress=False)
+    images = predict.interpolate(
+        loaded, samples.states[0, 0], samples.states[0, 1], 5, cfg.SamplingOptions(steps=4, seed=3)
+    )
     assert images.shape == (5, 16, 16, 1)
     # Equal up to float32 round-off: a batch of 5 is not a batch of 2 to the convolutions
     # (TensorFlow's own CPU kernels, oneDNN off, differ by up to 1.5e-5 here).
@@ -147,15 +163,19 @@ def test_interpolation_ends_are_the_samples_of_its_two_noises(loaded):
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
-def test_model_sample_passes_initial_noise_to_both_samplers(loaded, sampler):
-    """LatentDiffusion.sample(initial_noise=...) (test_diffusion.py covers Sampler.ddim itself)."""
-    model, shape = loaded.diffusion, loaded.latent_shape
-    seeded, states, _ = model.sample(3, shape, sampler=sampler, steps=4, seed=5, num_intermediates=2)
+def test_run_sampler_passes_initial_noise_to_both_samplers(loaded, sampler):
+    """Sampler.sample(initial_noise=...) through a run's sampler (test_samplers.py covers Sampler.ddim itself)."""
+    shape = (3, *loaded.latent_shape)
+
+    def sample(seed, **kwargs):
+        return loaded.sampler.sample(shape, cfg.SamplingOptions(sampler=sampler, steps=4, seed=seed), **kwargs)
+
+    seeded, states, _ = sample(5, num_intermediates=2)
     # The seed's own x_T, passed explicitly: the same latents (the seed still draws DDPM's per-step noise).
-    given = model.sample(3, shape, sampler=sampler, steps=4, seed=5, initial_noise=states[0])
+    given = sample(5, initial_noise=states[0])
     np.testing.assert_array_equal(given.numpy(), seeded.numpy())
     # Another seed with the same x_T: DDIM (eta = 0) depends on x_T only, DDPM does not.
-    other = model.sample(3, shape, sampler=sampler, steps=4, seed=6, initial_noise=states[0]).numpy()
+    other = sample(6, initial_noise=states[0]).numpy()
     if sampler == "ddim":
         np.testing.assert_array_equal(other, seeded.numpy())
     else:
@@ -180,15 +200,39 @@ def test_slerp_known_values():
 
 
 def test_default_steps_are_capped_at_t():
+    options = cfg.SamplingOptions()
+    assert (options.resolved(1000).steps, cfg.SamplingOptions(steps=7).resolved(1000).steps) == (50, 7)
+    assert cfg.SamplingOptions(sampler="dpmpp").resolved(1000).steps == 20
+    assert options.resolved(20).steps == 20
+    assert cfg.SamplingOptions(sampler="dpmpp").resolved(10).steps == 10
+    assert cfg.SamplingOptions(sampler="dpmpp", steps=20).label(10) == "DPM-Solver++(2M) 20 steps"
+    assert [cfg.SamplingOptions(sampler=s, steps=7).network_evaluations(10) for s in ("ddim", "dpmpp", "ddpm")] == [
+        7,
+        7,
+        10,
+    ]
+
+
+def test_sampling_options_from_the_flags():
+    """cli.sampling_options: one SamplingOptions from predict.py's flags, steps resolved for the run's T,
+    and a one-line UserError for options the run cannot honour."""
     config = cfg.preset("demo")
-    assert (config.diffusion.timesteps, runs.choose_steps(config, None), runs.choose_steps(config, 7)) == (1000, 50, 7)
-    assert runs.choose_steps(config, None, "dpmpp") == 20
-    config.diffusion.timesteps = 20
-    assert runs.choose_steps(config, None) == 20
-    config.diffusion.timesteps = 10
-    assert runs.choose_steps(config, None, "dpmpp") == 10
-    assert runs.sampler_label("dpmpp", 20, 0.0, config) == "DPM-Solver++(2M) 20 steps"
-    assert [runs.sampler_steps(config, s, 7) for s in ("ddim", "dpmpp", "ddpm")] == [7, 7, 10]
+    config.diffusion.timesteps = 30
+    parser = cli.FlagParser(prog="predict.py")
+    cli.add_sampling_arguments(parser, n=4)
+    args = parser.parse_args(["--sampler", "ddim", "--eta", "0.5", "--seed", "3", "--batch-size", "2"])
+    assert cli.sampling_options(args, config, guidance=2.0) == cfg.SamplingOptions("ddim", 30, 0.5, 3, 2, 2.0)
+    bad = {
+        ("--steps", "31"): r"--steps must be in \[1, 30\] \(the run's T\), got 31",
+        ("--sampler", "dpmpp", "--eta", "1"): "--eta applies to the ddim sampler only",
+        ("--seed", "-1"): "--seed must be >= 0",
+        ("--batch-size", "0"): "--n and --batch-size must be positive",
+    }
+    for flags, message in bad.items():
+        with pytest.raises(cli.UserError, match=message):
+            cli.sampling_options(parser.parse_args(list(flags)), config, guidance=3.0)
+    with pytest.raises(cli.UserError, match="invalid choice: 'euler'"):
+        parser.parse_args(["--sampler", "euler"])
 
 
 def test_dpmpp_through_the_command_line(tiny_run, loaded, tmp_path, capsys):
@@ -198,7 +242,7 @@ def test_dpmpp_through_the_command_line(tiny_run, loaded, tmp_path, capsys):
         predict.main(["--run", tiny_run, "--sampler", "dpmpp", "--n", "2", "--batch-size", "2", "--out", str(out)]) == 0
     )
     assert "DPM-Solver++(2M) 20 steps" in capsys.readouterr().out
-    expected = runs.generate(loaded, 2, "dpmpp", 20, batch_size=2, progress=False).images
+    expected = runs.generate(loaded, 2, cfg.SamplingOptions("dpmpp", 20, batch_size=2), progress=False).images
     with Image.open(out / "sample_001.png") as png:
         np.testing.assert_array_equal(np.asarray(png), predict.to_uint8(expected)[1, :, :, 0])
 
@@ -311,8 +355,8 @@ def test_sampling_precision_runs_the_networks_in_bf16_with_float32_results(tiny_
     assert (
         half.diffusion.ema_network.compute_dtype == "bfloat16" and full.diffusion.ema_network.compute_dtype == "float32"
     )
-    a = runs.generate(full, 4, "ddim", 5, 0.0, seed=3, batch_size=4)
-    b = runs.generate(half, 4, "ddim", 5, 0.0, seed=3, batch_size=4)
+    a = runs.generate(full, 4, cfg.SamplingOptions("ddim", 5, 0.0, seed=3, batch_size=4))
+    b = runs.generate(half, 4, cfg.SamplingOptions("ddim", 5, 0.0, seed=3, batch_size=4))
     assert b.images.dtype == np.float32 and b.images.min() >= -1 and b.images.max() <= 1
     difference = float(np.abs(a.images - b.images).mean())
     assert 0 < difference < 0.1, difference
@@ -329,7 +373,7 @@ def test_formats_png16_and_nifti_hold_the_decoders_output(tiny_run, loaded, tmp_
     out = tmp_path / "formats"
     argv = ["--run", tiny_run, "--n", "2", "--steps", "4", "--out", str(out), "--format", "png", "png16", "nifti"]
     assert predict.main(argv) == 0
-    expected = runs.generate(loaded, 2, steps=4, seed=0, batch_size=16, progress=False).images
+    expected = runs.generate(loaded, 2, cfg.SamplingOptions(steps=4, seed=0, batch_size=16), progress=False).images
     for i in range(2):
         back = dataset.load_image(str(out / f"sample_00{i}_16bit.png"), 16).numpy()
         assert np.abs(back - expected[i]).max() <= 1 / 65535 + 1e-6
