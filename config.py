@@ -226,7 +226,8 @@ class RunConfig:
         )
 
     def unet_kwargs(self) -> dict:
-        """Constructor arguments of `modules.UNet`."""
+        """Constructor arguments of `modules.UNet`, or of `modules.OriginalUNet` where
+        `unet.unet_layout` is "original" (the layout picks the class, so it is not among them)."""
         u = self.unet
         return dict(
             dim=u.unet_dim,
@@ -235,7 +236,6 @@ class RunConfig:
             resnet_groups=u.unet_groups,
             attn_heads=u.attn_heads,
             attn_dim_head=u.attn_dim_head,
-            layout=u.unet_layout,
             cond_categories=self.cond_categories(),
         )
 
@@ -313,7 +313,7 @@ def _preset_seed() -> RunConfig:
     return RunConfig(
         preset="seed",
         data=DataConfig(image_size=128, flip=False),
-        # The original's networks: layout "original" (modules.AutoEncoder, modules.UNet). Base 64 ×
+        # The original's networks: layout "original" (modules.AutoEncoder, modules.OriginalUNet). Base 64 ×
         # mults (1, 2, 4) makes the encoder 256 wide throughout and the decoder 256 → 128 → 64.
         autoencoder=AutoencoderConfig(
             ae_base_channels=64,

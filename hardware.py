@@ -40,7 +40,7 @@ def resolve_xla(setting: str, precision: str) -> bool:
 
     `auto` is on only on a CPU-only machine whose TensorFlow runs without its oneDNN kernels,
     in float32. That is an AVX2 CPU: TensorFlow 2.21 turns oneDNN off by default on CPUs
-    without AVX512-VNNI/BF16/AMX, and its own convolutions are then slower than the code XLA
+    without AVX512-VNNI, AVX512-BF16, AVX-VNNI or AMX, and its own convolutions are then slower than the code XLA
     generates for the CPU at hand; with oneDNN on (the bf16 CPUs) XLA makes the steps slower
     (BENCHMARKS.md). On a GPU, auto stays off: not measured yet.
     """

@@ -1,34 +1,32 @@
-"""The networks of oasis-ldm: the image autoencoder and the latent denoising UNet.
+"""The networks of oasis-ldm: the image autoencoder and the latent denoising UNets.
 
-Everything here is a Keras 3 layer or model with a ``get_config``; nothing trains,
-loads data or knows about noise schedules (that lives in ``diffusion.py``; building
-the networks a run's config describes lives in ``runs.py``).
-
-Conventions (those of the whole project):
+Every class is a Keras 3 layer or model with a ``get_config``. Nothing here trains, loads
+data or knows the noise schedule (``diffusion.py`` does); ``runs.py`` builds the networks
+a run's config describes. Conventions:
 
 * tensors are NHWC; images are float32 in [-1, 1]; timesteps are int32 of shape (B,);
-* every shape is read from the tensor (``x.shape`` for the static checks,
-  ``keras.ops.shape`` when a size may be unknown until run time);
-* mixed precision: layers compute in the global dtype policy's compute dtype
-  (e.g. bfloat16 under ``"mixed_bfloat16"``) with float32 variables; the attention
-  math and the networks' outputs are float32 whatever the policy.
+* shapes are read from the tensor (``x.shape`` for the static checks, ``keras.ops.shape``
+  where a size may be unknown until run time);
+* under a mixed dtype policy (e.g. ``"mixed_bfloat16"``) layers compute in its compute
+  dtype with float32 variables; the attention math and every network's output are float32.
 
-Models and how to build them
-----------------------------
-``AutoEncoder(image_channels=1, base_channels=64, channel_mults=(1, 2, 4), ...)``
-    ``encoder``: (B, H, W, image_channels) -> (B, H/f, W/f, latent_channels), float32,
-    ``decoder``: (B, H/f, W/f, latent_channels) -> (B, H, W, image_channels), float32
-    in [-1, 1] (tanh), with f = 2 ** (len(channel_mults) - 1). Both are functional
-    models, built (weights created) by the constructor: ``load_weights`` works at once.
-``UNet(dim=64, dim_mults=(1, 2, 4, 8), channels=1, ...)``
-    ``unet(x_t, t)`` or, conditioned, ``unet(x_t, t, cond)`` (cond (B, K), NaN = unknown)
-    -> predicted noise, float32 of x_t's shape. Subclassed, so its
-    weights exist after the first call: ``unet.build_for((h, w, c))`` (or any call on
-    zeros) builds it before ``load_weights``.
+``AutoEncoder(image_channels=1, base_channels=64, channel_mults=(1, 2, 4), ..., layout="project")``
+    ``encoder``: (B, H, W, image_channels) -> (B, H/f, W/f, latent_channels), float32;
+    ``decoder``: back to (B, H, W, image_channels), float32 in [-1, 1]; f = 2 **
+    (len(channel_mults) - 1). Functional models, built by the constructor. ``layout=
+    "original"`` gives the original design's one-conv blocks.
+``UNet(dim=64, dim_mults=(1, 2, 4, 8), channels=1, ...)``, ``OriginalUNet`` (same arguments)
+    ``net(x_t, t)`` or, conditioned, ``net(x_t, t, cond)`` (cond (B, K) float32, NaN =
+    unknown) -> the predicted noise, float32 of x_t's shape. ``UNet`` is this project's
+    wiring (two skips per level), ``OriginalUNet`` the original design's (one skip per
+    level; the ``seed`` preset's). Subclassed: ``net.build_for((h, w, c))`` creates the
+    weights, e.g. before ``load_weights``.
 
-Both take ``layout="project"`` (the default) or ``"original"``: the original design's
-wiring (the UNet's single skip per level, the autoencoder's one-conv blocks), which
-``--preset seed`` builds; see the classes.
+The UNets' layers: ``SinusoidalTimeEmbedding``, ``ConditionEmbedding``, ``ResnetBlock``,
+``LinearAttention``, ``FullAttention``; the autoencoder's: ``DivisibilityCheck``,
+``ResidualBlock``. Saved weights (``.weights.h5``) are keyed by attribute names and, for
+layers held in lists, by class name and creation order: renaming, retyping or reordering
+layers breaks the loading of existing runs.
 """
 
 from __future__ import annotations
@@ -43,7 +41,6 @@ from config import AUTOENCODER_ACTIVATIONS, AUTOENCODER_NORMS, LAYOUTS
 from keras_fixes import FitFixes
 
 PACKAGE = "oasis_ldm"
-
 
 
 def _check_divisible(x, factor, what):
@@ -62,7 +59,7 @@ def _check_divisible(x, factor, what):
 
 
 # --------------------------------------------------------------------------- #
-# UNet building blocks
+# The UNets and their layers
 # --------------------------------------------------------------------------- #
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class SinusoidalTimeEmbedding(keras.layers.Layer):
@@ -119,17 +116,13 @@ class ConditionEmbedding(keras.layers.Layer):
         self.encoders = []
         for k, count in enumerate(self.categories):
             if count:
-                self.encoders.append(keras.layers.Embedding(count, dim, name=f"cond{k}_table"))
+                encoder = keras.layers.Embedding(count, dim, name=f"cond{k}_table")
             else:
-                self.encoders.append(
-                    keras.Sequential(
-                        [
-                            keras.layers.Dense(dim, activation="silu", name=f"cond{k}_dense1"),
-                            keras.layers.Dense(dim, name=f"cond{k}_dense2"),
-                        ],
-                        name=f"cond{k}_mlp",
-                    )
+                hidden = keras.layers.Dense(dim, activation="silu", name=f"cond{k}_dense1")
+                encoder = keras.Sequential(
+                    [hidden, keras.layers.Dense(dim, name=f"cond{k}_dense2")], name=f"cond{k}_mlp"
                 )
+            self.encoders.append(encoder)
 
     def build(self, cond_shape):
         self.null = self.add_weight(shape=(len(self.categories), self.dim), initializer="zeros", name="unknown")
@@ -170,8 +163,8 @@ class ResnetBlock(keras.layers.Layer):
 
     The 1 + scale form makes a zero time projection leave the features untouched.
     Both GroupNorms normalise out_channels features, so only out_channels must be a
-    multiple of ``groups``; in_channels may be anything (the original layout's first
-    block takes the 42-wide init conv, not a multiple of 8, to 64).
+    multiple of ``groups``; in_channels may be anything (OriginalUNet's first block
+    takes its 42-wide init conv, not a multiple of 8, to 64).
     """
 
     def __init__(self, in_channels, out_channels, groups=8, **kwargs):
@@ -206,11 +199,42 @@ class ResnetBlock(keras.layers.Layer):
         }
 
 
+class _Attention(keras.layers.Layer):
+    """What LinearAttention and FullAttention share: pre-norm, q, k, v per head, out conv.
+
+    x (B, h, w, C) -> GroupNorm(1) -> 1x1 conv (no bias) -> q, k, v, each (B, heads, n, d)
+    in float32, with n = h * w and d = dim_head; the subclass's ``attend(q, k, v)`` gives
+    (B, heads, n, d), whose heads are merged back to (B, h, w, heads * d) in the compute
+    dtype for ``to_out``, a 1x1 conv to C.
+    """
+
+    def __init__(self, channels, heads=4, dim_head=32, **kwargs):
+        super().__init__(**kwargs)
+        self.channels, self.heads, self.dim_head = channels, heads, dim_head
+        self.pre_norm = keras.layers.GroupNormalization(1, epsilon=1e-5, name="pre_norm")
+        self.to_qkv = keras.layers.Conv2D(3 * heads * dim_head, 1, use_bias=False, name="to_qkv")
+        self.to_out = keras.layers.Conv2D(channels, 1, name="to_out")
+
+    def _attended(self, x):
+        """pre_norm, to_qkv, ``attend`` and the head merge: (B, h, w, heads * dim_head)."""
+        height, width = ops.shape(x)[1], ops.shape(x)[2]
+        qkv = ops.cast(self.to_qkv(self.pre_norm(x)), "float32")
+        q, k, v = (rearrange(t, "b x y (h d) -> b h (x y) d", h=self.heads) for t in ops.split(qkv, 3, axis=-1))
+        out = rearrange(self.attend(q, k, v), "b h (x y) d -> b x y (h d)", x=height, y=width)
+        return ops.cast(out, self.compute_dtype)
+
+    def compute_output_shape(self, x_shape):
+        return x_shape
+
+    def get_config(self):
+        return {**super().get_config(), "channels": self.channels, "heads": self.heads, "dim_head": self.dim_head}
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class LinearAttention(keras.layers.Layer):
+class LinearAttention(_Attention):
     """Residual, pre-normalised linear ("efficient") attention; O(n) in the pixel count n.
 
-    x (B, h, w, C) -> (B, h, w, C). Per head, with q, k, v of shape (n, d) from a 1x1 conv:
+    x (B, h, w, C) -> (B, h, w, C). Per head, with q, k, v of shape (n, d) (see ``_Attention``):
 
         q' = softmax over the feature axis d of q, times d ** -0.5
         k' = softmax over the sequence axis n of k
@@ -218,96 +242,136 @@ class LinearAttention(keras.layers.Layer):
         out     = q' context                  (n, d)
 
     then heads are merged, a 1x1 conv + GroupNorm(1) map back to C, and x is added.
-    The attention math runs in float32.
     """
 
     def __init__(self, channels, heads=4, dim_head=32, **kwargs):
-        super().__init__(**kwargs)
-        self.channels, self.heads, self.dim_head = channels, heads, dim_head
-        hidden = heads * dim_head
-        self.pre_norm = keras.layers.GroupNormalization(1, epsilon=1e-5, name="pre_norm")
-        self.to_qkv = keras.layers.Conv2D(3 * hidden, 1, use_bias=False, name="to_qkv")
-        self.to_out = keras.layers.Conv2D(channels, 1, name="to_out")
+        super().__init__(channels, heads, dim_head, **kwargs)
         self.out_norm = keras.layers.GroupNormalization(1, epsilon=1e-5, name="out_norm")
 
-    def call(self, x):
-        height, width = ops.shape(x)[1], ops.shape(x)[2]
-        qkv = ops.cast(self.to_qkv(self.pre_norm(x)), "float32")
-        q, k, v = (rearrange(t, "b x y (h d) -> b h (x y) d", h=self.heads) for t in ops.split(qkv, 3, axis=-1))
+    def attend(self, q, k, v):
         q = ops.softmax(q, axis=-1) * self.dim_head**-0.5
         k = ops.softmax(k, axis=-2)
         context = ops.einsum("bhnd,bhne->bhde", k, v)
-        out = ops.einsum("bhnd,bhde->bhne", q, context)
-        out = rearrange(out, "b h (x y) d -> b x y (h d)", x=height, y=width)
-        out = self.out_norm(self.to_out(ops.cast(out, self.compute_dtype)))
-        return x + out
+        return ops.einsum("bhnd,bhde->bhne", q, context)
 
-    def compute_output_shape(self, x_shape):
-        return x_shape
-
-    def get_config(self):
-        return {**super().get_config(), "channels": self.channels, "heads": self.heads, "dim_head": self.dim_head}
+    def call(self, x):
+        return x + self.out_norm(self.to_out(self._attended(x)))
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class FullAttention(keras.layers.Layer):
+class FullAttention(_Attention):
     """Residual, pre-normalised multi-head softmax self-attention over all pixels; O(n^2).
 
-    x (B, h, w, C) -> (B, h, w, C). Per head, with q, k, v of shape (n, d) from a 1x1 conv:
+    x (B, h, w, C) -> (B, h, w, C). Per head, with q, k, v of shape (n, d) (see ``_Attention``):
 
         out = softmax(q k^T * d ** -0.5, over keys) v
 
-    The softmax subtracts the row MAXIMUM before exponentiating (the original port
-    subtracted the argmax index, which is not a stabiliser). Math in float32;
-    used only at the bottleneck, where n is small.
+    then heads are merged, a 1x1 conv maps back to C, and x is added. The softmax
+    subtracts the row maximum before exponentiating. Used at the bottleneck, where n is small.
     """
 
-    def __init__(self, channels, heads=4, dim_head=32, **kwargs):
-        super().__init__(**kwargs)
-        self.channels, self.heads, self.dim_head = channels, heads, dim_head
-        hidden = heads * dim_head
-        self.pre_norm = keras.layers.GroupNormalization(1, epsilon=1e-5, name="pre_norm")
-        self.to_qkv = keras.layers.Conv2D(3 * hidden, 1, use_bias=False, name="to_qkv")
-        self.to_out = keras.layers.Conv2D(channels, 1, name="to_out")
-
-    def call(self, x):
-        height, width = ops.shape(x)[1], ops.shape(x)[2]
-        qkv = ops.cast(self.to_qkv(self.pre_norm(x)), "float32")
-        q, k, v = (rearrange(t, "b x y (h d) -> b h (x y) d", h=self.heads) for t in ops.split(qkv, 3, axis=-1))
+    def attend(self, q, k, v):
         logits = ops.einsum("bhid,bhjd->bhij", q, k) * self.dim_head**-0.5
         logits = logits - ops.stop_gradient(ops.max(logits, axis=-1, keepdims=True))
         weights = ops.exp(logits)
         weights = weights / ops.sum(weights, axis=-1, keepdims=True)
-        out = ops.einsum("bhij,bhjd->bhid", weights, v)
-        out = rearrange(out, "b h (x y) d -> b x y (h d)", x=height, y=width)
-        return x + self.to_out(ops.cast(out, self.compute_dtype))
+        return ops.einsum("bhij,bhjd->bhid", weights, v)
 
-    def compute_output_shape(self, x_shape):
-        return x_shape
+    def call(self, x):
+        return x + self.to_out(self._attended(x))
+
+
+class _UNetBase(keras.Model):
+    """What UNet and OriginalUNet share: the arguments, the stem, the time embedding, the checks.
+
+    ``dim``: the base width; ``dim_mults``: one width multiplier per level; ``channels``: the
+    latent's; ``resnet_groups``: the ResnetBlocks' GroupNorm groups; ``attn_heads``,
+    ``attn_dim_head``: the attention layers'; ``cond_categories``: per condition variable
+    its category count, 0 for a continuous one (empty: unconditional). ``init_dim`` is the
+    subclass's width after ``init_conv`` (a conv7x7).
+
+    The time MLP, sinusoid(t, dim) -> Dense(4 dim, GELU) -> Dense(4 dim), conditions every
+    ResnetBlock; with ``cond_categories`` a ``ConditionEmbedding`` of cond (B, K) is added
+    to it, so every block sees the conditions too, and ``cond=None`` means all unknown.
+    """
+
+    layout = None  # the subclass's config.unet.unet_layout: "project" or "original"
+
+    def __init__(
+        self,
+        dim=64,
+        dim_mults=(1, 2, 4, 8),
+        channels=1,
+        resnet_groups=8,
+        attn_heads=4,
+        attn_dim_head=32,
+        cond_categories=(),
+        *,
+        init_dim,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.dim, self.dim_mults, self.channels = dim, tuple(dim_mults), channels
+        self.cond_categories = tuple(int(c) for c in cond_categories)
+        self.resnet_groups = resnet_groups
+        self.attn_heads, self.attn_dim_head = attn_heads, attn_dim_head
+        if not self.dim_mults:
+            raise ValueError(f"{type(self).__name__}: dim_mults must not be empty")
+        self.downsample_factor = 2 ** (len(self.dim_mults) - 1)
+
+        # Created first and in this order: the order of model.weights and of saved weights.
+        self.init_conv = keras.layers.Conv2D(init_dim, 7, padding="same", name="init_conv")
+        self.time_embedding = SinusoidalTimeEmbedding(dim, name="time_sinusoid")
+        self.time_dense1 = keras.layers.Dense(4 * dim, activation="gelu", name="time_dense1")
+        self.time_dense2 = keras.layers.Dense(4 * dim, name="time_dense2")
+        self.cond_embedding = (
+            ConditionEmbedding(self.cond_categories, 4 * dim, name="cond_embedding") if self.cond_categories else None
+        )
+
+    def _stem(self, x_t, t, cond):
+        """Check the inputs; return init_conv(x_t) and the time (+ condition) embedding (B, 4 dim)."""
+        name = type(self).__name__
+        _check_divisible(x_t, self.downsample_factor, name)
+        if x_t.shape[-1] is not None and x_t.shape[-1] != self.channels:
+            raise ValueError(f"{name}: expected {self.channels} input channels, got {x_t.shape[-1]}")
+        x = self.init_conv(ops.cast(x_t, self.compute_dtype))
+        time_emb = self.time_dense2(self.time_dense1(self.time_embedding(t)))
+        if self.cond_embedding is not None:
+            if cond is None:  # nothing known: the unconditional model
+                cond = ops.full((ops.shape(x_t)[0], len(self.cond_categories)), float("nan"))
+            time_emb = time_emb + self.cond_embedding(cond)
+        elif cond is not None:
+            raise ValueError(f"{name}: this network was built without conditioning (cond_categories=())")
+        return x, time_emb
+
+    def build_for(self, latent_shape):
+        """Create the weights by one call on zeros of shape (1, *latent_shape); returns self."""
+        self(ops.zeros((1, *latent_shape)), ops.zeros((1,), dtype="int32"))
+        return self
 
     def get_config(self):
-        return {**super().get_config(), "channels": self.channels, "heads": self.heads, "dim_head": self.dim_head}
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "dim": self.dim,
+            "dim_mults": list(self.dim_mults),
+            "channels": self.channels,
+            "resnet_groups": self.resnet_groups,
+            "attn_heads": self.attn_heads,
+            "attn_dim_head": self.attn_dim_head,
+            "cond_categories": list(self.cond_categories),
+        }
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class UNet(keras.Model):
-    """Denoising UNet (lucidrains-style) that predicts the noise eps in x_t.
+class UNet(_UNetBase):
+    """This project's denoising UNet (lucidrains-style): predicts the noise eps in x_t.
 
-    ``unet(x_t, t)``: x_t (B, h, w, channels) float, t (B,) int32 -> eps (B, h, w,
-    channels) float32. h and w must be multiples of 2 ** (len(dim_mults) - 1).
-    ``cond_categories`` (one entry per condition variable: its category count, 0 for a
-    continuous one; empty: unconditional) adds a ``ConditionEmbedding`` of the same width as
-    the time MLP, summed into it; then ``unet(x_t, t, cond)`` takes cond (B, K) float32,
-    NaN = unknown, and ``cond=None`` means every variable unknown.
-    ``layout`` picks the wiring: "project" (the default, what runs made before the option
-    hold) or "original" (the original design's). Both share the time MLP, sinusoid(t, dim)
-    -> Dense(4 dim) -> GELU -> Dense(4 dim), that every ResnetBlock is conditioned on.
-
-    Layout "project"
-    ----------------
-    Widths: dims = [dim] + [dim * m for m in dim_mults]; level i works at dims[i]
-    and hands dims[i + 1] to the next level. With dim=64, mults (1, 2, 4, 8):
-    64, 64, 128, 256 down, 512 at the bottleneck.
+    ``UNet(dim=64, dim_mults=(1, 2, 4, 8), channels=1, ...)`` (the arguments: ``_UNetBase``).
+    ``unet(x_t, t, cond=None)``: x_t (B, h, w, channels), t (B,) int32, cond (B, K) float32
+    (NaN = unknown) -> eps, float32 of x_t's shape; h and w must be multiples of 2 **
+    (len(dim_mults) - 1). With dims = [dim] + [dim * m for m in dim_mults], level i works at
+    dims[i] and hands dims[i + 1] on; every ResnetBlock takes the time embedding:
 
         init    conv7x7 -> dim (kept as r for the final block)
         down i  ResnetBlock, ResnetBlock, LinearAttention (a skip saved after each
@@ -319,93 +383,26 @@ class UNet(keras.Model):
                 last (full-resolution) level uses a conv3x3 instead
         final   concat r -> ResnetBlock(2 dim -> dim) -> conv1x1 -> channels (float32)
 
-    About 37.1 M parameters with the defaults (independent of the input size).
-
-    Layout "original"
-    -----------------
-    The early lucidrains denoising-diffusion-pytorch UNet that the original design used.
-    init_dim = dim // 3 * 2; dims = [init_dim] + [dim * m for m in dim_mults]; level i
-    goes from dims[i] to dims[i + 1] (in_out pairs). With dim=64, mults (1, 2, 4, 8):
-    42 -> 64, 64 -> 128, 128 -> 256, 256 -> 512 down, 512 at the bottleneck.
-
-        init    conv7x7 -> init_dim
-        down i  ResnetBlock(dims[i] -> dims[i+1]) (the width changes here, 1x1 skip),
-                ResnetBlock, LinearAttention; ONE skip saved (after the attention);
-                then stride-2 conv4x4 (same width) except at the last level
-        middle  ResnetBlock, FullAttention, ResnetBlock at dims[-1]
-        up i    for the levels but the first, deepest first: concat the level's skip
-                -> ResnetBlock(2 dims[i+1] -> dims[i]), ResnetBlock, LinearAttention,
-                stride-2 Conv2DTranspose 4x4 to dims[i]
-        final   ResnetBlock(-> dim) -> conv1x1 -> channels (float32)
-
-    So n levels have n - 1 downsamplings and n - 1 upsamplings, and the full-resolution
-    skip of level 0 is saved but never used (as in the original). 32,282,613 parameters
-    with the defaults: within 0.1 % of the original's 32.3 M (an independent count).
-    Choices where the original differs in detail: the downsampling conv is 4x4 stride 2
-    "same", the original's Conv2d(dim, dim, 4, 2, 1) (3x3 would give 31.7 M, -1.9 %);
-    every ResnetBlock, the final one included, has the project's time scale-shift (the
-    original's final block took no time embedding: +32,896 parameters here, 0.1 %); the
-    attention layers are the project's (same widths and norms as the original).
+    37.1 M parameters at dim 64 × (1, 2, 4, 8).
     """
 
-    def __init__(
-        self,
-        dim=64,
-        dim_mults=(1, 2, 4, 8),
-        channels=1,
-        resnet_groups=8,
-        attn_heads=4,
-        attn_dim_head=32,
-        layout="project",
-        cond_categories=(),
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        self.dim, self.dim_mults, self.channels = dim, tuple(dim_mults), channels
-        self.cond_categories = tuple(int(c) for c in cond_categories)
-        self.resnet_groups = resnet_groups
-        self.attn_heads, self.attn_dim_head = attn_heads, attn_dim_head
-        if not self.dim_mults:
-            raise ValueError("UNet: dim_mults must not be empty")
-        if layout not in LAYOUTS:
-            raise ValueError(f"UNet: unknown layout {layout!r}; expected one of {LAYOUTS}")
-        self.layout = layout
-        self.downsample_factor = 2 ** (len(self.dim_mults) - 1)
+    layout = "project"
 
-        init_dim = dim if layout == "project" else dim // 3 * 2
-        dims = [init_dim] + [dim * m for m in self.dim_mults]
-        levels = list(zip(dims[:-1], dims[1:], strict=True))  # (width of the level, width it hands on)
-        n_levels = len(levels)
-        attn = dict(heads=attn_heads, dim_head=attn_dim_head)
-        block = dict(groups=resnet_groups)
-
-        self.init_conv = keras.layers.Conv2D(init_dim, 7, padding="same", name="init_conv")
-        self.time_embedding = SinusoidalTimeEmbedding(dim, name="time_sinusoid")
-        self.time_dense1 = keras.layers.Dense(4 * dim, activation="gelu", name="time_dense1")
-        self.time_dense2 = keras.layers.Dense(4 * dim, name="time_dense2")
-        # Conditions join the time embedding (class-conditional ADM's approach): every block sees them.
-        self.cond_embedding = (
-            ConditionEmbedding(self.cond_categories, 4 * dim, name="cond_embedding") if self.cond_categories else None
-        )
-        if layout == "original":
-            self._build_original_levels(levels, dims[-1], attn, block)
-            return
+    def __init__(self, dim=64, **kwargs):
+        super().__init__(dim, init_dim=dim, **kwargs)
+        dims = [dim] + [dim * m for m in self.dim_mults]
+        levels = list(enumerate(zip(dims[:-1], dims[1:], strict=True)))  # i, (its width, the width it hands on)
+        attn, block = dict(heads=self.attn_heads, dim_head=self.attn_dim_head), dict(groups=self.resnet_groups)
 
         self.down_levels = []
-        for i, (width, next_width) in enumerate(levels):
-            last = i == n_levels - 1
+        for i, (width, next_width) in levels:
+            name, stride = (f"down{i}_proj", 1) if i == len(levels) - 1 else (f"down{i}_downsample", 2)
             self.down_levels.append(
                 [
                     ResnetBlock(width, width, **block, name=f"down{i}_block1"),
                     ResnetBlock(width, width, **block, name=f"down{i}_block2"),
                     LinearAttention(width, **attn, name=f"down{i}_attn"),
-                    keras.layers.Conv2D(
-                        next_width,
-                        3,
-                        strides=1 if last else 2,
-                        padding="same",
-                        name=f"down{i}_{'proj' if last else 'downsample'}",
-                    ),
+                    keras.layers.Conv2D(next_width, 3, strides=stride, padding="same", name=name),
                 ]
             )
 
@@ -415,84 +412,23 @@ class UNet(keras.Model):
         self.mid_block2 = ResnetBlock(mid, mid, **block, name="mid_block2")
 
         self.up_levels = []
-        for i, (width, next_width) in reversed(list(enumerate(levels))):
-            first = i == 0  # full resolution: no upsampling
+        for i, (width, next_width) in reversed(levels):
             self.up_levels.append(
                 [
                     ResnetBlock(next_width + width, next_width, **block, name=f"up{i}_block1"),
                     ResnetBlock(next_width + width, next_width, **block, name=f"up{i}_block2"),
                     LinearAttention(next_width, **attn, name=f"up{i}_attn"),
                     keras.layers.Conv2D(width, 3, padding="same", name=f"up{i}_proj")
-                    if first
+                    if i == 0  # full resolution: no upsampling
                     else keras.layers.Conv2DTranspose(width, 4, strides=2, padding="same", name=f"up{i}_upsample"),
                 ]
             )
 
         self.final_block = ResnetBlock(2 * dim, dim, **block, name="final_block")
-        self.final_conv = keras.layers.Conv2D(channels, 1, dtype="float32", name="final_conv")
-
-    def _build_original_levels(self, levels, mid, attn, block):
-        """The layers of layout "original" (see the class docstring); levels = in_out pairs."""
-        self.down_levels = []
-        for i, (dim_in, dim_out) in enumerate(levels):
-            level = [
-                ResnetBlock(dim_in, dim_out, **block, name=f"down{i}_block1"),
-                ResnetBlock(dim_out, dim_out, **block, name=f"down{i}_block2"),
-                LinearAttention(dim_out, **attn, name=f"down{i}_attn"),
-            ]
-            if i < len(levels) - 1:  # the last level keeps its resolution (the original's Identity)
-                level.append(keras.layers.Conv2D(dim_out, 4, strides=2, padding="same", name=f"down{i}_downsample"))
-            self.down_levels.append(level)
-
-        self.mid_block1 = ResnetBlock(mid, mid, **block, name="mid_block1")
-        self.mid_attn = FullAttention(mid, **attn, name="mid_attn")
-        self.mid_block2 = ResnetBlock(mid, mid, **block, name="mid_block2")
-
-        self.up_levels = []
-        for i, (dim_in, dim_out) in reversed(list(enumerate(levels))[1:]):
-            self.up_levels.append(
-                [
-                    ResnetBlock(2 * dim_out, dim_in, **block, name=f"up{i}_block1"),
-                    ResnetBlock(dim_in, dim_in, **block, name=f"up{i}_block2"),
-                    LinearAttention(dim_in, **attn, name=f"up{i}_attn"),
-                    keras.layers.Conv2DTranspose(dim_in, 4, strides=2, padding="same", name=f"up{i}_upsample"),
-                ]
-            )
-
-        width = levels[1][0] if len(levels) > 1 else levels[0][1]  # what the last up level (or level 0) hands on
-        self.final_block = ResnetBlock(width, self.dim, **block, name="final_block")
         self.final_conv = keras.layers.Conv2D(self.channels, 1, dtype="float32", name="final_conv")
 
-    def _call_original(self, x, time_emb):
-        skips = []
-        for block1, block2, attn, *downsample in self.down_levels:
-            x = attn(block2(block1(x, time_emb), time_emb))
-            skips.append(x)  # one skip per level; level 0's (full resolution) is never used
-            for layer in downsample:
-                x = layer(x)
-
-        x = self.mid_block2(self.mid_attn(self.mid_block1(x, time_emb)), time_emb)
-
-        for block1, block2, attn, upsample in self.up_levels:
-            x = block1(ops.concatenate([x, skips.pop()], axis=-1), time_emb)
-            x = upsample(attn(block2(x, time_emb)))
-
-        return self.final_conv(self.final_block(x, time_emb))
-
     def call(self, x_t, t, cond=None, training=None):
-        _check_divisible(x_t, self.downsample_factor, "UNet")
-        if x_t.shape[-1] is not None and x_t.shape[-1] != self.channels:
-            raise ValueError(f"UNet: expected {self.channels} input channels, got {x_t.shape[-1]}")
-        x = self.init_conv(ops.cast(x_t, self.compute_dtype))
-        time_emb = self.time_dense2(self.time_dense1(self.time_embedding(t)))
-        if self.cond_embedding is not None:
-            if cond is None:  # nothing known: the unconditional model
-                cond = ops.full((ops.shape(x_t)[0], len(self.cond_categories)), float("nan"))
-            time_emb = time_emb + self.cond_embedding(cond)
-        elif cond is not None:
-            raise ValueError("UNet: this network was built without conditioning (cond_categories=())")
-        if self.layout == "original":
-            return self._call_original(x, time_emb)
+        x, time_emb = self._stem(x_t, t, cond)
         residual = x
 
         skips = []
@@ -513,24 +449,85 @@ class UNet(keras.Model):
         x = self.final_block(ops.concatenate([x, residual], axis=-1), time_emb)
         return self.final_conv(x)
 
-    def build_for(self, latent_shape):
-        """Create the weights by one call on zeros of shape (1, *latent_shape); returns self."""
-        self(ops.zeros((1, *latent_shape)), ops.zeros((1,), dtype="int32"))
-        return self
 
-    def get_config(self):
-        return {
-            "name": self.name,
-            "trainable": self.trainable,
-            "dim": self.dim,
-            "dim_mults": list(self.dim_mults),
-            "channels": self.channels,
-            "resnet_groups": self.resnet_groups,
-            "attn_heads": self.attn_heads,
-            "attn_dim_head": self.attn_dim_head,
-            "layout": self.layout,
-            "cond_categories": list(self.cond_categories),
-        }
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class OriginalUNet(_UNetBase):
+    """The original design's denoising UNet (the early lucidrains denoising-diffusion-pytorch
+    one), which the ``seed`` preset builds. Arguments, call and contract: ``UNet``'s.
+
+    With init_dim = dim // 3 * 2 and dims = [init_dim] + [dim * m for m in dim_mults],
+    level i goes from dims[i] to dims[i + 1]; every ResnetBlock takes the time embedding:
+
+        init    conv7x7 -> init_dim
+        down i  ResnetBlock(dims[i] -> dims[i+1]), ResnetBlock, LinearAttention; ONE
+                skip saved (after the attention); then stride-2 conv4x4 (same width),
+                except at the last level
+        middle  ResnetBlock, FullAttention, ResnetBlock at dims[-1]
+        up i    the levels but the first, deepest first: concat the level's skip ->
+                ResnetBlock(2 dims[i+1] -> dims[i]), ResnetBlock, LinearAttention,
+                stride-2 Conv2DTranspose 4x4
+        final   ResnetBlock(dims[1] -> dim) -> conv1x1 -> channels (float32)
+
+    So level 0's full-resolution skip is saved but never used, as in the original (whose
+    final block, unlike this one's, took no time embedding).
+    32.3 M parameters at dim 64 × (1, 2, 4, 8).
+    """
+
+    layout = "original"
+
+    def __init__(self, dim=64, **kwargs):
+        super().__init__(dim, init_dim=dim // 3 * 2, **kwargs)
+        dims = [dim // 3 * 2] + [dim * m for m in self.dim_mults]
+        levels = list(enumerate(zip(dims[:-1], dims[1:], strict=True)))  # i, (dims[i], dims[i + 1])
+        attn, block = dict(heads=self.attn_heads, dim_head=self.attn_dim_head), dict(groups=self.resnet_groups)
+
+        self.down_levels = []
+        for i, (dim_in, dim_out) in levels:
+            level = [
+                ResnetBlock(dim_in, dim_out, **block, name=f"down{i}_block1"),
+                ResnetBlock(dim_out, dim_out, **block, name=f"down{i}_block2"),
+                LinearAttention(dim_out, **attn, name=f"down{i}_attn"),
+            ]
+            if i < len(levels) - 1:  # the last level keeps its resolution (the original's Identity)
+                level.append(keras.layers.Conv2D(dim_out, 4, strides=2, padding="same", name=f"down{i}_downsample"))
+            self.down_levels.append(level)
+
+        mid = dims[-1]
+        self.mid_block1 = ResnetBlock(mid, mid, **block, name="mid_block1")
+        self.mid_attn = FullAttention(mid, **attn, name="mid_attn")
+        self.mid_block2 = ResnetBlock(mid, mid, **block, name="mid_block2")
+
+        self.up_levels = []
+        for i, (dim_in, dim_out) in reversed(levels[1:]):
+            self.up_levels.append(
+                [
+                    ResnetBlock(2 * dim_out, dim_in, **block, name=f"up{i}_block1"),
+                    ResnetBlock(dim_in, dim_in, **block, name=f"up{i}_block2"),
+                    LinearAttention(dim_in, **attn, name=f"up{i}_attn"),
+                    keras.layers.Conv2DTranspose(dim_in, 4, strides=2, padding="same", name=f"up{i}_upsample"),
+                ]
+            )
+
+        self.final_block = ResnetBlock(dims[1], dim, **block, name="final_block")
+        self.final_conv = keras.layers.Conv2D(self.channels, 1, dtype="float32", name="final_conv")
+
+    def call(self, x_t, t, cond=None, training=None):
+        x, time_emb = self._stem(x_t, t, cond)
+
+        skips = []
+        for block1, block2, attn, *downsample in self.down_levels:
+            x = attn(block2(block1(x, time_emb), time_emb))
+            skips.append(x)  # one skip per level; level 0's (full resolution) is never used
+            for layer in downsample:
+                x = layer(x)
+
+        x = self.mid_block2(self.mid_attn(self.mid_block1(x, time_emb)), time_emb)
+
+        for block1, block2, attn, upsample in self.up_levels:
+            x = block1(ops.concatenate([x, skips.pop()], axis=-1), time_emb)
+            x = upsample(attn(block2(x, time_emb)))
+
+        return self.final_conv(self.final_block(x, time_emb))
 
 
 # --------------------------------------------------------------------------- #
@@ -575,8 +572,9 @@ class ResidualBlock(keras.layers.Layer):
         out = act(norm(conv3x3(x) + skip(x)))
 
     ``norm`` is "batch" (BatchNormalization) or "group" (GroupNormalization with
-    gcd(8, out_channels) groups, so the groups always divide the channels).
-    The input channel count is read from the input at build time.
+    gcd(8, out_channels) groups, so the groups always divide the channels); ``activation``
+    one of ``config.AUTOENCODER_ACTIVATIONS``. Both are checked here, for the whole
+    autoencoder. The input channel count is read from the input at build time.
     """
 
     def __init__(self, out_channels, norm="batch", activation="relu", convs=2, **kwargs):
@@ -633,33 +631,31 @@ class ResidualBlock(keras.layers.Layer):
         }
 
 
+def _is_original(layout):
+    """True for the original design's layout, False for the project's; a ValueError otherwise."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    return layout == "original"
+
+
 def build_encoder(
-    image_channels=1,
-    base_channels=64,
-    channel_mults=(1, 2, 4),
-    blocks_per_level=1,
-    latent_channels=1,
-    norm="batch",
-    activation="relu",
-    layout="project",
-    name="encoder",
+    image_channels, base_channels, channel_mults, blocks_per_level, latent_channels, norm, activation, layout
 ):
     """Functional encoder: (B, H, W, image_channels) -> (B, H/f, W/f, latent_channels).
 
-    f = 2 ** (len(channel_mults) - 1). Layout "project": conv3x3 stem to base_channels;
-    per level ``blocks_per_level`` residual blocks (two convs) at base_channels * mult
-    (the first one widens, with a 1x1 skip) followed, except at the last level, by a
-    stride-2 conv3x3; a final conv3x3 to ``latent_channels`` with no activation (the
-    latent is scaled by 1/std later). The latent is float32 under any dtype policy.
+    The arguments are ``AutoEncoder``'s; f = 2 ** (len(channel_mults) - 1). Layout
+    "project": conv3x3 stem to base_channels; per level ``blocks_per_level`` residual
+    blocks (two convs) at base_channels * mult (the first one widens, with a 1x1 skip)
+    followed, except at the last level, by a stride-2 conv3x3; a final conv3x3 to
+    ``latent_channels`` with no activation (the latent is scaled by 1/std later). The
+    latent is float32 under any dtype policy.
 
     Layout "original" (the original design): no stem, every level at the widest width
     base_channels * channel_mults[-1] (256 for 64 × (1, 2, 4)), one-conv residual blocks
     (``ResidualBlock(convs=1)``: act(norm(conv3x3(x) + skip(x))); the first takes the
     image, with a 1x1 skip), the same stride-2 conv3x3 downsamplings and final conv3x3.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
-    original = layout == "original"
+    original = _is_original(layout)
     factor = 2 ** (len(channel_mults) - 1)
     x_in = keras.Input((None, None, image_channels), name="image")
     x = DivisibilityCheck(factor, "encoder", name="check_size")(x_in)
@@ -672,19 +668,11 @@ def build_encoder(
         if level < len(channel_mults) - 1:
             x = keras.layers.Conv2D(width, 3, strides=2, padding="same", name=f"level{level}_downsample")(x)
     latent = keras.layers.Conv2D(latent_channels, 3, padding="same", dtype="float32", name="to_latent")(x)
-    return keras.Model(x_in, latent, name=name)
+    return keras.Model(x_in, latent, name="encoder")
 
 
 def build_decoder(
-    image_channels=1,
-    base_channels=64,
-    channel_mults=(1, 2, 4),
-    blocks_per_level=1,
-    latent_channels=1,
-    norm="batch",
-    activation="relu",
-    layout="project",
-    name="decoder",
+    image_channels, base_channels, channel_mults, blocks_per_level, latent_channels, norm, activation, layout
 ):
     """Functional decoder mirroring ``build_encoder``: latent -> (B, H, W, image_channels).
 
@@ -701,9 +689,7 @@ def build_decoder(
     same narrowing 256 -> 128 -> 64 (the first block of a level narrows, 1x1 skip), then
     conv3x3 to ``image_channels`` and tanh.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
-    original = layout == "original"
+    original = _is_original(layout)
     z_in = keras.Input((None, None, latent_channels), name="latent")
     x = z_in
     if not original:
@@ -719,7 +705,7 @@ def build_decoder(
             )(x)
     x = keras.layers.Conv2D(image_channels, 3, padding="same", dtype="float32", name="to_image")(x)
     image = keras.layers.Activation("tanh", dtype="float32", name="tanh")(x)
-    return keras.Model(z_in, image, name=name)
+    return keras.Model(z_in, image, name="decoder")
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -727,15 +713,11 @@ class AutoEncoder(FitFixes, keras.Model):
     """Residual convolutional autoencoder: image -> latent -> reconstruction.
 
     ``encoder`` / ``decoder`` are the functional models of ``build_encoder`` /
-    ``build_decoder`` (see there for shapes); ``autoencoder(x)`` = decoder(encoder(x)),
-    (B, H, W, image_channels) -> same shape, float32 in [-1, 1]. H and W must be
-    multiples of ``downsample_factor`` = 2 ** (len(channel_mults) - 1) (4 by default).
-
-    ``layout``: "project" (the default) or "original", the original design's one-conv
-    blocks, 256 wide encoder (see ``build_encoder`` / ``build_decoder``). With
-    base_channels 64, mults (1, 2, 4), one block per level, latent 1, BatchNorm: 3,521,858
-    parameters, BatchNorm statistics included (encoder 2,368,769, decoder 1,153,089);
-    the project layout at the same sizes has 4,505,410.
+    ``build_decoder`` (see there for shapes and the two layouts, "project" and
+    "original"); ``autoencoder(x)`` = decoder(encoder(x)), (B, H, W, image_channels) ->
+    same shape, float32 in [-1, 1]. H and W must be multiples of ``downsample_factor`` =
+    2 ** (len(channel_mults) - 1) (4 by default). 3.5 M parameters at base 64 × (1, 2, 4)
+    in the original layout with BatchNorm, 4.5 M in the project's.
 
     Built by the constructor, so ``load_weights`` works at once, and ``compile(optimizer,
     loss="mse"); fit(pairs)`` works on (x, x) pairs.
@@ -756,12 +738,6 @@ class AutoEncoder(FitFixes, keras.Model):
         super().__init__(**kwargs)
         if not channel_mults:
             raise ValueError("AutoEncoder: channel_mults must not be empty")
-        if layout not in LAYOUTS:
-            raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
-        if norm not in AUTOENCODER_NORMS:
-            raise ValueError(f"unknown norm {norm!r}; expected one of {AUTOENCODER_NORMS}")
-        if activation not in AUTOENCODER_ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; expected one of {AUTOENCODER_ACTIVATIONS}")
         self.arch = dict(
             image_channels=image_channels,
             base_channels=base_channels,
@@ -774,7 +750,7 @@ class AutoEncoder(FitFixes, keras.Model):
         )
         self.layout = layout
         self.downsample_factor = 2 ** (len(channel_mults) - 1)
-        self.encoder = build_encoder(**self.arch)
+        self.encoder = build_encoder(**self.arch)  # checks layout, norm and activation
         self.decoder = build_decoder(**self.arch)
         self.build((None, None, None, image_channels))
 

@@ -34,10 +34,8 @@ Inputs (B, H, W, 1) float32 in [-1, 1]; outputs (B, K) float32 normalised labels
 unknown), averaged over the K columns (a column unknown in the whole batch adds 0). Adam,
 learning rate 1e-3 cosine-decayed to 0 over the steps.
 
-Speed (TensorFlow 2.21 on the CPU, float32, no XLA, 2 cores of an "Intel(R) Xeon(R) Processor",
-shared with other jobs, load average 1.5–4): 600 steps at batch 32 on 64×64 images train in 65 s
-(0.11 s a step); on 128×128 images a step takes ~0.8 s (100 steps: 84 s), so 600 steps ~8 min,
-once per run (the cache). Prediction is far cheaper than sampling.
+Training runs once per run (the cache); its cost is in BENCHMARKS.md. Prediction is far
+cheaper than sampling.
 """
 
 from __future__ import annotations

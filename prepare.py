@@ -344,9 +344,7 @@ def convert_oasis1(
     copies = collections.Counter(_oasis_scan(p) for p in volumes)
     repeated = sorted(scan for scan, n in copies.items() if n > 1)
     if repeated:  # their slices would overwrite each other
-        raise UserError(
-            f"{len(repeated)} scan(s) found more than once under {src}, e.g. {repeated[0]}; keep one copy"
-        )
+        raise UserError(f"{len(repeated)} scan(s) found more than once under {src}, e.g. {repeated[0]}; keep one copy")
     subjects = _split_keys(sorted({_oasis_subject(p) for p in volumes}), val_fraction, test_fraction, seed)
     split_of = {subject: split for split, members in subjects.items() for subject in members}
 

@@ -13,8 +13,9 @@ A run directory (runs/NAME/) holds everything one training run made:
 This module owns that folder for every script: creating and probing it, finding the
 newest run, reading config.json, building (and compiling, for training) the autoencoder
 and the LatentDiffusion model a config describes, saving and loading their weights with
-one-line errors, and sampling a loaded run in batches (predict.py and evaluate.py).
-Checkpoints and histories are written by train.py's callbacks.
+one-line errors, and sampling a loaded run in batches (`generate`, with one
+`config.SamplingOptions`; predict.py, evaluate.py and train.py's figures). Checkpoints and
+histories are written by train.py's callbacks.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import hardware
 import metrics
 from cli import UserError
 from diffusion import LatentDiffusion, NoiseSchedule, make_schedule
-from modules import AutoEncoder, UNet
+from modules import AutoEncoder, OriginalUNet, UNet
 from samplers import Sampler
 
 RUNS_ROOT = cli.RUNS_ROOT
@@ -125,9 +126,11 @@ def noise_schedule(config: cfg.RunConfig) -> NoiseSchedule:
 
 
 def build_diffusion(config: cfg.RunConfig) -> LatentDiffusion:
-    """UNet + noise schedule + EMA copy, built for the run's latent shape."""
+    """The UNet of the run's layout (`UNet`, or the original design's `OriginalUNet`) + noise
+    schedule + EMA copy, built for the run's latent shape."""
+    network = OriginalUNet if config.unet.unet_layout == "original" else UNet
     model = LatentDiffusion(
-        UNet(**config.unet_kwargs()),
+        network(**config.unet_kwargs()),
         noise_schedule(config),
         ema_decay=config.diffusion.ema_decay,
         seed=config.train.seed,

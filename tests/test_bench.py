@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import bench
-from modules import UNet
+import original
+from modules import OriginalUNet
 
 
 def stats(median):
@@ -22,10 +23,14 @@ def stats(median):
 def test_headline_ratios_use_train_py_defaults_and_the_same_run_baseline():
     default = bench.variant_name("float32", False)
     results = {
-        "machine": {"train_py_precision": "float32"},
-        "unet": {"baseline": stats(10.0), "ours": {default: stats(25.0), "float32, XLA": stats(99.0)}},
+        "machine": {"train_py_precision": "float32", "train_py_xla": False},
+        "unet": {
+            "baseline": stats(10.0),
+            "original_compiled": stats(20.0),
+            "ours": {default: stats(25.0), "float32, XLA": stats(99.0)},
+        },
         "ae": {"baseline": stats(4.0), "ours": {default: stats(6.0)}},
-        "sampling": {"baseline": stats(300.0), "ours": {"ddpm": stats(30.0), "ddim": stats(6.0)}},
+        "sampling": {"baseline": stats(300.0), "ours": {"ddpm": stats(30.0), "ddim": stats(6.0), "dpmpp": stats(3.0)}},
         "data": {
             "ours": {"peak_rss_mb": stats(700.0), "rss_after_import_mb": stats(650.0), "images_per_s": stats(120.0)},
             "baseline": {
@@ -46,30 +51,45 @@ def test_headline_ratios_use_train_py_defaults_and_the_same_run_baseline():
     assert h["data_over_ae_train_rate"] == pytest.approx(20.0)
 
 
-def test_original_compiled_row_headline_and_finding_only_when_measured():
+def test_original_compiled_row_headline_and_plain_tables():
     unet = {
         "baseline": stats(10.0),
         "params": 1234,
         "layout": "original",
         "ours": {"float32": stats(20.0), "mixed_bfloat16": stats(30.0)},
+        "original_compiled": stats(16.0),
+        "original_compiled_params": 1234,
     }
-    machine = {"train_py_precision": "float32", "gpus": ["a GPU"]}
-    measured = {
-        "machine": machine,
-        "unet": {**unet, "original_compiled": stats(16.0), "original_compiled_params": 1234},
+    machine = {
+        "train_py_precision": "float32",
+        "train_py_xla": False,
+        "gpus": ["a GPU"],
+        "cpu": "a CPU",
+        "cores": 2,
+        "python": "3",
+        "tensorflow": "2",
+        "keras": "3",
+        "date": "2000-01-01",
     }
+    measured = {"machine": machine, "unet": unet}
     assert bench.headline(measured)["unet_ours_over_original_compiled"] == pytest.approx(1.25)  # float32 / original
     table = "\n".join(bench._training_table("t", measured["unet"], "", "eager", "float32"))
     assert "| original's UNet, compiled: plain-Keras re-implementation, our compiled train step, float32 | " in table
     assert "16.0 (16.0–16.0) | 1.60 |" in table  # × the eager baseline
-    text = "\n".join(bench.findings(measured, bench.BenchConfig()))
-    assert "(layout original) 2.00× the images/s of its eager step" in text
-    assert "1.25× the plain-Keras re-implementation" in text and "(1,234 parameters; ours: 1,234)" in text
-    # An older bench.json (no such measurement): no row, no headline figure, no finding.
-    old = {"machine": machine, "unet": unet}
-    assert "unet_ours_over_original_compiled" not in bench.headline(old)
-    assert "original's UNet" not in "\n".join(bench._training_table("t", unet, "", "eager", "float32"))
-    assert "plain-Keras" not in "\n".join(bench.findings(old, bench.BenchConfig()))
+    measured["headline"] = bench.headline(measured)
+    text = bench.markdown(measured, bench.BenchConfig(), "full")
+    assert "| ours: compiled train step, float32 (train.py default) | 20.0 (20.0–20.0) | 2.00 |" in text
+    assert "| figure | value |\n| --- | --- |\n| `unet_train_speedup` | 2 |\n" in text  # no goal column
+    assert "| `unet_ours_over_original_compiled` | 1.25 |" in text
+    assert "(1,234 parameters; the plain-Keras re-implementation: 1,234)" in text
+    assert "Made by `python bench.py` on 2000-01-01" in text
+
+
+def test_command_names_the_flags_that_differ_from_the_mode():
+    assert bench.command(bench.BenchConfig(markdown="x.md"), "full") == "python bench.py"
+    quick = bench.parse_args(["--quick", "--only", "unet", "ae", "--no-xla", "--keep-others"])[0]
+    assert bench.command(quick, "quick") == "python bench.py --mode quick --only unet ae --keep-others"
+    assert bench.command(bench.MODES["quick"], "full").startswith("python bench.py --repeats 2 --unet-dim 32")
 
 
 KINDS = (keras.layers.Conv2DTranspose, keras.layers.Conv2D, keras.layers.Dense, keras.layers.GroupNormalization)
@@ -92,11 +112,11 @@ def _in_attribute_order(layer):
 
 
 def test_bench_original_unet_computes_what_the_original_layout_computes():
-    """bench.original_unet (plain Keras, written apart) and modules.UNet(layout="original") are
+    """original.original_unet (plain Keras, written apart) and modules.OriginalUNet are
     the same network: same weights (matched kind by kind in creation order), same output."""
-    unet = UNet(dim=8, dim_mults=(1, 2, 4), resnet_groups=4, attn_heads=2, attn_dim_head=8, layout="original")
+    unet = OriginalUNet(dim=8, dim_mults=(1, 2, 4), resnet_groups=4, attn_heads=2, attn_dim_head=8)
     unet.build_for((8, 8, 1))
-    graph = bench.original_unet(8, 1, dim=8, dim_mults=(1, 2, 4), groups=4, heads=2, dim_head=8)
+    graph = original.original_unet(8, 1, dim=8, dim_mults=(1, 2, 4), groups=4, heads=2, dim_head=8)
     assert graph.count_params() == unet.count_params()
     ours = _layers_by_kind(_in_attribute_order(unet))
     created = lambda layer: int(m.group(1)) if (m := re.search(r"_(\d+)$", layer.name)) else 0  # noqa: E731
@@ -163,8 +183,9 @@ def test_smoke_run_writes_both_reports(tmp_path, capsys):
         "### 4. Data",
     ]:
         assert heading in text
-    assert "Mode: smoke" in text and "## Findings" in text and f"wrote {md}" in capsys.readouterr().out
-    assert "| original's UNet, compiled:" in text and "plain-Keras re-implementation of the original's UNet" in text
+    assert "Mode: smoke" in text and "| figure | value |" in text and f"wrote {md}" in capsys.readouterr().out
+    assert "| original's UNet, compiled:" in text and "parameters; the plain-Keras re-implementation: " in text
+    assert "| ours: compiled, batched, DPM-Solver++(2M) 3 steps |" in text
 
     md.unlink()  # --render re-writes the same report from the JSON, measuring nothing
     assert bench.main(["--render", str(js), "--markdown", str(md)]) == 0

@@ -46,7 +46,7 @@ def test_seed_preset_has_the_original_sizes():
 
 def test_seed_preset_uses_the_original_layouts():
     seed = cfg.preset("seed")
-    assert seed.unet_kwargs()["layout"] == "original"
+    assert seed.unet.unet_layout == "original" and "layout" not in seed.unet_kwargs()
     ae = seed.autoencoder_kwargs()
     assert ae["layout"] == "original" and (ae["norm"], ae["activation"], ae["latent_channels"]) == ("batch", "silu", 1)
     assert ae["base_channels"] * ae["channel_mults"][-1] == 256  # the original encoder's width
@@ -54,7 +54,7 @@ def test_seed_preset_uses_the_original_layouts():
         other = cfg.preset(name)
         assert (other.unet.unet_layout, other.autoencoder.ae_layout) == ("project", "project")
     changed = parse("seed", ["--unet-layout", "project"])
-    assert changed.unet_kwargs()["layout"] == "project" and changed.autoencoder_kwargs()["layout"] == "original"
+    assert changed.unet.unet_layout == "project" and changed.autoencoder_kwargs()["layout"] == "original"
     with pytest.raises(SystemExit):
         parse("seed", ["--ae-layout", "lucid"])
 
@@ -67,7 +67,7 @@ def test_config_json_without_layout_keys_loads_the_project_layouts(tmp_path):
     path.write_text(json.dumps(raw))
     old = cfg.load_config(path)
     assert (old.unet.unet_layout, old.autoencoder.ae_layout) == ("project", "project")
-    assert old.unet_kwargs()["layout"] == old.autoencoder_kwargs()["layout"] == "project"
+    assert old.unet.unet_layout == old.autoencoder_kwargs()["layout"] == "project"
     expected = cfg.preset("seed")
     expected.unet.unet_layout = expected.autoencoder.ae_layout = "project"
     assert old == expected  # nothing else changed

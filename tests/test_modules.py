@@ -5,17 +5,22 @@ Networks are tiny (width 8, 4 groups) so the file runs in well under a minute on
 """
 
 import json
+import warnings
+from pathlib import Path
 
+import h5py
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import modules
+from config import load_config
 from modules import (
     AutoEncoder,
     FullAttention,
     LinearAttention,
+    OriginalUNet,
     ResidualBlock,
     ResnetBlock,
     SinusoidalTimeEmbedding,
@@ -156,7 +161,7 @@ def _concatenations(monkeypatch, unet, x, t):
     ],
 )
 def test_original_unet_layout_structure(monkeypatch, mults, concats):
-    unet = UNet(**{**SMALL_UNET, "dim_mults": mults}, layout="original")
+    unet = OriginalUNet(**{**SMALL_UNET, "dim_mults": mults})
     x = _images((2, 8, 8, 1))
     eps, shapes = _concatenations(monkeypatch, unet, x, _timesteps(2))
     assert tuple(eps.shape) == (2, 8, 8, 1) and eps.dtype == "float32"
@@ -182,30 +187,70 @@ def test_original_unet_layout_structure(monkeypatch, mults, concats):
     assert len(project_shapes) == 2 * len(mults) + 1
 
 
-def test_original_unet_config_round_trip_and_default_layout():
-    unet = UNet(**SMALL_UNET, layout="original").build_for((8, 8, 1))
+def test_original_unet_config_round_trip():
+    unet = OriginalUNet(**SMALL_UNET).build_for((8, 8, 1))
     config = json.loads(json.dumps(unet.get_config()))
-    assert config["layout"] == "original"
-    clone = UNet.from_config(config).build_for((8, 8, 1))
+    assert "layout" not in config  # the class is the layout
+    clone = OriginalUNet.from_config(config).build_for((8, 8, 1))
     assert clone.layout == "original" and clone.count_params() == unet.count_params()
     clone.set_weights(unet.get_weights())
     x, t = _images((1, 8, 8, 1)), _timesteps(1)
     np.testing.assert_array_equal(clone(x, t).numpy(), unet(x, t).numpy())
-    # A config saved before the option existed rebuilds the project layout.
-    del config["layout"]
-    old = UNet.from_config(config).build_for((8, 8, 1))
-    assert old.layout == "project" and old.count_params() != unet.count_params()
-    with pytest.raises(ValueError, match="unknown layout 'lucid'"):
-        UNet(**SMALL_UNET, layout="lucid")
+    # The same arguments build the project's wiring in UNet.
+    project = UNet.from_config(config).build_for((8, 8, 1))
+    assert project.layout == "project" and project.count_params() != unet.count_params()
 
 
 def test_original_seed_unet_parameter_count():
     """The original's UNet at the seed preset's sizes: ~32 M (an independent re-implementation: 32.3 M)."""
-    unet = UNet(dim=64, dim_mults=(1, 2, 4, 8), channels=1, layout="original").build_for((16, 16, 1))
+    unet = OriginalUNet(dim=64, dim_mults=(1, 2, 4, 8), channels=1).build_for((16, 16, 1))
     n = unet.count_params()
-    print(f"seed UNet, layout original (dim 64, mults 1,2,4,8): {n:,} parameters ({n / 32.3e6 - 1:+.2%} of 32.3 M)")
+    print(f"seed OriginalUNet (dim 64, mults 1,2,4,8): {n:,} parameters ({n / 32.3e6 - 1:+.2%} of 32.3 M)")
     assert abs(n / 32.3e6 - 1) < 0.02
-    assert n == 32_282_613  # the figure in UNet's docstring
+    assert n == 32_282_613  # the figure in BENCHMARKS.md
+
+
+SEED_RUN = Path(__file__).parent / "fixtures" / "seed_run"
+
+
+def _fixture_unet():
+    """OriginalUNet with the tiny seed run's arguments (tests/fixtures/seed_run/config.json), built."""
+    kwargs = load_config(SEED_RUN / "config.json").unet_kwargs()
+    return OriginalUNet(**kwargs, name="unet_ema").build_for((8, 8, kwargs["channels"]))
+
+
+def test_original_unet_loads_weights_saved_before_the_split():
+    """unet_ema.weights.h5 was written by UNet(layout="original") before OriginalUNet existed.
+
+    Every stored array must land in a variable of the same shape (Keras keys the file by
+    attribute names, class names and creation order), every variable must get one, and
+    each layer's loaded weights must matter; the output on fixed inputs is the old class's.
+    """
+    x = np.random.default_rng(0).standard_normal((3, 8, 8, 1)).astype("float32")
+    t = np.array([0, 7, 19], "int32")
+    fresh = _fixture_unet()
+    unet = _fixture_unet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a skipped or mismatched variable warns (or raises)
+        unet.load_weights(SEED_RUN / "unet_ema.weights.h5")
+
+    with h5py.File(SEED_RUN / "unet_ema.weights.h5") as f:
+        stored = []
+        f.visititems(lambda name, item: stored.append(item[()]) if isinstance(item, h5py.Dataset) else None)
+    key = lambda a: (a.shape, float(np.sum(a, dtype="float64")))  # noqa: E731
+    assert sorted(map(key, stored)) == sorted(key(w.numpy()) for w in unet.weights)
+
+    eps = unet(x, t).numpy()
+    assert np.isfinite(eps).all()
+    # The old class's output on these inputs (max abs difference after the split: 0.0).
+    np.testing.assert_allclose(eps[0, :2, :2, 0], [[1.6944690, 0.4937246], [-1.9665265, 0.0099639]], atol=1e-4)
+    np.testing.assert_allclose(np.abs(eps).mean(), 1.9951299, rtol=1e-5)
+    children = (model._flatten_layers(include_self=False, recursive=False) for model in (unet, fresh))
+    for loaded, initial in ((a, b) for a, b in zip(*children, strict=True) if a.weights):
+        kept = loaded.get_weights()
+        loaded.set_weights(initial.get_weights())
+        assert np.abs(unet(x, t).numpy() - eps).max() > 1e-4, f"{loaded.name}'s loaded weights do not matter"
+        loaded.set_weights(kept)
 
 
 def test_resnet_block_groups_need_only_divide_the_normalised_width():
@@ -528,7 +573,7 @@ def test_original_autoencoder_config_round_trip_and_default_layout():
 
 def test_original_layouts_under_mixed_bfloat16_give_float32():
     keras.config.set_dtype_policy("mixed_bfloat16")
-    eps = UNet(**SMALL_UNET, layout="original")(_images((2, 8, 8, 1)), _timesteps(2))
+    eps = OriginalUNet(**SMALL_UNET)(_images((2, 8, 8, 1)), _timesteps(2))
     y = AutoEncoder(**TINY_ORIGINAL_AE)(_images((2, 16, 16, 1)))
     assert eps.dtype == y.dtype == "float32"
     assert np.isfinite(eps.numpy()).all() and np.isfinite(y.numpy()).all()
@@ -550,5 +595,5 @@ def test_original_seed_autoencoder_parameter_count():
     assert [w for w in decoder_widths if w] == [256, 256, 128, 128, 64, 1]  # 256 -> 128 -> 64 -> 1
     blocks = [layer for layer in ae.encoder.layers + ae.decoder.layers if isinstance(layer, ResidualBlock)]
     assert len(blocks) == 6 and all(isinstance(b.norm1, keras.layers.BatchNormalization) for b in blocks)
-    assert n == 3_521_858  # the figure in AutoEncoder's docstring (BatchNorm statistics included)
+    assert n == 3_521_858  # BatchNorm statistics included (README: 3.5 M)
     assert tuple(ae.encoder(np.zeros((1, 128, 128, 1), "float32")).shape) == (1, 32, 32, 1)
