@@ -340,10 +340,10 @@ def bench_sampling(bench: BenchConfig) -> dict:
         per_image = [s * bench.timesteps / steps for s in per_image]
     result = {"baseline": summary([s * n for s in per_image]), "baseline_steps_timed": steps, "ours": {}}
 
-    sampler = Sampler(unet, schedule)  # one per network, as runs.Run holds: traces are reused
+    compiled = Sampler(unet, schedule)  # one per network, as runs.Run holds: traces are reused
 
     def ours(name, sampler_steps):
-        latents = sampler.sample((n, h, h, c), cfg.SamplingOptions(name, sampler_steps, seed=0))
+        latents = compiled.sample((n, h, h, c), cfg.SamplingOptions(name, sampler_steps, seed=0))
         return decoder(latents, training=False).numpy()  # (predict.py divides by the scale factor first)
 
     for sampler, sampler_steps in (("ddpm", bench.timesteps), ("ddim", bench.ddim_steps), ("dpmpp", bench.dpmpp_steps)):

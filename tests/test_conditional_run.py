@@ -67,7 +67,7 @@ def release(tmp_path_factory):
     write_release(root / "raw", root / "oasis_cross-sectional.csv")
     out = root / "png"
     assert (
-        dataset.main(
+        prepare.main(
             [
                 "convert-oasis1",
                 str(root / "raw"),

@@ -82,21 +82,21 @@ def test_xla_run_trains_both_stages(tiny_data, tmp_path, capsys):
 
 
 def test_xla_auto_is_on_only_for_float32_on_a_cpu_without_onednn(monkeypatch):
-    monkeypatch.setattr(runs.tf.config, "list_physical_devices", lambda kind=None: [])
-    monkeypatch.setattr(runs, "onednn_enabled", lambda: False)  # an AVX2 CPU
+    monkeypatch.setattr(hardware.tf.config, "list_physical_devices", lambda kind=None: [])
+    monkeypatch.setattr(hardware, "onednn_enabled", lambda: False)  # an AVX2 CPU
     assert hardware.resolve_xla("auto", "float32") is True
     assert hardware.resolve_xla("auto", "mixed_bfloat16") is False
     assert hardware.resolve_xla("off", "float32") is False and hardware.resolve_xla("on", "mixed_bfloat16") is True
-    monkeypatch.setattr(runs, "onednn_enabled", lambda: True)  # a CPU with AVX512-BF16/AMX
+    monkeypatch.setattr(hardware, "onednn_enabled", lambda: True)  # a CPU with AVX512-BF16/AMX
     assert hardware.resolve_xla("auto", "float32") is False
-    monkeypatch.setattr(runs.tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"])
-    monkeypatch.setattr(runs, "onednn_enabled", lambda: False)
+    monkeypatch.setattr(hardware.tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"])
+    monkeypatch.setattr(hardware, "onednn_enabled", lambda: False)
     assert hardware.resolve_xla("auto", "float32") is False  # GPUs: not measured, off
 
 
 def test_onednn_enabled_follows_the_environment_variable():
     """TensorFlow reads TF_ENABLE_ONEDNN_OPTS at start-up: check in fresh processes."""
-    code = "import runs; print(hardware.onednn_enabled())"
+    code = "import hardware; print(hardware.onednn_enabled())"
     answers = []
     for value in ("0", "1"):
         env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": value, "TF_CPP_MIN_LOG_LEVEL": "3"}
