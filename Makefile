@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format install clean
+.PHONY: demo test lint format install gpu-check clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,17 @@ demo: $(STAMP)
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+
+# On a GPU machine: TensorFlow's CUDA libraries into the same .venv, then gpu_check.py (a few
+# minutes: both stages in each precision, XLA off/on, one GPU and mirrored, a resume; writes
+# gpu_check.json and its table in BENCHMARKS.md).
+GPU_STAMP := $(VENV)/.installed-gpu
+$(GPU_STAMP): $(STAMP) requirements-gpu.txt
+	$(PY) -m pip install -r requirements-gpu.txt -q
+	touch $(GPU_STAMP)
+
+gpu-check: $(GPU_STAMP)
+	$(PY) gpu_check.py
 
 # Lint (pyflakes, pycodestyle errors, isort, bugbear, pyupgrade) and formatting, as configured in pyproject.toml.
 lint: $(STAMP)

@@ -138,23 +138,45 @@ class TrainConfig:
     out: str = option("runs/demo", "run directory (refused if it holds a run, unless --resume)")
     stage: str = option("all", "what to train: ae, ldm (needs a trained autoencoder in --out) or all", choices=STAGES)
     ae_epochs: int = option(10, "autoencoder epochs")
-    ae_steps_per_epoch: int = option(50, "autoencoder steps per epoch (0: one pass over the data)")
+    ae_steps_per_epoch: int = option(
+        50, "autoencoder steps per epoch (0: one pass over the data, rounded down to whole --steps-per-execution)"
+    )
     ae_lr: float = option(1e-3, "autoencoder learning rate (Adam)")
     ldm_epochs: int = option(20, "diffusion epochs")
-    ldm_steps_per_epoch: int = option(100, "diffusion steps per epoch (0: one pass over the latents)")
+    ldm_steps_per_epoch: int = option(
+        100, "diffusion steps per epoch (0: one pass over the latents, rounded down to whole --steps-per-execution)"
+    )
     lr: float = option(5e-4, "diffusion learning rate (Adam)")
     batch_size: int = option(16, "global batch size (split across devices)")
+    scale_with_replicas: bool = option(
+        False,
+        "a fresh run on several replicas: global batch = --batch-size × replicas, learning rates × "
+        "sqrt(replicas) (config.json records the scaled values)",
+    )
     precision: str = option(
         "auto",
-        "compute precision, variables stay float32; auto: mixed_bfloat16 on a CPU with native bf16 "
-        "(AVX512-BF16/AMX), else float32",
+        "compute precision, variables stay float32; auto: on a GPU mixed_bfloat16 from compute capability "
+        "8.0 (A100, H100, RTX 30xx and newer), mixed_float16 on 7.x (V100, T4, RTX 20xx), float32 below; on a "
+        "CPU mixed_bfloat16 with native bf16 (AVX512-BF16/AMX), else float32. A resume keeps the optimizer "
+        "kind: a mixed_float16 run (loss scaling) resumes only in mixed_float16, any other only in another",
         choices=PRECISIONS,
     )
     xla: str = option(
         "auto",
-        "compile train steps with XLA (jit_compile); auto: on for a CPU-only machine whose TensorFlow runs "
-        "without oneDNN (AVX2 CPUs) in float32, off elsewhere",
+        "compile train steps with XLA (jit_compile); never with more than one replica; auto: on with one "
+        "GPU, and on a CPU-only machine whose TensorFlow runs without oneDNN (AVX2 CPUs) in float32; off elsewhere",
         choices=XLA_SETTINGS,
+    )
+    steps_per_execution: int = option(
+        32,
+        "train steps per call into TensorFlow (Keras' steps_per_execution): the losses are read back once per "
+        "call, not every step; at most a divisor of given steps per epoch (a one-pass epoch is rounded down to "
+        "whole calls); 1 under --strategy mirrored/multiworker (a Keras bug)",
+    )
+    checkpoint_minutes: float = option(
+        5.0,
+        "save a checkpoint at the end of the first epoch that ends this many minutes after the last one, "
+        "and after a stage's last epoch (0: every epoch); --resume continues from the last one",
     )
     strategy: str = option(
         "auto",
@@ -172,7 +194,8 @@ class TrainConfig:
     deterministic: bool = option(
         False,
         "TensorFlow op determinism: the same seed gives the same weights bit for bit, interrupted and "
-        "resumed or not (slower; exact on CPU)",
+        "resumed or not (slower); on a GPU TensorFlow then uses deterministic cuDNN kernels and raises for an "
+        "op that has none; the bitwise claim is tested on CPU only",
     )
 
 
@@ -260,10 +283,13 @@ class RunConfig:
             "lr": self.train.lr,
             "ae_lr": self.train.ae_lr,
             "timesteps": self.diffusion.timesteps,
+            "steps_per_execution": self.train.steps_per_execution,
         }
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.train.checkpoint_minutes < 0:
+            raise ValueError(f"--checkpoint-minutes must be 0 or more, got {self.train.checkpoint_minutes}")
         size = self.data.image_size
         ae_factor = 2 ** (len(self.autoencoder.ae_channel_mults) - 1)
         unet_factor = 2 ** (len(self.unet.unet_dim_mults) - 1)

@@ -215,10 +215,9 @@ def autoencoder_scores(run: runs.Run, paths: list[str], batch_size: int) -> tupl
     total_ssim = total_psnr = count = 0.0
     for x in dataset.make_dataset(paths, run.config.data.image_size, batch_size, shuffle=False):
         recon = run.autoencoder.decoder(run.autoencoder.encoder(x, training=False), training=False)
-        k = int(x.shape[0])
-        total_ssim += float(metrics.ssim(x, recon)) * k
-        total_psnr += float(metrics.psnr(x, recon)) * k
-        count += k
+        total_ssim += float(tf.reduce_sum(metrics.ssim(x, recon)))
+        total_psnr += float(tf.reduce_sum(metrics.psnr(x, recon)))
+        count += int(x.shape[0])
     return total_ssim / count, total_psnr / count
 
 

@@ -15,15 +15,32 @@ import tensorflow as tf
 
 
 def resolve_precision(precision: str) -> str:
-    """`precision` as given, or for `auto`: mixed_bfloat16 on a CPU-only machine whose CPU reports
-    native bf16 (AVX512-BF16 or AMX), float32 elsewhere; on a GPU, choose mixed_float16 or
-    mixed_bfloat16 explicitly."""
+    """`precision` as given, or for `auto`:
+
+    * on a GPU machine, by the first GPU's compute capability: mixed_bfloat16 from 8.0
+      (Ampere, Hopper, ...: bf16 tensor cores, float32's exponent range, no loss scaling),
+      mixed_float16 on 7.x (Volta, Turing: fp16 tensor cores only; with loss scaling),
+      float32 below 7.0 or when TensorFlow does not report it;
+    * on a CPU-only machine, mixed_bfloat16 where the CPU reports native bf16 (AVX512-BF16 or
+      AMX), float32 elsewhere.
+    """
     if precision != "auto":
         return precision
-    if tf.config.list_physical_devices("GPU"):
-        return "float32"
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        major = gpu_compute_capability(gpus[0])[0]
+        return "mixed_bfloat16" if major >= 8 else "mixed_float16" if major == 7 else "float32"
     flags = cpu_flags()
     return "mixed_bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
+def gpu_compute_capability(gpu) -> tuple[int, int]:
+    """(major, minor) CUDA compute capability of a physical GPU device; (0, 0) if unknown."""
+    try:
+        capability = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+    except (ValueError, RuntimeError):
+        capability = None
+    return tuple(capability) if capability else (0, 0)
 
 
 def cpu_flags() -> str:
@@ -35,18 +52,26 @@ def cpu_flags() -> str:
         return ""
 
 
-def resolve_xla(setting: str, precision: str) -> bool:
-    """Whether to compile the train steps with XLA (`jit_compile`) for `--xla` `setting`.
+def resolve_xla(setting: str, precision: str, replicas: int = 1) -> bool:
+    """Whether to compile the train steps with XLA (`jit_compile`) for `--xla` `setting` under a
+    strategy of `replicas` replicas.
 
-    `auto` is on only on a CPU-only machine whose TensorFlow runs without its oneDNN kernels,
-    in float32. That is an AVX2 CPU: TensorFlow 2.21 turns oneDNN off by default on CPUs
-    without AVX512-VNNI, AVX512-BF16, AVX-VNNI or AMX, and its own convolutions are then slower than the code XLA
-    generates for the CPU at hand; with oneDNN on (the bf16 CPUs) XLA makes the steps slower
-    (BENCHMARKS.md). On a GPU, auto stays off: not measured yet.
+    Never with more than one replica, whatever the setting (train.py says so for `on`): the
+    train step runs inside `strategy.run`, and XLA cannot compile the merge_call that the EMA
+    update and the optimizer make there (keras-team/keras#18145, #18627; Keras' own `auto`
+    turns XLA off under tf.distribute too). `auto` is otherwise on on a GPU (fused kernels,
+    fewer launches), and on a CPU-only machine only where TensorFlow runs without its oneDNN
+    kernels, in float32: an AVX2 CPU (TensorFlow 2.21 turns oneDNN off on CPUs without
+    AVX512-VNNI, AVX512-BF16, AVX-VNNI or AMX), whose own convolutions are slower than the
+    code XLA generates; with oneDNN on (the bf16 CPUs) XLA makes the steps slower (BENCHMARKS.md).
     """
+    if replicas > 1:
+        return False
     if setting != "auto":
         return setting == "on"
-    if precision != "float32" or tf.config.list_physical_devices("GPU"):
+    if tf.config.list_physical_devices("GPU"):
+        return True
+    if precision != "float32":
         return False
     return not onednn_enabled()
 

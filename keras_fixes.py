@@ -1,13 +1,16 @@
-"""Workarounds for Keras 3 (3.15 here) behaviours, collected in one mixin for models that ``fit`` trains.
+"""Workarounds for Keras 3 (3.15 here) behaviours: a mixin for models that ``fit`` trains, and a
+loss-scale optimizer whose replicas agree on skipping a step.
 
-Each workaround names the upstream issue whose fix lets it be deleted; everywhere else the
-mixin changes nothing. Used by ``modules.AutoEncoder`` and ``diffusion.LatentDiffusion``
-(``class Model(FitFixes, keras.Model)``: the mixin must come first).
+Each workaround names the upstream issue whose fix lets it be deleted; everywhere else it
+changes nothing. `FitFixes` is used by ``modules.AutoEncoder`` and ``diffusion.LatentDiffusion``
+(``class Model(FitFixes, keras.Model)``: the mixin must come first); `LossScaleOptimizer` by
+``runs.make_optimizer`` under mixed_float16.
 """
 
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 
@@ -23,10 +26,13 @@ class FitFixes:
     Under ``MultiWorkerMirroredStrategy`` Keras assumes two things that the strategy does
     not allow (keras-team/keras#20585):
 
-    * before the first epoch Keras builds the model from one batch, which it gets with an
-      eager ``strategy.reduce("MEAN", batch)`` of the distributed batch, and that fails
-      ("Attempt to convert a value (PerReplica...)"): the build needs only shapes and
-      dtypes, so this takes this worker's first replica's part of the batch;
+    * before the first epoch, and before every validation, Keras builds the model from one
+      batch, which it gets with an eager ``strategy.reduce("MEAN", batch)`` of the
+      distributed batch, and that fails ("Attempt to convert a value (PerReplica...)"): the
+      build needs only shapes and dtypes, so this takes this worker's first replica's part
+      of the batch. It restarts the epoch iterator first: from the second epoch on, the
+      cached validation iterator is the one the last validation ran to its end, and a
+      batch taken from it raises StopIteration;
     * Keras reduces each step's logs across workers with ``reduce("MEAN", v, axis=0)``,
       which fails for the scalars a train step returns ("Invalid reduction dimension 0"):
       `replica_logs` gives them shape (1,), so that the reduction is the mean over the
@@ -42,6 +48,7 @@ class FitFixes:
         strategy = getattr(self, "_distribute_strategy", None)
         if strategy is None or iterator is None:
             return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        iterator.reset()  # Keras resets it again after the build, before the epoch
         for _, _, batches in iterator:
             batch = next(batches)
             break
@@ -62,3 +69,58 @@ class FitFixes:
 
     def test_step(self, data):
         return self.replica_logs(super().test_step(data))
+
+
+class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
+    """Keras' dynamic loss scaling (mixed_float16), with the skip decision taken by all replicas.
+
+    Keras decides from each replica's local gradients, before the inner optimizer sums them
+    across replicas: when one replica overflows and another does not, the other applies the
+    sum, inf included, so Adam's moments become inf and every weight NaN (under a merge-call
+    strategy Keras takes the first replica's decision for all, with the same effect). Here a
+    step is applied only if every replica's gradients are finite, and skipped (loss scale
+    halved) on all of them otherwise. Not reported upstream as such; keras-team/keras#20585
+    is the nearest (fit under MWMS).
+
+    The agreement is a sum of the replicas' overflow flags that the skip decision depends
+    on, so it runs before the gradients' all-reduce on every device (collectives must run
+    in the same order everywhere): in replica context (strategies without merge_call)
+    inside `check_finite`; under merge_call (MirroredStrategy on CPUs, ...) in `_tf_apply`,
+    by `strategy.reduce` in cross-replica context.
+    """
+
+    def check_finite(self, grads):
+        finite = super().check_finite(grads)
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1 or not _no_merge_call():
+            return finite
+        overflowed = context.all_reduce(tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32))
+        return ops.equal(overflowed, 0.0)
+
+    def _tf_apply(self, grads, trainable_variables=None):
+        if _no_merge_call() or tf.distribute.get_replica_context().num_replicas_in_sync == 1:
+            return super()._tf_apply(grads, trainable_variables)
+
+        def cross_replica(strategy, grads, trainable_variables):
+            local = strategy.extended.call_for_each_replica(self.check_finite, args=(grads,))
+            overflowed = strategy.reduce(
+                tf.distribute.ReduceOp.SUM, strategy.extended.call_for_each_replica(_overflow, args=(local,)), axis=None
+            )
+
+            def apply():
+                strategy.extended.call_for_each_replica(
+                    self._stateful_handle_finite_grads, args=(grads, trainable_variables)
+                )
+
+            # In cross-replica context: a cond whose branch calls merge_call may not run in a replica's.
+            ops.cond(ops.equal(overflowed, 0.0), apply, self._stateful_handle_non_finite_grads)
+
+        tf.distribute.get_replica_context().merge_call(cross_replica, args=(grads, trainable_variables))
+
+
+def _no_merge_call() -> bool:
+    return tf.__internal__.distribute.strategy_supports_no_merge_call()
+
+
+def _overflow(finite):
+    return 1.0 - tf.cast(finite, tf.float32)

@@ -40,14 +40,20 @@ def unit_range(images) -> tf.Tensor:
 
 
 def ssim(y_true, y_pred):
-    """Mean SSIM of images in [-1, 1], computed on [0, 1] with max_val 1 (see `unit_range`);
-    11-px Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, as tf.image.ssim."""
-    return tf.reduce_mean(tf.image.ssim(unit_range(y_true), unit_range(y_pred), max_val=1.0))
+    """SSIM of each image pair, (B, H, W, C) in [-1, 1] → (B,), computed on [0, 1] with max_val 1
+    (see `unit_range`); 11-px Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, as tf.image.ssim.
+
+    Per image, not the batch mean: as a Keras metric the running Mean then weights every image
+    once, whatever the batch sizes, and a replica's empty batch (the last, smaller batch of a
+    split across devices) adds nothing instead of the NaN of a mean over no images.
+    """
+    return tf.image.ssim(unit_range(y_true), unit_range(y_pred), max_val=1.0)
 
 
 def psnr(y_true, y_pred):
-    """Mean PSNR in dB of images in [-1, 1] (dynamic range 2; the same as [0, 1] with max_val 1)."""
-    return tf.reduce_mean(tf.image.psnr(tf.cast(y_true, tf.float32), tf.cast(y_pred, tf.float32), max_val=2.0))
+    """PSNR in dB of each image pair, (B, H, W, C) in [-1, 1] → (B,) (dynamic range 2; the same as
+    [0, 1] with max_val 1). Per image for the reasons `ssim` gives."""
+    return tf.image.psnr(tf.cast(y_true, tf.float32), tf.cast(y_pred, tf.float32), max_val=2.0)
 
 
 @tf.function(reduce_retracing=True)

@@ -571,13 +571,14 @@ class ResidualBlock(keras.layers.Layer):
 
         out = act(norm(conv3x3(x) + skip(x)))
 
-    ``norm`` is "batch" (BatchNormalization) or "group" (GroupNormalization with
+    ``norm`` is "batch" (BatchNormalization; ``synchronized``: its batch statistics are those
+    of all replicas of a tf.distribute strategy together) or "group" (GroupNormalization with
     gcd(8, out_channels) groups, so the groups always divide the channels); ``activation``
     one of ``config.AUTOENCODER_ACTIVATIONS``. Both are checked here, for the whole
     autoencoder. The input channel count is read from the input at build time.
     """
 
-    def __init__(self, out_channels, norm="batch", activation="relu", convs=2, **kwargs):
+    def __init__(self, out_channels, norm="batch", activation="relu", convs=2, synchronized=False, **kwargs):
         super().__init__(**kwargs)
         if norm not in AUTOENCODER_NORMS:
             raise ValueError(f"unknown norm {norm!r}; expected one of {AUTOENCODER_NORMS}")
@@ -586,6 +587,7 @@ class ResidualBlock(keras.layers.Layer):
         if convs not in (1, 2):
             raise ValueError(f"ResidualBlock: convs must be 1 or 2, got {convs}")
         self.out_channels, self.norm, self.activation, self.convs = out_channels, norm, activation, convs
+        self.synchronized = bool(synchronized)
         self.conv1 = keras.layers.Conv2D(out_channels, 3, padding="same", name="conv1")
         self.norm1 = self._make_norm("norm1")
         if convs == 2:
@@ -596,7 +598,7 @@ class ResidualBlock(keras.layers.Layer):
 
     def _make_norm(self, name):
         if self.norm == "batch":
-            return keras.layers.BatchNormalization(name=name)
+            return keras.layers.BatchNormalization(synchronized=self.synchronized, name=name)
         return keras.layers.GroupNormalization(math.gcd(8, self.out_channels), name=name)
 
     def build(self, input_shape):
@@ -628,6 +630,7 @@ class ResidualBlock(keras.layers.Layer):
             "norm": self.norm,
             "activation": self.activation,
             "convs": self.convs,
+            "synchronized": self.synchronized,
         }
 
 
@@ -639,7 +642,15 @@ def _is_original(layout):
 
 
 def build_encoder(
-    image_channels, base_channels, channel_mults, blocks_per_level, latent_channels, norm, activation, layout
+    image_channels,
+    base_channels,
+    channel_mults,
+    blocks_per_level,
+    latent_channels,
+    norm,
+    activation,
+    layout,
+    synchronized=False,
 ):
     """Functional encoder: (B, H, W, image_channels) -> (B, H/f, W/f, latent_channels).
 
@@ -664,7 +675,14 @@ def build_encoder(
     for level, mult in enumerate(channel_mults):
         width = base_channels * (channel_mults[-1] if original else mult)
         for b in range(blocks_per_level):
-            x = ResidualBlock(width, norm, activation, convs=1 if original else 2, name=f"level{level}_block{b}")(x)
+            x = ResidualBlock(
+                width,
+                norm,
+                activation,
+                convs=1 if original else 2,
+                synchronized=synchronized,
+                name=f"level{level}_block{b}",
+            )(x)
         if level < len(channel_mults) - 1:
             x = keras.layers.Conv2D(width, 3, strides=2, padding="same", name=f"level{level}_downsample")(x)
     latent = keras.layers.Conv2D(latent_channels, 3, padding="same", dtype="float32", name="to_latent")(x)
@@ -672,7 +690,15 @@ def build_encoder(
 
 
 def build_decoder(
-    image_channels, base_channels, channel_mults, blocks_per_level, latent_channels, norm, activation, layout
+    image_channels,
+    base_channels,
+    channel_mults,
+    blocks_per_level,
+    latent_channels,
+    norm,
+    activation,
+    layout,
+    synchronized=False,
 ):
     """Functional decoder mirroring ``build_encoder``: latent -> (B, H, W, image_channels).
 
@@ -698,7 +724,14 @@ def build_decoder(
     for step, (level, mult) in enumerate(levels):
         width = base_channels * mult
         for b in range(blocks_per_level):
-            x = ResidualBlock(width, norm, activation, convs=1 if original else 2, name=f"level{level}_block{b}")(x)
+            x = ResidualBlock(
+                width,
+                norm,
+                activation,
+                convs=1 if original else 2,
+                synchronized=synchronized,
+                name=f"level{level}_block{b}",
+            )(x)
         if step < len(levels) - 1:
             x = keras.layers.Conv2DTranspose(
                 width, 3 if original else 4, strides=2, padding="same", name=f"level{level}_upsample"
@@ -720,7 +753,9 @@ class AutoEncoder(FitFixes, keras.Model):
     in the original layout with BatchNorm, 4.5 M in the project's.
 
     Built by the constructor, so ``load_weights`` works at once, and ``compile(optimizer,
-    loss="mse"); fit(pairs)`` works on (x, x) pairs.
+    loss="mse"); fit(pairs)`` works on (x, x) pairs. ``synchronized``: BatchNorm layers
+    average their batch statistics over the replicas of a tf.distribute strategy (build the
+    model in its scope); it changes no weight.
     """
 
     def __init__(
@@ -733,6 +768,7 @@ class AutoEncoder(FitFixes, keras.Model):
         norm="batch",
         activation="relu",
         layout="project",
+        synchronized=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -750,8 +786,9 @@ class AutoEncoder(FitFixes, keras.Model):
         )
         self.layout = layout
         self.downsample_factor = 2 ** (len(channel_mults) - 1)
-        self.encoder = build_encoder(**self.arch)  # checks layout, norm and activation
-        self.decoder = build_decoder(**self.arch)
+        # synchronized is how the model trains, not what it is: not part of `arch` (get_config)
+        self.encoder = build_encoder(**self.arch, synchronized=synchronized)  # checks layout, norm and activation
+        self.decoder = build_decoder(**self.arch, synchronized=synchronized)
         self.build((None, None, None, image_channels))
 
     def build(self, input_shape):

@@ -28,12 +28,14 @@ import warnings
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 import cli
 import conditioning
 import config as cfg
 import figures
 import hardware
+import keras_fixes
 import metrics
 from cli import UserError
 from diffusion import LatentDiffusion, NoiseSchedule, make_schedule
@@ -105,17 +107,62 @@ def read_config(run_dir: str) -> cfg.RunConfig:
 
 
 def build_autoencoder(config: cfg.RunConfig) -> AutoEncoder:
-    """The autoencoder of `config`, built (its constructor creates the weights)."""
-    return AutoEncoder(**config.autoencoder_kwargs())
+    """The autoencoder of `config`, built (its constructor creates the weights). Under a strategy
+    of several replicas (call inside its scope) BatchNorm averages its batch statistics over
+    all of them, so that the statistics are the global batch's, as on one device."""
+    return AutoEncoder(**config.autoencoder_kwargs(), synchronized=replicas() > 1)
 
 
-def compile_autoencoder(autoencoder: AutoEncoder, config: cfg.RunConfig) -> None:
-    """Adam on the pixel MSE, SSIM and PSNR as metrics, XLA per --xla (bench.py times this step)."""
+def replicas() -> int:
+    """Replicas of the distribution strategy in scope (1 outside any)."""
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def make_optimizer(learning_rate: float) -> keras.optimizers.Optimizer:
+    """Adam at `learning_rate`; under the mixed_float16 policy wrapped in dynamic loss scaling whose
+    replicas agree on skipping a step (`keras_fixes.LossScaleOptimizer`). Keras would wrap it
+    in its own `LossScaleOptimizer`, which lets one replica's overflow reach every weight."""
+    adam = keras.optimizers.Adam(learning_rate)
+    if keras.config.dtype_policy().name == "mixed_float16":
+        return keras_fixes.LossScaleOptimizer(adam)
+    return adam
+
+
+def epoch_steps(steps_per_epoch: int, examples: int, batch_size: int, requested: int) -> tuple[int, int]:
+    """(steps per epoch, steps per execution) for --*-steps-per-epoch `steps_per_epoch` (0: one pass
+    over `examples` in batches of `batch_size`) and --steps-per-execution `requested`.
+
+    Keras runs whole executions of `steps_per_execution` steps, so it must divide the epoch:
+    otherwise an epoch would run more steps than asked, and a resumed run would no longer
+    start at the batch where the checkpoint left off. Given steps per epoch keep their
+    number, and take the largest divisor up to `requested`; a one-pass epoch is rounded down
+    to a whole number of executions of between `requested` / 2 and `requested` steps, the
+    size that keeps most of the pass (the stream is endless and seeded, so the few batches
+    left over go to the next epoch). Under a tf.distribute strategy (call inside its
+    scope) one step per execution: Keras' multi-step loop fails there ("You must feed a
+    value for placeholder tensor", keras-team/keras#19246, seen here with MirroredStrategy
+    and MultiWorkerMirroredStrategy on CPUs).
+    """
+    cap = 1 if tf.distribute.has_strategy() else max(1, requested)
+    if steps_per_epoch:
+        divisors = [k for k in range(1, min(cap, steps_per_epoch) + 1) if steps_per_epoch % k == 0]
+        return steps_per_epoch, divisors[-1]
+    one_pass = max(1, examples // batch_size)
+    # The execution size in [cap/2, cap] that keeps the most of the pass (the larger on ties).
+    sizes = range(max(1, min(cap, one_pass) // 2), min(cap, one_pass) + 1)
+    execution = max(sizes, key=lambda k: (one_pass // k * k, k))
+    return one_pass // execution * execution, execution
+
+
+def compile_autoencoder(autoencoder: AutoEncoder, config: cfg.RunConfig, steps_per_execution: int = 1) -> None:
+    """Adam on the pixel MSE, per-image SSIM and PSNR as metrics, XLA per --xla, `steps_per_execution`
+    (`epoch_steps`). Call inside the strategy's scope (bench.py times this step)."""
     autoencoder.compile(
-        optimizer=keras.optimizers.Adam(config.train.ae_lr),
+        optimizer=make_optimizer(config.train.ae_lr),
         loss="mse",
         metrics=[metrics.ssim, metrics.psnr],
         jit_compile=train_with_xla(config),
+        steps_per_execution=steps_per_execution,
     )
 
 
@@ -141,14 +188,20 @@ def build_diffusion(config: cfg.RunConfig) -> LatentDiffusion:
     return model
 
 
-def compile_diffusion(model: LatentDiffusion, config: cfg.RunConfig) -> None:
-    """Adam at --lr, XLA per --xla (bench.py times this step)."""
-    model.compile(optimizer=keras.optimizers.Adam(config.train.lr), jit_compile=train_with_xla(config))
+def compile_diffusion(model: LatentDiffusion, config: cfg.RunConfig, steps_per_execution: int = 1) -> None:
+    """Adam at --lr, XLA per --xla, `steps_per_execution` (`epoch_steps`). Call inside the
+    strategy's scope (bench.py times this step)."""
+    model.compile(
+        optimizer=make_optimizer(config.train.lr),
+        jit_compile=train_with_xla(config),
+        steps_per_execution=steps_per_execution,
+    )
 
 
 def train_with_xla(config: cfg.RunConfig) -> bool:
-    """`hardware.resolve_xla` for the run's --xla and --precision (both may be `auto`)."""
-    return hardware.resolve_xla(config.train.xla, hardware.resolve_precision(config.train.precision))
+    """`hardware.resolve_xla` for the run's --xla and --precision (both may be `auto`) and the
+    replicas of the strategy in scope."""
+    return hardware.resolve_xla(config.train.xla, hardware.resolve_precision(config.train.precision), replicas())
 
 
 # ---------------------------------------------------------------------------- weights

@@ -24,12 +24,14 @@ import math
 import os
 import re
 import sys
+import time
 import warnings
 
 import cli  # noqa: E402  (first: quiets TensorFlow before it loads)
 
 cli.quiet_tensorflow()
 
+import h5py  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -121,6 +123,8 @@ RESUMABLE_FLAGS = {
     "worker_timeout",
     "sample_every",
     "keep_checkpoints",
+    "checkpoint_minutes",
+    "steps_per_execution",
     "deterministic",
 }
 
@@ -181,23 +185,39 @@ def fit_or_stop(model: keras.Model, strategy, timeout: int, **fit_args):
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """Save model + optimizer state after every epoch as `epoch-NNNN.weights.h5`, atomically.
+    """Save model + optimizer state as `epoch-NNNN.weights.h5`, atomically, at the end of the
+    first epoch that ends `minutes` or more after the last save (or the fit's start), and
+    after the stage's last epoch (`epochs`); `minutes` 0: after every epoch.
+
+    At OASIS size a checkpoint (UNet, EMA, Adam's two moments) is ~600 MB: on a fast GPU,
+    saving every epoch would take a large share of the time. A run killed between two
+    checkpoints resumes from the last one, exactly (the data stream and the draws restart
+    at that epoch), repeating the epochs after it. Checkpoints stay at epoch ends.
 
     Keras's BackupAndRestore writes its weights and its epoch counter as two files in place,
     so a kill between the two leaves a mismatched pair; here the epoch is part of the file
     name and the file is renamed into place once complete. The newest `keep` are kept.
     """
 
-    def __init__(self, directory: str, keep: int):
+    def __init__(self, directory: str, keep: int, epochs: int, minutes: float = 0.0, clock=time.monotonic):
         super().__init__()
-        self.directory, self.keep = directory, max(1, keep)
+        self.directory, self.keep, self.epochs, self.minutes = directory, max(1, keep), epochs, minutes
+        self.clock = clock
+        self.last_save = clock()
+
+    def on_train_begin(self, logs=None):
+        self.last_save = self.clock()
 
     def on_epoch_end(self, epoch, logs=None):
+        due = self.clock() - self.last_save >= 60 * self.minutes
+        if not (due or epoch + 1 >= self.epochs):
+            return
         os.makedirs(self.directory, exist_ok=True)
         final = os.path.join(self.directory, f"epoch-{epoch + 1:04d}.weights.h5")
         tmp = os.path.join(self.directory, f"partial-epoch-{epoch + 1:04d}.weights.h5")
         self.model.save_weights(tmp)
         os.replace(tmp, final)
+        self.last_save = self.clock()
         for old in list_checkpoints(self.directory)[: -self.keep]:
             os.remove(old)
 
@@ -212,15 +232,18 @@ def restore_latest(model: keras.Model, directory: str, learning_rate: float) -> 
     (0 if there is none).
 
     A damaged checkpoint (cut short by a partial copy or a failing disk) is skipped with one
-    warning naming it and why, and the next older one is tried; UserError when none loads.
-    The caller truncates the history to the epoch returned. The optimizer must be built
-    first, or Keras skips its state without a word. The checkpoint also holds the old
+    warning naming it and why, and the next older one is tried; UserError when none loads
+    (`run` has refused an optimizer of the other kind already: `check_loss_scaling`). The
+    caller truncates the history to the epoch returned. The optimizer must be built first,
+    or Keras skips its state without a word (compile builds it: building it again would add
+    a second set of a LossScaleOptimizer's variables). The checkpoint also holds the old
     learning rate: the one asked for now wins.
     """
     checkpoints = list_checkpoints(directory)
     if not checkpoints:
         return 0
-    model.optimizer.build(model.trainable_variables)
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
     for path in reversed(checkpoints):
         try:
             runs.load_weights(model, path, built_from="this run's config.json")
@@ -233,6 +256,31 @@ def restore_latest(model: keras.Model, directory: str, learning_rate: float) -> 
         f"none of the {len(checkpoints)} checkpoint(s) in {directory} loads (see the warnings above); "
         f"restore them from a copy, or delete the folder to train this stage from scratch"
     )
+
+
+def check_loss_scaling(directory: str, precision: str) -> None:
+    """UserError when a checkpoint in `directory` and a resume in `precision` disagree on loss scaling.
+
+    Under mixed_float16 the optimizer is a LossScaleOptimizer around Adam, otherwise Adam
+    alone: Keras would load a checkpoint of the other kind with only a warning and zeros
+    for Adam's step count and moments, and the EMA warm-up would start again. The
+    .weights.h5 file of a loss-scaled optimizer holds its Adam under
+    "optimizer/inner_optimizer". An unreadable file passes: loading it reports the damage.
+    """
+    scaled = precision == "mixed_float16"
+    for path in list_checkpoints(directory):
+        try:
+            with h5py.File(path, "r") as f:
+                saved_scaled = "optimizer/inner_optimizer" in f
+        except OSError:
+            continue
+        if saved_scaled != scaled:
+            needed = "mixed_float16" if saved_scaled else "float32 or mixed_bfloat16"
+            raise cli.UserError(
+                f"{path} was saved {'with' if saved_scaled else 'without'} float16 loss scaling, and this resume "
+                f"would train in {precision}: resume with --precision {needed} (the optimizer state, Adam's "
+                f"moments and the EMA warm-up, does not carry across)"
+            )
 
 
 def truncate_history(csv_path: str, epochs_done: int) -> None:
@@ -277,7 +325,7 @@ class NonFiniteLoss(cli.UserError):
 
 
 def stage_callbacks(
-    run_dir: str, stage: str, config: cfg.RunConfig, resumed: bool, chief: bool = True
+    run_dir: str, stage: str, config: cfg.RunConfig, epochs: int, resumed: bool, chief: bool = True
 ) -> list[keras.callbacks.Callback]:
     """The callbacks both stages share (all but the NaN check write files: the chief's only).
     Order matters: the NaN check runs first, and the CSV row is written before the
@@ -287,7 +335,12 @@ def stage_callbacks(
     return [
         StopOnNonFiniteLoss(stage),
         keras.callbacks.CSVLogger(os.path.join(run_dir, f"history_{stage}.csv"), append=resumed),
-        EpochCheckpoint(os.path.join(run_dir, "checkpoints", stage), config.train.keep_checkpoints),
+        EpochCheckpoint(
+            os.path.join(run_dir, "checkpoints", stage),
+            config.train.keep_checkpoints,
+            epochs,
+            config.train.checkpoint_minutes,
+        ),
         keras.callbacks.TensorBoard(os.path.join(run_dir, "logs", stage), profile_batch=0),
     ]
 
@@ -306,10 +359,12 @@ def train_autoencoder(config: cfg.RunConfig, splits: dict, strategy, resumed: bo
     run_dir, t = config.train.out, config.train
     size = config.data.image_size
     chief = is_chief(strategy)
-    steps = t.ae_steps_per_epoch or max(1, len(splits["train"]) // t.batch_size)
     with strategy.scope():
+        steps, per_execution = runs.epoch_steps(
+            t.ae_steps_per_epoch, len(splits["train"]), t.batch_size, t.steps_per_execution
+        )
         autoencoder = runs.build_autoencoder(config)
-        runs.compile_autoencoder(autoencoder, config)
+        runs.compile_autoencoder(autoencoder, config, per_execution)
         initial_epoch = restore_latest(autoencoder, os.path.join(run_dir, "checkpoints", AE), t.ae_lr) if resumed else 0
 
     train_ds = dataset.make_dataset(
@@ -343,7 +398,7 @@ def train_autoencoder(config: cfg.RunConfig, splits: dict, strategy, resumed: bo
         epochs=t.ae_epochs,
         initial_epoch=initial_epoch,
         steps_per_epoch=steps,
-        callbacks=stage_callbacks(run_dir, AE, config, resumed=initial_epoch > 0, chief=chief),
+        callbacks=stage_callbacks(run_dir, AE, config, t.ae_epochs, resumed=initial_epoch > 0, chief=chief),
         shuffle=False,  # the tf.data pipeline shuffles; Keras would only warn
         verbose=2,
     )
@@ -411,8 +466,9 @@ def latent_batches(
     used (a resumed run) costs no copying: with the same seed, skip = k·B starts exactly
     at batch k of the unskipped stream.
     """
-    latents = tf.constant(latents)
-    cond = None if cond is None else tf.constant(cond, tf.float32)
+    with tf.device("/CPU:0"):  # not on GPU:0 first: tf.data captures the table on the host
+        latents = tf.constant(latents)
+        cond = None if cond is None else tf.constant(cond, tf.float32)
 
     def gather(index):
         batch = tf.gather(latents, index)
@@ -470,19 +526,24 @@ def train_diffusion(
     (N, K) when given; EMA weights are kept for sampling."""
     run_dir, t = config.train.out, config.train
     chief = is_chief(strategy)
-    steps = t.ldm_steps_per_epoch or max(1, len(latents) // t.batch_size)
-    print(f"diffusion: {len(latents)} latents of shape {latents.shape[1:]}, {steps} steps per epoch")
     with strategy.scope():
+        steps, per_execution = runs.epoch_steps(
+            t.ldm_steps_per_epoch, len(latents), t.batch_size, t.steps_per_execution
+        )
         model = runs.build_diffusion(config)
-        runs.compile_diffusion(model, config)
+        runs.compile_diffusion(model, config, per_execution)
         initial_epoch = restore_latest(model, os.path.join(run_dir, "checkpoints", LDM), t.lr) if resumed else 0
+    print(
+        f"diffusion: {len(latents)} latents of shape {latents.shape[1:]}, {steps} steps per epoch, "
+        f"{per_execution} per execution"
+    )
     latent_ds = latent_batches(latents, t.batch_size, t.seed, skip=initial_epoch * steps * t.batch_size, cond=cond)
     history_csv = os.path.join(run_dir, f"history_{LDM}.csv")
     if chief:
         truncate_history(history_csv, initial_epoch)
     if initial_epoch:
         print(f"resuming the diffusion model after epoch {initial_epoch}")
-    callbacks = stage_callbacks(run_dir, LDM, config, resumed=initial_epoch > 0, chief=chief)
+    callbacks = stage_callbacks(run_dir, LDM, config, t.ldm_epochs, resumed=initial_epoch > 0, chief=chief)
     run = runs.Run(run_dir, config, autoencoder, model)  # samples with the EMA network as it trains
     if chief:
         samples_dir = os.path.join(run_dir, "logs", LDM, "samples")
@@ -517,6 +578,19 @@ def train_diffusion(
 # ---------------------------------------------------------------------------- main
 
 
+def scale_with_replicas(config: cfg.RunConfig, replicas: int) -> None:
+    """--scale-with-replicas on a fresh run: the global batch × `replicas` (each replica keeps
+    --batch-size images) and both learning rates × sqrt(`replicas`), the square-root rule for
+    Adam (Malladi et al. 2022, "On the SDEs and Scaling Rules for Adaptive Gradient
+    Algorithms"); config.json records the scaled values, which a resume keeps."""
+    t = config.train
+    t.batch_size *= replicas
+    t.lr *= math.sqrt(replicas)
+    t.ae_lr *= math.sqrt(replicas)
+    t.scale_with_replicas = False  # applied: a resume must not scale again
+    print(f"scaled for {replicas} replicas: global batch {t.batch_size}, lr {t.lr:.3g}, ae lr {t.ae_lr:.3g}")
+
+
 def run(argv: list[str]) -> None:
     config, args = parse_args(argv)
     strategy = make_strategy(config.train.strategy, config.train.worker_timeout)  # first: see make_strategy
@@ -528,9 +602,18 @@ def run(argv: list[str]) -> None:
     data_dir = prepare.resolve_data_dir(config.data.data)
     splits = dataset.find_splits(data_dir, seed=config.train.seed)
     labels = find_conditions(config, data_dir, splits)  # and bad labels neither
+    replicas = strategy.num_replicas_in_sync
+    reopened = args.resume or config.train.stage == "ldm"
+    if config.train.scale_with_replicas and not reopened:
+        scale_with_replicas(config, replicas)
+    precision = hardware.resolve_precision(config.train.precision)
+    run_dir = config.train.out
+    if reopened:  # before config.json is rewritten with this command line's flags
+        if not os.path.exists(os.path.join(run_dir, "decoder.weights.h5")):
+            check_loss_scaling(os.path.join(run_dir, "checkpoints", AE), precision)
+        check_loss_scaling(os.path.join(run_dir, "checkpoints", LDM), precision)
     if chief:  # the other workers of a cluster write nothing (is_chief)
         runs.start_run_dir(config)
-    precision = hardware.resolve_precision(config.train.precision)
     keras.config.set_dtype_policy(precision)
     keras.utils.set_random_seed(config.train.seed)
     if config.train.deterministic:
@@ -543,13 +626,19 @@ def run(argv: list[str]) -> None:
         + ("; training never sees the pure noise that sampling starts from" if terminal > 0.01 else ""),
         flush=True,
     )
+    with strategy.scope():
+        xla = runs.train_with_xla(config)
+    if config.train.xla == "on" and not xla:
+        print(
+            f"warning: --xla on is turned off: XLA cannot compile a train step over {replicas} replicas",
+            file=sys.stderr,
+        )
     print(
-        f"strategy: {type(strategy).__name__}, replicas: {strategy.num_replicas_in_sync}, precision: {precision}, "
-        f"XLA: {'on' if runs.train_with_xla(config) else 'off'}",
+        f"strategy: {type(strategy).__name__}, replicas: {replicas}, precision: {precision}, "
+        f"XLA: {'on' if xla else 'off'}",
         flush=True,
     )
 
-    run_dir = config.train.out
     print(f"data: {', '.join(f'{k} {len(v)}' for k, v in splits.items())} images", flush=True)
 
     ae_done = config.scale_factor is not None and os.path.exists(os.path.join(run_dir, "decoder.weights.h5"))

@@ -78,7 +78,9 @@ def test_two_workers_killed_and_resumed_train_as_one_mirrored_process_and_only_t
     train both stages; worker 1 dies as diffusion epoch 2 begins; the chief gives up within
     --worker-timeout with one line; --resume on both finishes; the weights equal those of an
     uninterrupted single process mirroring the same global batch over 2 logical CPUs."""
-    flags = RUN_FLAGS + ["--data", tiny_data, "--ldm-epochs", "2", "--sample-every", "0"]
+    # Two epochs of each stage, with validation: every per-epoch path (Keras' model build
+    # before each validation, the cached validation iterator) runs twice.
+    flags = RUN_FLAGS + ["--data", tiny_data, "--ae-epochs", "2", "--ldm-epochs", "2", "--sample-every", "0"]
     reference_flags = flags + ["--out", str(tmp_path / "mirrored"), "--strategy", "mirrored"]
     mirrored = textwrap.dedent(f"""
         import sys, tensorflow as tf
@@ -115,8 +117,10 @@ def test_two_workers_killed_and_resumed_train_as_one_mirrored_process_and_only_t
         code, stdout, err = finish(process)
         assert code == 0, err[-3000:]
         assert "resuming the diffusion model after epoch 1" in stdout
-    assert history_epochs(os.path.join(chief_out, "history_autoencoder.csv")) == [0]
+    assert history_epochs(os.path.join(chief_out, "history_autoencoder.csv")) == [0, 1]
     assert history_epochs(os.path.join(chief_out, "history_diffusion.csv")) == [0, 1]
+    with open(os.path.join(chief_out, "history_autoencoder.csv")) as f:
+        assert "val_ssim" in f.readline()
     code, out, err = finish(reference)
     assert code == 0, err[-3000:]
     assert "replicas: 2" in out  # the mirrored reference's log, like each worker's
@@ -129,7 +133,7 @@ def test_two_workers_killed_and_resumed_train_as_one_mirrored_process_and_only_t
     # The same global batches, draws and initial weights, and a resume that restarts the
     # stream and the draw counters where the checkpoint left them: the weights can differ
     # only by the order of float32 sums in the all-reduce (between processes, against within
-    # one). Measured after 3 + 6 steps: at most 1.2e-7, one float32 rounding step of a weight
+    # one). Measured after 6 + 6 steps: at most 1.2e-7, one float32 rounding step of a weight
     # near 1; the tolerance is 10× that. (A wrong data split, draw or resumed counter differs
     # by ~1e-3 after one Adam step.)
     for name in ("encoder", "decoder", "unet", "unet_ema"):

@@ -1,19 +1,22 @@
-"""train.py end to end on tiny sizes: the run directory, a NaN stop, and a MirroredStrategy
-run on two logical CPU devices (kills, resume and bad input: test_reliability.py)."""
+"""train.py end to end on tiny sizes: the run directory, a NaN stop, XLA, the checkpoint interval,
+steps per execution and resuming across precisions (kills, resume and bad input:
+test_reliability.py; strategies: test_distributed.py, test_multiworker.py)."""
 
 import json
 import os
-import subprocess
-import sys
+import warnings
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
+import cli
 import config as cfg
 import hardware
 import runs
 import train
-from conftest import ROOT, RUN_FLAGS, TINY, copy_of, history_epochs
+from conftest import RUN_FLAGS, TINY, copy_of, history_epochs, snapshot
 
 
 def test_end_to_end_run_directory(tiny_data, tmp_path):
@@ -81,26 +84,114 @@ def test_xla_run_trains_both_stages(tiny_data, tmp_path, capsys):
     assert (out / "unet_ema.weights.h5").stat().st_size > 0
 
 
-def test_xla_auto_is_on_only_for_float32_on_a_cpu_without_onednn(monkeypatch):
-    monkeypatch.setattr(hardware.tf.config, "list_physical_devices", lambda kind=None: [])
-    monkeypatch.setattr(hardware, "onednn_enabled", lambda: False)  # an AVX2 CPU
-    assert hardware.resolve_xla("auto", "float32") is True
-    assert hardware.resolve_xla("auto", "mixed_bfloat16") is False
-    assert hardware.resolve_xla("off", "float32") is False and hardware.resolve_xla("on", "mixed_bfloat16") is True
-    monkeypatch.setattr(hardware, "onednn_enabled", lambda: True)  # a CPU with AVX512-BF16/AMX
-    assert hardware.resolve_xla("auto", "float32") is False
-    monkeypatch.setattr(hardware.tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"])
-    monkeypatch.setattr(hardware, "onednn_enabled", lambda: False)
-    assert hardware.resolve_xla("auto", "float32") is False  # GPUs: not measured, off
+# ---------------------------------------------------------------------------- checkpoints and resume
 
 
-def test_onednn_enabled_follows_the_environment_variable():
-    """TensorFlow reads TF_ENABLE_ONEDNN_OPTS at start-up: check in fresh processes."""
-    code = "import hardware; print(hardware.onednn_enabled())"
-    answers = []
-    for value in ("0", "1"):
-        env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": value, "TF_CPP_MIN_LOG_LEVEL": "3"}
-        result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr[-2000:]
-        answers.append(result.stdout.strip().splitlines()[-1])
-    assert answers == ["False", "True"]
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class SavingModel:
+    """What EpochCheckpoint needs of a model: save_weights (writes a small file)."""
+
+    def save_weights(self, path):
+        with open(path, "w") as f:
+            f.write("weights")
+
+
+def test_checkpoints_every_few_minutes_and_after_the_last_epoch(tmp_path):
+    clock = FakeClock()
+    callback = train.EpochCheckpoint(str(tmp_path), keep=10, epochs=6, minutes=5, clock=clock)
+    callback.set_model(SavingModel())
+    callback.on_train_begin()
+    for epoch, minutes in enumerate([2, 4, 6, 8, 9.5, 10]):  # each epoch ends at this minute
+        clock.now = 60 * minutes
+        callback.on_epoch_end(epoch)
+    # 6 min ≥ 5 after the start, 11.5 would be next (not reached); the last epoch always.
+    assert sorted(os.listdir(tmp_path)) == ["epoch-0003.weights.h5", "epoch-0006.weights.h5"]
+    every = train.EpochCheckpoint(str(tmp_path / "every"), keep=2, epochs=3, minutes=0, clock=clock)
+    every.set_model(SavingModel())
+    for epoch in range(3):
+        every.on_epoch_end(epoch)
+    assert sorted(os.listdir(tmp_path / "every")) == ["epoch-0002.weights.h5", "epoch-0003.weights.h5"]
+
+
+@pytest.mark.parametrize(
+    "given, examples, expected",
+    [
+        (50, 800, (50, 25)),  # given steps keep their number: the largest divisor up to 32
+        (3, 800, (3, 3)),
+        (97, 800, (97, 1)),
+        (0, 9664, (150, 30)),  # one pass of 151 batches of 64 (a prime): 5 executions of 30
+        (0, 19328, (300, 30)),  # 302 = 2 · 151: 10 of 30
+        (0, 100, (1, 1)),  # fewer examples than a batch: one step
+    ],
+)
+def test_steps_per_execution_divides_the_epoch(given, examples, expected):
+    assert runs.epoch_steps(given, examples, 64, 32) == expected
+
+
+def test_steps_per_execution_is_one_under_a_strategy():
+    with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
+        assert runs.epoch_steps(50, 800, 64, 32) == (50, 1)
+
+
+def dense_checkpoint(path, precision):
+    """A tiny compiled model whose optimizer is built, saved with its state to `path`."""
+    with hardware.dtype_policy(precision):
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        model.compile(optimizer=runs.make_optimizer(1e-3), loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    model.save_weights(str(path))
+    return model
+
+
+def test_resume_in_another_kind_of_precision_is_refused(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    scaled = dense_checkpoint(folder / "epoch-0001.weights.h5", "mixed_float16")
+    assert type(scaled.optimizer).__name__ == "LossScaleOptimizer"
+    train.check_loss_scaling(str(folder), "mixed_float16")  # the same kind: passes
+    for precision in ("float32", "mixed_bfloat16"):
+        with pytest.raises(cli.UserError, match="resume with --precision mixed_float16"):
+            train.check_loss_scaling(str(folder), precision)
+    (folder / "epoch-0001.weights.h5").unlink()
+    dense_checkpoint(folder / "epoch-0002.weights.h5", "float32")
+    train.check_loss_scaling(str(folder), "mixed_bfloat16")  # Adam either way: passes
+    with pytest.raises(cli.UserError, match="resume with --precision float32 or mixed_bfloat16"):
+        train.check_loss_scaling(str(folder), "mixed_float16")
+
+
+def test_restore_keeps_a_loss_scale_optimizer_built_once(tmp_path):
+    """compile builds the optimizer: restore_latest must not build it again (a second set of
+    LossScaleOptimizer variables, a warning, the loss scale reset)."""
+    saved = dense_checkpoint(tmp_path / "epoch-0003.weights.h5", "mixed_float16")
+    saved.optimizer.dynamic_scale.assign(4.0)
+    saved.save_weights(str(tmp_path / "epoch-0003.weights.h5"))
+    with hardware.dtype_policy("mixed_float16"):
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        model.compile(optimizer=runs.make_optimizer(1e-3), loss="mse")
+    model.optimizer.build(model.trainable_variables)  # as FitFixes.compile does for our models
+    count = len(model.optimizer.variables)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert train.restore_latest(model, str(tmp_path), 1e-3) == 3
+    assert len(model.optimizer.variables) == count == len(saved.optimizer.variables)
+    assert float(model.optimizer.dynamic_scale.numpy()) == 4.0
+
+
+def test_resume_with_mixed_float16_over_float32_checkpoints_is_one_line_and_changes_nothing(
+    tiny_run, tiny_data, tmp_path, capsys
+):
+    out = copy_of(tiny_run, tmp_path / "run")
+    before = snapshot(out)
+    argv = RUN_FLAGS + ["--data", tiny_data, "--out", out, "--resume", "--ldm-epochs", "2"]
+    assert train.main(argv + ["--precision", "mixed_float16"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "without float16 loss scaling" in err[0], err
+    assert "--precision float32 or mixed_bfloat16" in err[0]
+    assert snapshot(out) == before  # config.json not rewritten with the refused precision
