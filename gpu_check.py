@@ -49,10 +49,10 @@ from config import option  # noqa: E402
 
 BEGIN, END = "<!-- gpu-check: written by gpu_check.py -->", "<!-- /gpu-check -->"
 TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-# --tiny: the test suite's networks (16 px, 4×4×2 latents, a one-level UNet of width 8, T = 20).
+# --tiny: the test suite's networks (16 px, 8×8×2 latents, a one-level UNet of width 8, T = 20).
 TINY_FLAGS = (
-    "--image-size 16 --ae-base-channels 8 --ae-channel-mults 1 2 4 --latent-channels 2 --unet-dim 8 "
-    "--unet-dim-mults 1 --unet-groups 4 --attn-heads 2 --attn-dim-head 8 --timesteps 20 --batch-size 4"
+    "--image-size 16 --ae-base-channels 8 --ae-channel-mults 1 2 --ae-blocks-per-level 1 --latent-channels 2 "
+    "--unet-dim 8 --unet-dim-mults 1 --unet-groups 4 --attn-heads 2 --attn-dim-head 8 --timesteps 20 --batch-size 4"
 ).split()
 
 
@@ -89,7 +89,7 @@ class EpochTimes(keras.callbacks.Callback):
 def fit_and_time(model: keras.Model, data: tf.data.Dataset, steps: int, batch: int) -> tuple[float, list[str]]:
     """Images/s of the second of two `steps`-step epochs, and what failed (non-finite loss or weights)."""
     timer = EpochTimes()
-    history = model.fit(data, epochs=2, steps_per_epoch=steps, verbose=0, callbacks=[timer])
+    history = model.fit(data, epochs=2, steps_per_epoch=steps, verbose=0, callbacks=[timer], shuffle=False)
     failed = [f"loss {v}" for v in history.history["loss"] if not math.isfinite(v)]
     if not all(np.isfinite(w).all() for w in model.get_weights()):
         failed.append("non-finite weights")

@@ -376,7 +376,7 @@ def train_autoencoder(config: cfg.RunConfig, splits: dict, strategy, resumed: bo
         repeat=True,
         drop_remainder=True,
         skip=initial_epoch * steps * t.batch_size,
-        in_memory=None,  # decoded once when small (the demo set: 1.5 MB), off the steps' 2 cores
+        in_memory=None,  # decoded once when it fits (the demo set: 1.5 MB as float32; OASIS: 158 MB as uint8)
     ).map(lambda x: (x, x))
     val_ds = None
     if splits["validate"]:

@@ -4,6 +4,7 @@ Every input is a tiny image written into tmp_path, so expected values
 can be worked out by hand.
 """
 
+import os
 import pathlib
 import warnings
 
@@ -321,6 +322,30 @@ def test_in_memory_gives_the_same_batches_as_streaming(tmp_path):
     for p in paths:
         pathlib.Path(p).unlink()
     np.testing.assert_array_equal(np.stack([b.numpy() for b in ds.take(6)]), cached)
+
+
+def test_in_memory_uint8_gives_the_streamed_batches_within_half_a_grey_level(tmp_path):
+    """8-bit PNGs at the training size come back exactly; resized, within half a grey level."""
+    rng = np.random.default_rng(2)
+    paths = [save_png(tmp_path / f"{i:02d}.png", rng.integers(0, 256, (12, 12), dtype=np.uint8)) for i in range(5)]
+    options = dict(shuffle=True, flip=True, seed=3, repeat=True, drop_remainder=True, skip=2)
+    for size, tolerance in ((12, 0.0), (8, 1 / 255 + 1e-6)):
+        streamed = np.stack([b.numpy() for b in dataset.make_dataset(paths, size, 2, **options).take(5)])
+        cached = np.stack(
+            [b.numpy() for b in dataset.make_dataset(paths, size, 2, in_memory="uint8", **options).take(5)]
+        )
+        assert cached.dtype == np.float32 and cached.shape == streamed.shape == (5, 2, size, size, 1)
+        np.testing.assert_allclose(cached, streamed, rtol=0, atol=tolerance)
+        assert np.abs(cached - streamed).max() > 0 if tolerance else True  # resized: really rounded
+
+
+def test_in_memory_kind_float32_then_uint8_then_streaming(monkeypatch):
+    monkeypatch.setattr(dataset, "IN_MEMORY_BYTES", 4 * 8 * 8 * 4)
+    assert dataset.in_memory_kind(4, 8) is True
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    monkeypatch.setattr(dataset, "UINT8_MEMORY_SHARE", memory // (5 * 8 * 8))  # room for 5 uint8 images
+    assert dataset.in_memory_kind(5, 8) == "uint8"
+    assert dataset.in_memory_kind(6, 8) is False
 
 
 def test_in_memory_none_chooses_by_size(tmp_path, monkeypatch):

@@ -7,7 +7,8 @@ each test asserts on its part:
 * LatentDiffusion: the same batch gives the one-device loss, gradient step and EMA, and
   the replicas draw different noise;
 * mixed_float16: a batch that overflows on one replica only skips the step on both
-  (keras_fixes.LossScaleOptimizer), where Keras' own optimizer turns the weights to NaN;
+  (keras_fixes.LossScaleOptimizer), where Keras' own optimizer turns the weights to NaN,
+  and a UNet trains with it over both replicas;
 * validation SSIM/PSNR with an empty replica batch (a last batch of 1 image over 2
   replicas) stay finite and equal the one-device per-image mean;
 * BatchNorm under a strategy of 2 replicas is synchronised: one training step gives the
@@ -24,7 +25,7 @@ import pytest
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.xdist_group("distributed")  # one worker: the module fixture runs once
+pytestmark = pytest.mark.xdist_group("distributed")  # one worker, so the session fixture runs once
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -109,6 +110,22 @@ SCRIPT = textwrap.dedent("""
             "iterations": int(optimizer.iterations.numpy()),
         }
 
+    # -- The UNet in mixed_float16 over two replicas (the loss-scaled optimizer's collectives
+    # must run in the same order on both devices), as train.py compiles it.
+    with hardware.dtype_policy("mixed_float16"), mirrored.scope():
+        half = D.LatentDiffusion(modules.UNet(**unet_kw), schedule, ema_decay=0.9, seed=1)
+        half.build((None, 8, 8, 2))
+        half.compile(optimizer=runs.make_optimizer(1e-3))
+    latents = tf.data.Dataset.from_tensors(batch["latents"]).repeat()
+    history = half.fit(latents, epochs=2, steps_per_epoch=2, verbose=0)
+    result["float16"]["unet"] = {
+        "losses": history.history["loss"],
+        "finite": all(bool(np.isfinite(w).all()) for w in half.get_weights()),
+        "iterations": int(half.optimizer.iterations.numpy()),
+        "loss_scale": float(half.optimizer.dynamic_scale.numpy()),
+        "initial_scale": float(half.optimizer.initial_scale),
+    }
+
     # -- The autoencoder: BatchNorm statistics and validation metrics over two replicas.
     config = cfg.preset("seed")
     config.data.image_size = 16
@@ -150,7 +167,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": xdist may interleave other modules' tests
 def mirrored():
     # oneDNN's CPU convolution returns its input unchanged for an empty batch (shape (0, h, w,
     # c_in) instead of c_out), which breaks the empty-replica check before any metric; TensorFlow's
@@ -188,6 +205,11 @@ def test_float16_overflow_on_one_replica_skips_the_step_on_both(mirrored):
     assert ours["loss_scale"] == ours["initial_scale"] / 2  # and the scale backed off
     # Keras' own: replica 0 saw finite gradients and applied the sum, inf included.
     assert not keras_own["finite"] and keras_own["loss_scale"] == keras_own["initial_scale"]
+    # A UNet trains 4 steps in mixed_float16 over both replicas: finite weights, and the steps
+    # that overflowed at the initial scale (2^15) were skipped, each halving it.
+    unet = mirrored["float16"]["unet"]
+    assert unet["finite"] and all(0 < loss < 10 for loss in unet["losses"]) and 1 <= unet["iterations"] <= 4, unet
+    assert unet["loss_scale"] == unet["initial_scale"] / 2 ** (4 - unet["iterations"])
 
 
 @pytest.mark.slow
