@@ -184,9 +184,11 @@ class TrainConfig:
         choices=STRATEGIES,
     )
     worker_timeout: int = option(
-        300,
-        "multiworker: seconds a collective operation waits for the other workers before the run stops "
-        "(a dead worker then ends the others with one error line instead of hanging them)",
+        0,
+        "multiworker: seconds a collective operation may wait for the other workers (0: no limit). A worker "
+        "that dies breaks its connections, which ends the others with one error line either way; a limit "
+        "catches one that hangs, but TensorFlow starts a thread per collective for it (a debugging aid: "
+        "thousands at GPU speed), so set it only to find a hang",
     )
     sample_every: int = option(5, "log a few samples to TensorBoard every N diffusion epochs (0: never)")
     keep_checkpoints: int = option(3, "how many of the newest checkpoints to keep")
@@ -276,7 +278,6 @@ class RunConfig:
     def validate(self) -> None:
         """Raise ValueError with one readable line for a configuration that cannot train."""
         positive = {
-            "worker_timeout": self.train.worker_timeout,
             "ae_epochs": self.train.ae_epochs,
             "ldm_epochs": self.train.ldm_epochs,
             "batch_size": self.train.batch_size,
@@ -288,6 +289,8 @@ class RunConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.train.worker_timeout < 0:
+            raise ValueError(f"--worker-timeout must be 0 (no limit) or more, got {self.train.worker_timeout}")
         if self.train.checkpoint_minutes < 0:
             raise ValueError(f"--checkpoint-minutes must be 0 or more, got {self.train.checkpoint_minutes}")
         size = self.data.image_size

@@ -136,17 +136,19 @@ def validate(config: cfg.RunConfig) -> None:
         raise cli.UserError(str(e)) from None
 
 
-def make_strategy(name: str, worker_timeout: int = 300) -> tf.distribute.Strategy:
+def make_strategy(name: str, worker_timeout: int = 0) -> tf.distribute.Strategy:
     """auto: MirroredStrategy over all GPUs when there are several, else the default strategy.
 
     `mirrored` without GPUs mirrors over the logical CPU devices (that is how the tests run
-    it); `multiworker` reads the cluster from the TF_CONFIG environment variable, and its
-    collective operations give up after `worker_timeout` seconds (see `WorkerLost`).
+    it); `multiworker` reads the cluster from the TF_CONFIG environment variable. A worker
+    that dies breaks its connections, and the others' next collective fails at once (see
+    `WorkerLost`); `worker_timeout` > 0 also bounds how long a collective waits for one that
+    hangs, but TensorFlow then runs a watchdog thread per collective (BENCHMARKS.md).
     """
     if name == "multiworker":  # before any other TensorFlow call: collectives are configured at start-up
         if not os.environ.get("TF_CONFIG"):
             raise cli.UserError("--strategy multiworker needs the TF_CONFIG environment variable (README, Scale-out)")
-        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=worker_timeout)
+        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=worker_timeout or None)
         return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     gpus = tf.config.list_logical_devices("GPU")
     if name == "mirrored" or (name == "auto" and len(gpus) > 1):
@@ -175,8 +177,9 @@ def fit_or_stop(model: keras.Model, strategy, timeout: int, **fit_args):
         return model.fit(**fit_args)
     except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError, tf.errors.CancelledError) as e:
         reason = str(e).strip().splitlines()[0][:200]
+        limit = f", or waited {timeout} s for it" if timeout else ""
         raise WorkerLost(
-            f"lost contact with another worker (collective operations gave up after at most {timeout} s: {reason}); "
+            f"lost contact with another worker (a collective operation failed{limit}: {reason}); "
             f"start every worker again with --resume to continue from the last checkpoint"
         ) from None
 

@@ -2,7 +2,8 @@
 
 Two worker processes on 127.0.0.1 (TF_CONFIG with free ports chosen here, tiny networks,
 CPU) against one process that mirrors the same global batch over 2 logical CPU devices:
-a dead worker ends the other within --worker-timeout, --resume on both finishes the run,
+a dead worker ends the other within seconds (no --worker-timeout: the broken connection
+does it), --resume on both finishes the run,
 only the chief wrote files, and the weights are the single process's.
 """
 
@@ -76,7 +77,7 @@ def relative_files(folder):
 def test_two_workers_killed_and_resumed_train_as_one_mirrored_process_and_only_the_chief_writes(tiny_data, tmp_path):
     """One chain (each TensorFlow process costs seconds of start-up and tracing): two workers
     train both stages; worker 1 dies as diffusion epoch 2 begins; the chief gives up within
-    --worker-timeout with one line; --resume on both finishes; the weights equal those of an
+    seconds with one line; --resume on both finishes; the weights equal those of an
     uninterrupted single process mirroring the same global batch over 2 logical CPUs."""
     # Two epochs of each stage, with validation: every per-epoch path (Keras' model build
     # before each validation, the cached validation iterator) runs twice.
@@ -92,12 +93,11 @@ def test_two_workers_killed_and_resumed_train_as_one_mirrored_process_and_only_t
     reference = subprocess.Popen(
         [sys.executable, "-c", mirrored], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    timeout = 20
     chief_out, other_out = str(tmp_path / "chief"), str(tmp_path / "other")
     ports = free_ports(2)
     # Worker 1 has its own --out, so that anything it wrote would show: it must write nothing.
-    chief = worker(0, ports, flags + ["--out", chief_out, "--worker-timeout", str(timeout)])
-    other = worker(1, ports, flags + ["--out", other_out, "--worker-timeout", str(timeout)], "diffusion-epoch-2")
+    chief = worker(0, ports, flags + ["--out", chief_out])
+    other = worker(1, ports, flags + ["--out", other_out], "diffusion-epoch-2")
     code, _, err = finish(other)
     assert code == -signal.SIGKILL, err[-3000:]
     died = time.monotonic()
@@ -107,7 +107,7 @@ def test_two_workers_killed_and_resumed_train_as_one_mirrored_process_and_only_t
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "lost contact with another worker" in errors[0] and "--resume" in errors[0], err[-3000:]
     assert "Traceback" not in err
-    assert waited < timeout + 30, waited  # the timeout, plus the chief's own epoch end and exit
+    assert waited < 30, waited  # the chief's own epoch end, its failed collective and its exit
     assert not os.path.exists(other_out)
     assert history_epochs(os.path.join(chief_out, "history_diffusion.csv")) == [0]
 
