@@ -21,11 +21,13 @@ demo: $(STAMP)
 	$(PY) predict.py --run runs/demo
 
 # Two pytest workers (pytest-xdist): most tests are single-threaded tracing and Python, so a
-# 2-core machine runs two at once (loadgroup: tests marked xdist_group share a worker, and its
-# module fixtures); TEST_WORKERS=0 runs them in this process, one at a time.
+# 2-core machine runs two at once. loadfile: each test file runs on one worker, so a file's
+# session fixtures (a trained run, a subprocess's measurements) are made once (xdist's
+# loadgroup, by marks, does nothing under pytest 9: it renames node ids that pytest 9 no
+# longer reads). TEST_WORKERS=0 runs them in this process, one at a time.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # On a GPU machine: TensorFlow's CUDA libraries into the same .venv, then gpu_check.py (a few
 # minutes: both stages in each precision, XLA off/on, one GPU and mirrored, a resume; writes

@@ -28,8 +28,7 @@ import runs
 import train
 from conftest import RUN_FLAGS, copy_of
 
-# One pytest-xdist worker runs this file (make test: --dist loadgroup), so the trained run is made once.
-pytestmark = pytest.mark.xdist_group("conditional_run")
+# One pytest-xdist worker runs this file (make test: --dist loadfile), so the trained run is made once.
 
 CONDITION = ["--condition", "slice,age,sex,cdr"]
 # ID, sex, age, MMSE, CDR (blank MMSE and CDR: a young control, as in OASIS-1)

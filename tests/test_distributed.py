@@ -25,7 +25,7 @@ import pytest
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.xdist_group("distributed")  # one worker, so the session fixture runs once
+# One pytest-xdist worker runs this file (make test: --dist loadfile), so the subprocess runs once.
 
 SCRIPT = textwrap.dedent("""
     import json, sys

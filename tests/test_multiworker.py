@@ -82,7 +82,8 @@ def test_two_workers_killed_and_resumed_train_as_one_mirrored_process_and_only_t
     # Two epochs of each stage, with validation: every per-epoch path (Keras' model build
     # before each validation, the cached validation iterator) runs twice.
     flags = RUN_FLAGS + ["--data", tiny_data, "--ae-epochs", "2", "--ldm-epochs", "2", "--sample-every", "0"]
-    reference_flags = flags + ["--out", str(tmp_path / "mirrored"), "--strategy", "mirrored"]
+    # --xla on: XLA is turned off over 2 replicas with one warning line (the weights are unchanged by it).
+    reference_flags = flags + ["--out", str(tmp_path / "mirrored"), "--strategy", "mirrored", "--xla", "on"]
     mirrored = textwrap.dedent(f"""
         import sys, tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
@@ -123,7 +124,10 @@ def test_two_workers_killed_and_resumed_train_as_one_mirrored_process_and_only_t
         assert "val_ssim" in f.readline()
     code, out, err = finish(reference)
     assert code == 0, err[-3000:]
-    assert "replicas: 2" in out  # the mirrored reference's log, like each worker's
+    assert "replicas: 2" in out and "XLA: off" in out  # the mirrored reference's log, like each worker's
+    assert [line for line in err.splitlines() if line.startswith("warning: --xla")] == [
+        "warning: --xla on is turned off: XLA cannot compile a train step over 2 replicas"
+    ]
 
     # The chief wrote exactly what a single process writes (TensorBoard event names carry host and time).
     def comparable(folder):
