@@ -94,8 +94,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         context = tf.distribute.get_replica_context()
         if context is None or context.num_replicas_in_sync == 1 or not _no_merge_call():
             return finite
-        overflowed = context.all_reduce(tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32))
-        return ops.equal(overflowed, 0.0)
+        return ops.equal(context.all_reduce(tf.distribute.ReduceOp.SUM, _overflow(finite)), 0.0)
 
     def _tf_apply(self, grads, trainable_variables=None):
         if _no_merge_call() or tf.distribute.get_replica_context().num_replicas_in_sync == 1:
@@ -123,4 +122,5 @@ def _no_merge_call() -> bool:
 
 
 def _overflow(finite):
+    """1.0 where a replica's gradients were not all finite, else 0.0: summed over the replicas."""
     return 1.0 - tf.cast(finite, tf.float32)

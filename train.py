@@ -631,11 +631,8 @@ def run(argv: list[str]) -> None:
     )
     with strategy.scope():
         xla = runs.train_with_xla(config)
-    if config.train.xla == "on" and not xla:
-        print(
-            f"warning: --xla on is turned off: XLA cannot compile a train step over {replicas} replicas",
-            file=sys.stderr,
-        )
+    if config.train.xla == "on" and not xla:  # cli prints it as one `warning:` line
+        warnings.warn(f"--xla on is turned off: XLA cannot compile a train step over {replicas} replicas", stacklevel=1)
     print(
         f"strategy: {type(strategy).__name__}, replicas: {replicas}, precision: {precision}, "
         f"XLA: {'on' if xla else 'off'}",

@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent("""
     import config as cfg
     import diffusion as D
     import hardware
-    import keras_fixes
+    import metrics
     import modules
     import runs
 
@@ -153,7 +153,6 @@ SCRIPT = textwrap.dedent("""
                     "batch_norms": len(batch_norms), "synchronized": all(b.synchronized for b in batch_norms)}
         if name == "one":
             recon = autoencoder(images[:3], training=False)
-            import metrics
             ae["per_image_ssim"] = float(np.mean(metrics.ssim(images[:3], recon).numpy()))
     result["autoencoder"] = {
         "batch_norms": ae["two"]["batch_norms"],
