@@ -42,6 +42,8 @@ SAMPLERS = ("ddim", "ddpm", "dpmpp")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 STAGES = ("all", "ae", "ldm")
 XLA_SETTINGS = ("auto", "on", "off")
+AE_LOSSES = ("mse", "l1", "l1_ssim")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def option(default, help, **extra):
@@ -56,6 +58,11 @@ class DataConfig:
     data: str | None = option(None, "folder of PNG slices (OASIS layout or flat); default: the demo data set")
     image_size: int = option(64, "images are resized to image_size × image_size")
     flip: bool = option(True, "random left-right flips (autoencoder) and flipped copies of the latents")
+    augment: bool = option(
+        True,
+        "autoencoder stage: random small rotations, scalings and shifts and intensity gain and gamma of the "
+        "training images (dataset.Augmentation); the diffusion stage learns the unchanged images",
+    )
 
 
 @dataclass
@@ -96,6 +103,10 @@ class DiffusionConfig:
     beta_start: float | None = option(None, "linear schedule: first β; None: 1e-4 × 1000/T")
     beta_end: float | None = option(None, "linear schedule: last β; None: 0.02 × 1000/T (at most 0.999)")
     ema_decay: float = option(0.999, "decay of the UNet's exponential moving average (used for sampling)")
+    min_snr_gamma: float = option(
+        0.0,
+        "Min-SNR-γ loss weighting (Hang et al. 2023): each example's ε-MSE × min(SNR_t, γ) / SNR_t; 0: the plain ε-MSE",
+    )
 
     def beta_range(self) -> tuple[float, float]:
         """(first, last) β of the linear schedule: as set, or DDPM's 1e-4 → 0.02 (made for
@@ -142,11 +153,22 @@ class TrainConfig:
         50, "autoencoder steps per epoch (0: one pass over the data, rounded down to whole --steps-per-execution)"
     )
     ae_lr: float = option(1e-3, "autoencoder learning rate (Adam)")
+    ae_loss: str = option(
+        "l1_ssim",
+        "autoencoder loss on [0, 1]: mse, l1, or l1_ssim = 0.16 L1 + 0.84 (1 − SSIM) (Zhao et al. 2017)",
+        choices=AE_LOSSES,
+    )
     ldm_epochs: int = option(20, "diffusion epochs")
     ldm_steps_per_epoch: int = option(
         100, "diffusion steps per epoch (0: one pass over the latents, rounded down to whole --steps-per-execution)"
     )
     lr: float = option(5e-4, "diffusion learning rate (Adam)")
+    lr_schedule: str = option(
+        "constant",
+        "both stages' learning rate: constant, or cosine (linear warm-up over the first 5 % of the stage's "
+        "steps, then cosine decay to 5 % of the rate at its last step)",
+        choices=LR_SCHEDULES,
+    )
     batch_size: int = option(16, "global batch size (split across devices)")
     scale_with_replicas: bool = option(
         False,
@@ -305,6 +327,8 @@ class RunConfig:
             start, end = self.diffusion.beta_range()
             if not 0.0 < start <= end < 1.0:
                 raise ValueError(f"--beta-start and --beta-end need 0 < start <= end < 1, got {start:g} and {end:g}")
+        if self.diffusion.min_snr_gamma < 0:
+            raise ValueError(f"--min-snr-gamma must be 0 (off) or more, got {self.diffusion.min_snr_gamma}")
         if not 0.0 <= self.condition.cond_dropout <= 1.0:
             raise ValueError(f"--cond-dropout must be in [0, 1], got {self.condition.cond_dropout}")
         width = self.unet.unet_dim
@@ -341,7 +365,7 @@ def _preset_oasis() -> RunConfig:
 def _preset_seed() -> RunConfig:
     return RunConfig(
         preset="seed",
-        data=DataConfig(image_size=128, flip=False),
+        data=DataConfig(image_size=128, flip=False, augment=False),
         # The original's networks: layout "original" (modules.AutoEncoder, modules.OriginalUNet). Base 64 ×
         # mults (1, 2, 4) makes the encoder 256 wide throughout and the decoder 256 → 128 → 64.
         autoencoder=AutoencoderConfig(
@@ -354,7 +378,7 @@ def _preset_seed() -> RunConfig:
             ae_layout="original",
         ),
         unet=UNetConfig(unet_dim=64, unet_dim_mults=(1, 2, 4, 8), unet_layout="original"),
-        diffusion=DiffusionConfig(timesteps=200, beta_start=1e-4, beta_end=0.02),
+        diffusion=DiffusionConfig(timesteps=200, beta_start=1e-4, beta_end=0.02, min_snr_gamma=0.0),
         train=TrainConfig(
             out="runs/seed",
             ae_epochs=30,
@@ -364,6 +388,8 @@ def _preset_seed() -> RunConfig:
             batch_size=64,
             ae_lr=1e-3,
             lr=1e-4,
+            ae_loss="mse",
+            lr_schedule="constant",
             precision="float32",
         ),
     )
@@ -447,8 +473,18 @@ def to_dict(config: RunConfig) -> dict:
     return dataclasses.asdict(config)
 
 
+# Settings added after runs were first made, with the value that reproduces how those runs
+# trained: a config.json without them (an older run) gets these, not the current defaults.
+ADDED_SETTINGS = {
+    "data": {"augment": False},
+    "diffusion": {"min_snr_gamma": 0.0},
+    "train": {"ae_loss": "mse", "lr_schedule": "constant"},
+}
+
+
 def from_dict(raw: dict) -> RunConfig:
-    """Inverse of `to_dict`; unknown keys are an error (a config from another version)."""
+    """Inverse of `to_dict`; unknown keys are an error (a config from another version). Keys of
+    `ADDED_SETTINGS` that a config lacks get the value those older runs trained with."""
     raw = dict(raw)
     sections = {}
     for name, cls in SECTIONS.items():
@@ -457,6 +493,8 @@ def from_dict(raw: dict) -> RunConfig:
         unknown = set(values) - set(known)
         if unknown:
             raise ValueError(f"config section {name!r} has unknown keys: {', '.join(sorted(unknown))}")
+        if values:  # a section that is there: an older run may lack the settings added since
+            values = {**ADDED_SETTINGS.get(name, {}), **values}
         for key, value in values.items():
             if isinstance(value, list):
                 values[key] = tuple(value)

@@ -78,6 +78,27 @@ LABELS = "labels.csv"  # optional per-image numeric labels, in the data root (se
 IN_MEMORY_BYTES = 256 * 2**20  # make_dataset(in_memory=None) keeps a set this small in memory, as float32
 UINT8_MEMORY_SHARE = 8  # ... and a larger one as uint8 if it takes at most 1/8 of the machine's memory
 
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The random changes `make_dataset(augment=...)` makes to each image, all drawn uniformly
+    within ± these bounds: what a real MRI slice of another head or scanner may look like.
+
+    Geometry (one affine map about the image centre, bilinear, background outside):
+    rotation by ±`degrees`, scaling by 1 ± `scale`, shift by ± `shift` of the side along
+    each axis. Intensity, on [0, 1] (where the background is 0 and stays 0): x → clip(g ·
+    x^γ, 0, 1) with gain g in 1 ± `gain` and γ = exp(±`log_gamma`).
+    """
+
+    degrees: float = 10.0
+    scale: float = 0.1
+    shift: float = 0.05
+    gain: float = 0.1
+    log_gamma: float = 0.2
+
+
+AUGMENT_SALT = 0x5EED  # folded into the seed, so the augmentation's draws differ from the order's
+
 # The 8 bytes every PNG file starts with, and the 12 it ends with: the IEND
 # chunk (length 0, type, CRC). PIL's verify() accepts a file cut inside the
 # IEND chunk; TensorFlow's decoder doesn't.
@@ -414,6 +435,7 @@ def make_dataset(
     *,
     shuffle: bool = True,
     flip: bool = False,
+    augment: Augmentation | None = None,
     seed: int | None = None,
     drop_remainder: bool = False,
     repeat: bool = False,
@@ -434,6 +456,9 @@ def make_dataset(
         indices of the files are shuffled before decoding, so no image buffer is
         needed. A single pass (repeat False) has one order, whichever iterator reads it.
     flip: mirror each image left-right with probability 1/2, anew each pass.
+    augment: an `Augmentation` applied to every image (after the flip), its draws a
+        pure function of (seed, the image's position in the stream), so `skip` and
+        every iterator see the same augmented images; None: none.
     seed: the same seed gives the same order and flips, in every iterator of the
         dataset and in every process; None: a random seed, drawn once here.
     drop_remainder: drop the last, smaller batch.
@@ -496,19 +521,52 @@ def make_dataset(
     if seed is None:
         seed = int(np.random.default_rng().integers(2**31))
     # Indices and coins, not files: skip passes over images without reading them.
-    stream = seeded_passes(count, seed, shuffle=shuffle, flip=flip, repeat=repeat)
+    # enumerate() numbers the stream's images before the skip, so a skipped stream keeps their numbers.
+    stream = seeded_passes(count, seed, shuffle=shuffle, flip=flip, repeat=repeat).enumerate()
     if skip:
         stream = stream.skip(skip)
     label_table = None if labels is None else tf.constant(labels)
+    augment_seed = tf.constant([seed, AUGMENT_SALT], tf.int64)
 
-    def flipped(index, coin):
+    def flipped(position, index_coin):
+        index, coin = index_coin
         image = load(index)
         image = tf.where(coin == 1, tf.reverse(image, axis=[1]), image)
+        if augment is not None:
+            image = augmented(image, augment, tf.random.experimental.stateless_fold_in(augment_seed, position))
         return image if label_table is None else (image, tf.gather(label_table, index))
 
     images = stream.map(flipped, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
     images = images.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
     return images.with_options(without_autotune()) if in_memory else images
+
+
+def augmented(image: tf.Tensor, augment: Augmentation, key: tf.Tensor) -> tf.Tensor:
+    """`image` (H, W, 1) float32 in [-1, 1] changed as `augment` says, with the draws of the
+    stateless seed `key` (2,) int64: the same key gives the same image. Result in [-1, 1]."""
+    u = tf.random.stateless_uniform([6], seed=key, minval=-1.0, maxval=1.0)
+    size = tf.cast(tf.shape(image)[0], tf.float32)
+    angle = u[0] * augment.degrees * math.pi / 180.0
+    zoom = 1.0 + u[1] * augment.scale
+    shift = u[2:4] * augment.shift * size
+    # The transform maps output pixel (x, y) to the input point it samples:
+    # p_in = A (p_out − c − shift) + c, A = R(−angle) / zoom, c the centre.
+    cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom
+    c = (size - 1.0) / 2.0
+    dx, dy = c + shift[0], c + shift[1]
+    transform = tf.stack([cos, sin, c - cos * dx - sin * dy, -sin, cos, c + sin * dx - cos * dy, 0.0, 0.0])
+    moved = tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None],
+        transforms=transform[None],
+        output_shape=tf.shape(image)[:2],
+        fill_value=-1.0,  # black background
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    )[0]
+    gain = 1.0 + u[4] * augment.gain
+    gamma = tf.exp(u[5] * augment.log_gamma)
+    unit = tf.clip_by_value((moved + 1.0) / 2.0, 0.0, 1.0)
+    return tf.clip_by_value(gain * unit**gamma, 0.0, 1.0) * 2.0 - 1.0
 
 
 def in_memory_kind(count: int, image_size: int) -> bool | str:

@@ -24,10 +24,13 @@ Forward process (closed form, Ho et al. 2020, eq. 4):
     x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps,   eps ~ N(0, I)
 
 Training minimises the epsilon-prediction MSE  E || eps - network(x_t, t) ||^2  with
-t ~ U{0, ..., T-1}. For classifier-free guidance (Ho & Salimans 2022) a conditional network
-is trained with each condition replaced by "unknown" (NaN) with probability
-``cond_dropout``, so that it also predicts eps_u = eps(x_t, t, unknown); samplers.py
-combines the two predictions.
+t ~ U{0, ..., T-1}, optionally weighted per example by Min-SNR-γ (Hang et al. 2023,
+"Efficient Diffusion Training via Min-SNR Weighting Strategy", eq. 10 for ε-prediction):
+w_t = min(SNR_t, γ) / SNR_t with SNR_t = alpha_bar_t / (1 - alpha_bar_t), which takes
+weight off the nearly clean steps (high SNR), whose gradients conflict with the rest.
+For classifier-free guidance (Ho & Salimans 2022) a conditional network is trained with
+each condition replaced by "unknown" (NaN) with probability ``cond_dropout``, so that it
+also predicts eps_u = eps(x_t, t, unknown); samplers.py combines the two predictions.
 
 ``LatentDiffusion`` is a ``keras.Model`` with a custom ``train_step`` (in the spirit of the
 keras.io DDIM example), so ``fit()`` gives callbacks, progress bars, ``tf.distribute``,
@@ -197,8 +200,10 @@ def epsilon_mse(
     noise: tf.Tensor,
     training: bool = False,
     cond: tf.Tensor | None = None,
+    min_snr_gamma: float = 0.0,
 ) -> tf.Tensor:
-    """The epsilon-prediction loss  mean over all elements of (noise - network(x_t, t))^2.
+    """The epsilon-prediction loss  mean over all elements of (noise - network(x_t, t))^2,
+    each example's share × min(SNR_t, γ) / SNR_t when `min_snr_gamma` γ > 0 (module docstring).
 
     Args:
         network: the noise predictor, called as ``network(x_t, t, training=training)``.
@@ -208,6 +213,7 @@ def epsilon_mse(
         noise: (B, h, w, c) float32 eps used to make x_t.
         training: passed to the network.
         cond: (B, K) float32 conditions (NaN = unknown) for a conditional network, or None.
+        min_snr_gamma: γ of the Min-SNR weighting; 0: unweighted.
 
     Returns:
         A float32 scalar: the mean over this batch (no cross-replica scaling).
@@ -215,7 +221,12 @@ def epsilon_mse(
     t = tf.convert_to_tensor(t, tf.int32)
     x_t = q_sample(schedule, x0, t, noise)
     eps_hat = predict_eps(network, x_t, t, cond, training=training)
-    return tf.reduce_mean(tf.square(tf.cast(noise, tf.float32) - eps_hat))
+    per_example = tf.reduce_mean(tf.square(tf.cast(noise, tf.float32) - eps_hat), axis=[1, 2, 3])
+    if min_snr_gamma > 0:
+        alpha_bar = tf.gather(schedule.alphas_cumprod, t)
+        snr = alpha_bar / (1.0 - alpha_bar)
+        per_example *= tf.minimum(snr, min_snr_gamma) / snr
+    return tf.reduce_mean(per_example)
 
 
 # --------------------------------------------------------------------------- stateless random draws
@@ -268,10 +279,10 @@ class LatentDiffusion(FitFixes, keras.Model):
     stream exactly. (A ``keras.random.SeedGenerator`` would not do: ``.weights.h5`` files
     do not store its state.)
 
-    Loss: the mean over the global batch of (eps - network(x_t, t))^2, reported as
-    ``loss``. ``test_step`` reports the same loss of the EMA network (the one that
-    samples), with draws from ``val_seed`` so validation does not move the training
-    stream.
+    Loss: the mean over the global batch of (eps - network(x_t, t))^2 (Min-SNR-weighted
+    when ``min_snr_gamma`` > 0), reported as ``loss``. ``test_step`` reports the same loss
+    of the EMA network (the one that samples), with draws from ``val_seed`` so validation
+    does not move the training stream.
 
     Build before training: ``model.build((None, h, w, c))`` (inside ``strategy.scope()``
     when distributing) creates the weights of both networks and copies the network into the
@@ -288,6 +299,7 @@ class LatentDiffusion(FitFixes, keras.Model):
         seed: initial seed of the training draws; None lets Keras pick one (set
             ``keras.utils.set_random_seed`` for reproducibility).
         cond_dropout: probability in [0, 1] of dropping each condition in training.
+        min_snr_gamma: γ ≥ 0 of the Min-SNR loss weighting (`epsilon_mse`); 0: plain ε-MSE.
         **kwargs: for ``keras.Model`` (name, dtype...).
     """
 
@@ -299,9 +311,13 @@ class LatentDiffusion(FitFixes, keras.Model):
         ema_warmup: bool = True,
         seed: int | None = None,
         cond_dropout: float = 0.1,
+        min_snr_gamma: float = 0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if min_snr_gamma < 0:
+            raise ValueError(f"LatentDiffusion: min_snr_gamma must be >= 0, got {min_snr_gamma}")
+        self.min_snr_gamma = float(min_snr_gamma)
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"LatentDiffusion: ema_decay must be in [0, 1), got {ema_decay}")
         if not 0.0 <= cond_dropout <= 1.0:
@@ -424,7 +440,9 @@ class LatentDiffusion(FitFixes, keras.Model):
         """One optimizer step on the epsilon-MSE, then one EMA update; returns {"loss": running mean}."""
         x0, t, noise, cond = self._draws(data, self.train_seed, self.cond_dropout)
         with tf.GradientTape() as tape:
-            loss = epsilon_mse(self.network, self.schedule, x0, t, noise, training=True, cond=cond)
+            loss = epsilon_mse(
+                self.network, self.schedule, x0, t, noise, training=True, cond=cond, min_snr_gamma=self.min_snr_gamma
+            )
             # The optimizer SUM-all-reduces gradients across replicas, so each replica
             # differentiates its local mean / num_replicas and the sum is the gradient of the
             # global-batch mean (Keras' own losses do the same). Then scale_loss multiplies by
@@ -440,7 +458,8 @@ class LatentDiffusion(FitFixes, keras.Model):
     def test_step(self, data):
         """The same loss, of the EMA network, without any update."""
         x0, t, noise, cond = self._draws(data, self.val_seed)
-        self.loss_tracker.update_state(epsilon_mse(self.ema_network, self.schedule, x0, t, noise, cond=cond))
+        loss = epsilon_mse(self.ema_network, self.schedule, x0, t, noise, cond=cond, min_snr_gamma=self.min_snr_gamma)
+        self.loss_tracker.update_state(loss)
         return self.replica_logs({"loss": self.loss_tracker.result()})
 
     def ema_decay_now(self) -> tf.Tensor:

@@ -16,12 +16,18 @@ weights, the first gives the headline metrics, more make a sweep; default 3),
 Metrics (SSIM and MS-SSIM on images mapped from [-1, 1] to [0, 1] with max_val = 1,
 11-px Gaussian filter, as tf.image.ssim; see metrics.unit_range for why not on [-1, 1]):
     ae_ssim, ae_psnr            autoencoder reconstruction of every validation image (mean)
+    ae_brain_ssim, ae_brain_psnr  the same inside the brain's bounding box of each image
+                                (metrics.brain_box): the anatomy's score, where the whole
+                                image's is mostly black background
     sample_nn_ssim_median       per sample, the highest SSIM to any image the diffusion model
                                 trained on (the training images and, when the run flips, their
                                 mirror images); median
     sample_nn_ssim_max          ... and the largest: near 1 means a memorised training image
     real_nn_ssim_median         the same for validation images, the yardstick for the above:
                                 how close a real slice the model never saw is to the training set
+    sample_nn_brain_ssim_median, real_nn_brain_ssim_median
+                                the same two searched and scored inside the brain's box of
+                                the sample (or validation image)
     sample_msssim_diversity     mean MS-SSIM over all pairs of samples (lower = more diverse)
     real_msssim_diversity       the same over the real images
     fid, kid                    Fréchet and kernel Inception distances, samples vs real images
@@ -207,18 +213,26 @@ def evenly_spaced(paths: list[str], k: int) -> list[str]:
     return [paths[i] for i in np.linspace(0, len(paths) - 1, k).round().astype(int)]
 
 
-def autoencoder_scores(run: runs.Run, paths: list[str], batch_size: int) -> tuple[float | None, float | None]:
-    """Mean SSIM and PSNR (dB) of decoder(encoder(x)) against x over the images of `paths`
-    (metrics.ssim, metrics.psnr)."""
+AE_SCORES = {  # metrics.json key: per-image metric of (x, decoder(encoder(x)))
+    "ae_ssim": metrics.ssim,
+    "ae_psnr": metrics.psnr,
+    "ae_brain_ssim": metrics.brain_ssim,
+    "ae_brain_psnr": metrics.brain_psnr,
+}
+
+
+def autoencoder_scores(run: runs.Run, paths: list[str], batch_size: int) -> dict[str, float | None]:
+    """The means over the images of `paths` of each `AE_SCORES` metric of decoder(encoder(x))
+    against x (SSIM, PSNR in dB, whole and in the brain's box); None each without images."""
     if not paths:
-        return None, None
-    total_ssim = total_psnr = count = 0.0
+        return dict.fromkeys(AE_SCORES)
+    totals, count = dict.fromkeys(AE_SCORES, 0.0), 0
     for x in dataset.make_dataset(paths, run.config.data.image_size, batch_size, shuffle=False):
         recon = run.autoencoder.decoder(run.autoencoder.encoder(x, training=False), training=False)
-        total_ssim += float(tf.reduce_sum(metrics.ssim(x, recon)))
-        total_psnr += float(tf.reduce_sum(metrics.psnr(x, recon)))
+        for key, metric in AE_SCORES.items():
+            totals[key] += float(tf.reduce_sum(metric(x, recon)))
         count += int(x.shape[0])
-    return total_ssim / count, total_psnr / count
+    return {key: total / count for key, total in totals.items()}
 
 
 def device_name() -> str:
@@ -271,9 +285,13 @@ def _number(x) -> float | None:
 DESCRIPTIONS = {
     "ae_ssim": "autoencoder reconstruction SSIM, validation",
     "ae_psnr": "autoencoder reconstruction PSNR (dB), validation",
+    "ae_brain_ssim": "the same SSIM inside the brain's box",
+    "ae_brain_psnr": "the same PSNR (dB) inside the brain's box",
     "sample_nn_ssim_median": "samples: median SSIM to the nearest training image (or mirror)",
     "sample_nn_ssim_max": "samples: max of that (≈1 = memorised image)",
     "real_nn_ssim_median": "validation: the same, the yardstick for the two above",
+    "sample_nn_brain_ssim_median": "samples: the nearest-image SSIM inside the brain's box",
+    "real_nn_brain_ssim_median": "validation: the same, its yardstick",
     "sample_msssim_diversity": "samples: mean pairwise MS-SSIM (lower = more diverse)",
     "real_msssim_diversity": "real: mean pairwise MS-SSIM",
     "fid": "Fréchet Inception distance, samples vs real",
@@ -475,7 +493,7 @@ def evaluate(
     real = load_images(real_paths, size, batch_size)
 
     print(f"autoencoder on {len(splits['validate'])} validation images", flush=True)
-    ae_ssim, ae_psnr = autoencoder_scores(run, splits["validate"], batch_size)
+    ae_scores = autoencoder_scores(run, splits["validate"], batch_size)
 
     print(
         f"nearest training image (SSIM) of {len(samples)} samples and {len(real)} real images "
@@ -487,6 +505,7 @@ def evaluate(
     if config.data.flip:
         references = dataset.with_mirrors(references)
     nearest = metrics.nearest_ssim(np.concatenate([samples, real]), references.as_numpy_iterator())
+    brain_nn = metrics.nearest_ssim(np.concatenate([samples, real]), references.as_numpy_iterator(), brain=True)
     cond_scores = {}
     if data:
         cond_scores = conditioned_metrics(
@@ -526,11 +545,12 @@ def evaluate(
         "nn_reference_images": len(train_paths) * (2 if config.data.flip else 1),
         "nn_includes_mirrors": config.data.flip,
         "msssim_scales": scales,
-        "ae_ssim": _number(ae_ssim),
-        "ae_psnr": _number(ae_psnr),
+        **{key: _number(value) for key, value in ae_scores.items()},
         "sample_nn_ssim_median": _number(np.median(sample_nn)),
         "sample_nn_ssim_max": _number(np.max(sample_nn)),
         "real_nn_ssim_median": _number(np.median(real_nn)) if len(real_nn) else None,
+        "sample_nn_brain_ssim_median": _number(np.median(brain_nn.scores[: len(samples)])),
+        "real_nn_brain_ssim_median": _number(np.median(brain_nn.scores[len(samples) :])) if len(real_nn) else None,
         "sample_msssim_diversity": _number(sample_div),
         "real_msssim_diversity": _number(real_div),
         "fid": _number(inception["fid"]),

@@ -6,7 +6,13 @@ Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03; PSNR on the dynamic range 2 o
 (the same as [0, 1] with max_val 1). FID and KID take feature sets (N, d) (evaluate.py
 extracts them with InceptionV3, `inception_features`).
 
-Used by runs.py (the autoencoder's training metrics `ssim`, `psnr`) and evaluate.py.
+The brain-box versions (`brain_ssim`, `brain_psnr`) score only the brain's bounding box of
+the real image (`brain_box`): on a skull-stripped slice most of the frame is black
+background, which any network reconstructs, so the whole-image scores are mostly
+background; the box scores are the anatomy's.
+
+Used by runs.py (the autoencoder's training metrics `ssim`, `psnr`, `brain_ssim`,
+`brain_psnr`) and evaluate.py.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ SSIM_FILTER = 11  # tf.image.ssim's default filter size
 # Elements of one broadcast image tensor in the pairwise SSIM (a few such live at once).
 PAIRWISE_BUDGET = 2**23
 INCEPTION_SIZE = 299  # InceptionV3's input side
+# A pixel above this on [0, 1] is brain (OASIS and the demo set are skull-stripped: background 0).
+BRAIN_THRESHOLD = 0.05
 
 
 # ---------------------------------------------------------------------------- SSIM and PSNR
@@ -56,13 +64,87 @@ def psnr(y_true, y_pred):
     return tf.image.psnr(tf.cast(y_true, tf.float32), tf.cast(y_pred, tf.float32), max_val=2.0)
 
 
+def brain_box(images) -> tf.Tensor:
+    """The brain's bounding box of each image, (B, H, W, C) in [-1, 1] → float32 (B, H, W) in {0, 1}:
+    1 on the rows and columns that hold a pixel above `BRAIN_THRESHOLD` (on [0, 1], any
+    channel), i.e. the smallest axis-aligned rectangle around the brain; all 1 for an image
+    without one (a blank slice is scored whole)."""
+    brain = tf.reduce_any(unit_range(images) > BRAIN_THRESHOLD, axis=-1)  # (B, H, W)
+    rows = tf.reduce_any(brain, axis=2, keepdims=True)  # (B, H, 1)
+    cols = tf.reduce_any(brain, axis=1, keepdims=True)  # (B, 1, W)
+    box = tf.cast(tf.logical_and(rows, cols), tf.float32)
+    empty = tf.reduce_any(brain, axis=[1, 2], keepdims=True)
+    return tf.where(empty, box, tf.ones_like(box))
+
+
+def _masked_mean(values: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+    """The mean of `values` (..., h, w) over the last two axes, weighted by `mask` (broadcastable,
+    in {0, 1}); the plain mean where the mask is empty."""
+    mask = tf.broadcast_to(mask, tf.shape(values))
+    total = tf.reduce_sum(mask, axis=[-2, -1])
+    inside = tf.math.divide_no_nan(tf.reduce_sum(values * mask, axis=[-2, -1]), total)
+    return tf.where(total > 0, inside, tf.reduce_mean(values, axis=[-2, -1]))
+
+
+def _window_box(images) -> tf.Tensor:
+    """`brain_box` (B, H, W) cropped by the SSIM window's half-width to (B, H − 10, W − 10): the
+    local SSIM map (tf.image.ssim's return_index_map) has one value per whole 11-px window."""
+    half = SSIM_FILTER // 2
+    return brain_box(images)[:, half:-half, half:-half]
+
+
+def brain_ssim(y_true, y_pred):
+    """SSIM inside the brain's box of `y_true` (`brain_box`), (B, H, W, C) in [-1, 1] → (B,): the mean
+    of tf.image.ssim's local SSIM map (same window and constants as `ssim`, on [0, 1]) over the
+    11-px windows centred in the box. Images need H, W ≥ 11."""
+    local = tf.image.ssim(unit_range(y_true), unit_range(y_pred), max_val=1.0, return_index_map=True)
+    return _masked_mean(local, _window_box(y_true))
+
+
+def brain_psnr(y_true, y_pred):
+    """PSNR in dB inside the brain's box of `y_true`, (B, H, W, C) in [-1, 1] → (B,): 10 log10(2² / MSE)
+    with the MSE over the box's pixels (all channels), dynamic range 2 as `psnr`."""
+    error = tf.reduce_mean(tf.square(tf.cast(y_true, tf.float32) - tf.cast(y_pred, tf.float32)), axis=-1)
+    mse = _masked_mean(error, brain_box(y_true))
+    return 10.0 * tf.math.log(4.0 / mse) / tf.math.log(10.0)
+
+
+# ---------------------------------------------------------------------------- reconstruction losses
+
+L1_SSIM_ALPHA = 0.84  # Zhao et al. 2017, "Loss Functions for Image Restoration with Neural Networks"
+
+
+def l1_loss(y_true, y_pred):
+    """Mean absolute error of each image pair on [0, 1], (B, H, W, C) in [-1, 1] → (B,)."""
+    return tf.reduce_mean(tf.abs(unit_range(y_true) - unit_range(y_pred)), axis=[1, 2, 3])
+
+
+def l1_ssim_loss(y_true, y_pred):
+    """(1 − α) L1 + α (1 − SSIM) of each image pair on [0, 1], α = `L1_SSIM_ALPHA`, (B, H, W, C) in
+    [-1, 1] → (B,): SSIM's local structure term sharpens edges that the L1 term alone blurs."""
+    return (1.0 - L1_SSIM_ALPHA) * l1_loss(y_true, y_pred) + L1_SSIM_ALPHA * (1.0 - ssim(y_true, y_pred))
+
+
+def mse_loss(y_true, y_pred):
+    """Mean squared error of each image pair on [0, 1], (B, H, W, C) in [-1, 1] → (B,): a quarter of
+    the MSE on [-1, 1]."""
+    return tf.reduce_mean(tf.square(unit_range(y_true) - unit_range(y_pred)), axis=[1, 2, 3])
+
+
+RECONSTRUCTION_LOSSES = {"mse": mse_loss, "l1": l1_loss, "l1_ssim": l1_ssim_loss}
+
+
 @tf.function(reduce_retracing=True)
-def pairwise_ssim(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
-    """SSIM of every pair: a (n, H, W, 1), b (m, H, W, 1) in [-1, 1] → (n, m), computed on [0, 1].
+def pairwise_ssim(a: tf.Tensor, b: tf.Tensor, brain: bool = False) -> tf.Tensor:
+    """SSIM of every pair: a (n, H, W, 1), b (m, H, W, 1) in [-1, 1] → (n, m), computed on [0, 1];
+    with `brain`, inside the brain's box of each image of `a` (as `brain_ssim(a_i, b_j)`).
 
     One broadcast tf.image.ssim call on (n, 1, ...) against (1, m, ...): no Python loop.
     """
-    return tf.image.ssim(unit_range(a)[:, None], unit_range(b)[None], max_val=1.0)
+    if not brain:
+        return tf.image.ssim(unit_range(a)[:, None], unit_range(b)[None], max_val=1.0)
+    local = tf.image.ssim(unit_range(a)[:, None], unit_range(b)[None], max_val=1.0, return_index_map=True)
+    return _masked_mean(local, _window_box(a)[:, None])
 
 
 @dataclass
@@ -78,8 +160,9 @@ class Nearest:
     images: np.ndarray
 
 
-def nearest_ssim(queries: np.ndarray, references) -> Nearest:
-    """For each query image, the reference image of highest SSIM (ties: the first).
+def nearest_ssim(queries: np.ndarray, references, brain: bool = False) -> Nearest:
+    """For each query image, the reference image of highest SSIM (ties: the first); with
+    `brain`, of highest SSIM inside the query's brain box (`brain_ssim`).
 
     queries: (n, H, W, 1) in [-1, 1]; references: an iterable of (m_i, H, W, 1) batches
     (e.g. a tf.data.Dataset, so the training set never has to fit in memory), or one
@@ -97,7 +180,7 @@ def nearest_ssim(queries: np.ndarray, references) -> Nearest:
         batch = np.asarray(batch, np.float32)
         for start in range(0, len(batch), per_chunk):
             chunk = batch[start : start + per_chunk]
-            scores = pairwise_ssim(queries, tf.constant(chunk)).numpy()
+            scores = pairwise_ssim(queries, tf.constant(chunk), brain).numpy()
             top = scores.argmax(axis=1)
             better = scores[np.arange(len(top)), top] > best
             best[better] = scores[better, top[better]]

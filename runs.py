@@ -118,11 +118,30 @@ def replicas() -> int:
     return tf.distribute.get_strategy().num_replicas_in_sync
 
 
-def make_optimizer(learning_rate: float) -> keras.optimizers.Optimizer:
-    """Adam at `learning_rate`; under the mixed_float16 policy wrapped in dynamic loss scaling whose
-    replicas agree on skipping a step (`keras_fixes.LossScaleOptimizer`). Keras would wrap it
-    in its own `LossScaleOptimizer`, which lets one replica's overflow reach every weight."""
-    adam = keras.optimizers.Adam(learning_rate)
+WARMUP_SHARE = 0.05  # --lr-schedule cosine: warm-up over this share of the stage's steps
+FINAL_LR_SHARE = 0.05  # ... and decay to this share of the rate
+
+
+def learning_rate(rate: float, schedule: str = "constant", total_steps: int = 0):
+    """The learning rate of a stage of `total_steps` optimizer steps: `rate` (constant), or for
+    "cosine" a keras CosineDecay that rises linearly from 0 to `rate` over the first
+    `WARMUP_SHARE` of the steps and then follows rate · (f + (1 − f) (1 + cos(π s / S)) / 2),
+    f = `FINAL_LR_SHARE`, over the S steps left. The schedule reads the optimizer's step
+    counter, which checkpoints keep, so a resumed run goes on along the same curve."""
+    if schedule == "constant" or total_steps <= 0:
+        return rate
+    warmup = max(1, round(WARMUP_SHARE * total_steps))
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, max(1, total_steps - warmup), alpha=FINAL_LR_SHARE, warmup_target=rate, warmup_steps=warmup
+    )
+
+
+def make_optimizer(rate) -> keras.optimizers.Optimizer:
+    """Adam at `rate` (a float or a schedule, `learning_rate`); under the mixed_float16 policy wrapped
+    in dynamic loss scaling whose replicas agree on skipping a step
+    (`keras_fixes.LossScaleOptimizer`). Keras would wrap it in its own `LossScaleOptimizer`,
+    which lets one replica's overflow reach every weight."""
+    adam = keras.optimizers.Adam(rate)
     if keras.config.dtype_policy().name == "mixed_float16":
         return keras_fixes.LossScaleOptimizer(adam)
     return adam
@@ -154,13 +173,18 @@ def epoch_steps(steps_per_epoch: int, examples: int, batch_size: int, requested:
     return one_pass // execution * execution, execution
 
 
-def compile_autoencoder(autoencoder: AutoEncoder, config: cfg.RunConfig, steps_per_execution: int = 1) -> None:
-    """Adam on the pixel MSE, per-image SSIM and PSNR as metrics, XLA per --xla, `steps_per_execution`
-    (`epoch_steps`). Call inside the strategy's scope (bench.py times this step)."""
+def compile_autoencoder(
+    autoencoder: AutoEncoder, config: cfg.RunConfig, steps_per_execution: int = 1, total_steps: int = 0
+) -> None:
+    """Adam on --ae-loss (`metrics.RECONSTRUCTION_LOSSES`) at --ae-lr along --lr-schedule over
+    `total_steps`; per-image SSIM and PSNR, whole and in the brain's box, as metrics; XLA per
+    --xla; `steps_per_execution` (`epoch_steps`). Call inside the strategy's scope (bench.py
+    times this step)."""
+    t = config.train
     autoencoder.compile(
-        optimizer=make_optimizer(config.train.ae_lr),
-        loss="mse",
-        metrics=[metrics.ssim, metrics.psnr],
+        optimizer=make_optimizer(learning_rate(t.ae_lr, t.lr_schedule, total_steps)),
+        loss=metrics.RECONSTRUCTION_LOSSES[t.ae_loss],
+        metrics=[metrics.ssim, metrics.psnr, metrics.brain_ssim, metrics.brain_psnr],
         jit_compile=train_with_xla(config),
         steps_per_execution=steps_per_execution,
     )
@@ -180,6 +204,7 @@ def build_diffusion(config: cfg.RunConfig) -> LatentDiffusion:
         network(**config.unet_kwargs()),
         noise_schedule(config),
         ema_decay=config.diffusion.ema_decay,
+        min_snr_gamma=config.diffusion.min_snr_gamma,
         seed=config.train.seed,
         cond_dropout=config.condition.cond_dropout,
     )
@@ -188,11 +213,13 @@ def build_diffusion(config: cfg.RunConfig) -> LatentDiffusion:
     return model
 
 
-def compile_diffusion(model: LatentDiffusion, config: cfg.RunConfig, steps_per_execution: int = 1) -> None:
-    """Adam at --lr, XLA per --xla, `steps_per_execution` (`epoch_steps`). Call inside the
-    strategy's scope (bench.py times this step)."""
+def compile_diffusion(
+    model: LatentDiffusion, config: cfg.RunConfig, steps_per_execution: int = 1, total_steps: int = 0
+) -> None:
+    """Adam at --lr along --lr-schedule over `total_steps`, XLA per --xla, `steps_per_execution`
+    (`epoch_steps`). Call inside the strategy's scope (bench.py times this step)."""
     model.compile(
-        optimizer=make_optimizer(config.train.lr),
+        optimizer=make_optimizer(learning_rate(config.train.lr, config.train.lr_schedule, total_steps)),
         jit_compile=train_with_xla(config),
         steps_per_execution=steps_per_execution,
     )

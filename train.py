@@ -230,7 +230,7 @@ def list_checkpoints(directory: str) -> list[str]:
     return sorted(glob.glob(os.path.join(directory, "epoch-[0-9][0-9][0-9][0-9].weights.h5")))
 
 
-def restore_latest(model: keras.Model, directory: str, learning_rate: float) -> int:
+def restore_latest(model: keras.Model, directory: str, learning_rate: float | None) -> int:
     """Load the newest checkpoint that loads into a built, compiled `model`; returns its epoch
     (0 if there is none).
 
@@ -240,7 +240,8 @@ def restore_latest(model: keras.Model, directory: str, learning_rate: float) -> 
     caller truncates the history to the epoch returned. The optimizer must be built first,
     or Keras skips its state without a word (compile builds it: building it again would add
     a second set of a LossScaleOptimizer's variables). The checkpoint also holds the old
-    learning rate: the one asked for now wins.
+    learning rate: `learning_rate` wins; None keeps the optimizer's schedule
+    (`runs.learning_rate`), which follows the restored step counter.
     """
     checkpoints = list_checkpoints(directory)
     if not checkpoints:
@@ -253,12 +254,18 @@ def restore_latest(model: keras.Model, directory: str, learning_rate: float) -> 
         except cli.UserError as e:
             warnings.warn(f"skipping a checkpoint: {e}", stacklevel=2)
             continue
-        model.optimizer.learning_rate = learning_rate
+        if learning_rate is not None:
+            model.optimizer.learning_rate = learning_rate
         return int(re.search(r"epoch-(\d+)", os.path.basename(path)).group(1))
     raise cli.UserError(
         f"none of the {len(checkpoints)} checkpoint(s) in {directory} loads (see the warnings above); "
         f"restore them from a copy, or delete the folder to train this stage from scratch"
     )
+
+
+def constant_rate(t: cfg.TrainConfig, rate: float) -> float | None:
+    """`rate` for restore_latest when the stage trains at a constant rate; None under a schedule."""
+    return rate if t.lr_schedule == "constant" else None
 
 
 def check_loss_scaling(directory: str, precision: str) -> None:
@@ -367,14 +374,19 @@ def train_autoencoder(config: cfg.RunConfig, splits: dict, strategy, resumed: bo
             t.ae_steps_per_epoch, len(splits["train"]), t.batch_size, t.steps_per_execution
         )
         autoencoder = runs.build_autoencoder(config)
-        runs.compile_autoencoder(autoencoder, config, per_execution)
-        initial_epoch = restore_latest(autoencoder, os.path.join(run_dir, "checkpoints", AE), t.ae_lr) if resumed else 0
+        runs.compile_autoencoder(autoencoder, config, per_execution, total_steps=t.ae_epochs * steps)
+        initial_epoch = (
+            restore_latest(autoencoder, os.path.join(run_dir, "checkpoints", AE), constant_rate(t, t.ae_lr))
+            if resumed
+            else 0
+        )
 
     train_ds = dataset.make_dataset(
         splits["train"],
         size,
         t.batch_size,
         flip=config.data.flip,
+        augment=dataset.Augmentation() if config.data.augment else None,
         seed=t.seed,
         repeat=True,
         drop_remainder=True,
@@ -534,8 +546,10 @@ def train_diffusion(
             t.ldm_steps_per_epoch, len(latents), t.batch_size, t.steps_per_execution
         )
         model = runs.build_diffusion(config)
-        runs.compile_diffusion(model, config, per_execution)
-        initial_epoch = restore_latest(model, os.path.join(run_dir, "checkpoints", LDM), t.lr) if resumed else 0
+        runs.compile_diffusion(model, config, per_execution, total_steps=t.ldm_epochs * steps)
+        initial_epoch = (
+            restore_latest(model, os.path.join(run_dir, "checkpoints", LDM), constant_rate(t, t.lr)) if resumed else 0
+        )
     print(
         f"diffusion: {len(latents)} latents of shape {latents.shape[1:]}, {steps} steps per epoch, "
         f"{per_execution} per execution"
@@ -573,8 +587,7 @@ def train_diffusion(
     title = f"samples (EMA UNet, {options.label(config.diffusion.timesteps)}"
     title += ", no condition)" if config.condition.condition else ")"
     figures.image_grid(samples, os.path.join(run_dir, "figures", "samples.png"), title=title)
-    if config.condition.condition:
-        runs.conditions_figure(run, os.path.join(run_dir, "figures", "conditions.png"), options)
+    # conditions.png (guided: two UNet calls a step) is predict.py's, which `make demo` runs next.
     return model
 
 

@@ -73,6 +73,30 @@ def test_config_json_without_layout_keys_loads_the_project_layouts(tmp_path):
     assert old == expected  # nothing else changed
 
 
+def test_config_json_of_an_older_run_keeps_how_it_trained():
+    """A demo config.json written before augmentation, the L1+SSIM loss, the cosine schedule and
+    Min-SNR existed resumes without them (ADDED_SETTINGS), not with today's defaults; written
+    with them, they round-trip."""
+    raw = cfg.to_dict(cfg.preset("demo"))
+    for section, keys in cfg.ADDED_SETTINGS.items():
+        for key in keys:
+            del raw[section][key]
+    old = cfg.from_dict(raw)
+    assert (old.data.augment, old.diffusion.min_snr_gamma) == (False, 0.0)
+    assert (old.train.ae_loss, old.train.lr_schedule) == ("mse", "constant")
+    new = cfg.preset("demo")
+    new.train.lr_schedule, new.diffusion.min_snr_gamma = "cosine", 5.0  # not defaults: round-trip them too
+    assert cfg.from_dict(cfg.to_dict(new)) == new
+    new = cfg.preset("demo")
+    assert (new.data.augment, new.diffusion.min_snr_gamma, new.train.ae_loss, new.train.lr_schedule) == (
+        True,
+        0.0,
+        "l1_ssim",
+        "constant",
+    )
+    assert cfg.from_dict(cfg.to_dict(new)) == new
+
+
 def test_layout_choices_match_the_modules():
     import modules
 

@@ -10,6 +10,7 @@ import warnings
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 import dataset
@@ -377,6 +378,55 @@ def test_flip_mirrors_left_right(tmp_path):
 
     unflipped = np.concatenate([b.numpy() for b in dataset.make_dataset(paths, 8, 4, shuffle=False)])
     assert all(np.allclose(img, original) for img in unflipped)
+
+
+def disc(size=32, radius=9, centre=(16, 12), value=200):
+    """A bright disc of `radius` at (row, col) `centre` on black, uint8 (size, size)."""
+    yy, xx = np.mgrid[:size, :size]
+    return (((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2) * value).astype(np.uint8)
+
+
+def test_augmented_geometry_and_intensity_follow_their_bounds():
+    """A disc moved by at most the shift and scaled by at most the zoom bound (its centre of mass and
+    area), the background black, values in [-1, 1]; no change at all with zero bounds; the same
+    key gives the same image, another key another one."""
+    image = tf.constant(disc()[..., None] / 127.5 - 1.0, tf.float32)
+    bounds = dataset.Augmentation()
+    none = dataset.Augmentation(degrees=0, scale=0, shift=0, gain=0, log_gamma=0)
+    key = tf.constant([3, 4], tf.int64)
+    np.testing.assert_allclose(dataset.augmented(image, none, key).numpy(), image.numpy(), atol=1e-5)
+    area = float(np.sum(image.numpy() > 0))
+    centre = np.argwhere(image.numpy()[..., 0] > 0).mean(axis=0)
+    moved_any = False
+    for k in range(12):
+        out = dataset.augmented(image, bounds, tf.constant([k, 1], tf.int64)).numpy()
+        assert out.min() >= -1.0 and out.max() <= 1.0 and out.shape == image.shape
+        assert np.all(out[:, 29:] == -1.0) and np.all(out[:2] == -1.0)  # far from the disc: still black
+        inside = out[..., 0] > 0
+        shift = np.abs(np.argwhere(inside).mean(axis=0) - centre)
+        assert shift.max() <= bounds.shift * 32 + 1.0  # + a pixel of rasterisation
+        assert (1 - bounds.scale) ** 2 * 0.85 <= inside.sum() / area <= (1 + bounds.scale) ** 2 * 1.15
+        moved_any |= shift.max() > 0.5
+    assert moved_any
+    again = dataset.augmented(image, bounds, tf.constant([5, 1], tf.int64)).numpy()
+    np.testing.assert_array_equal(again, dataset.augmented(image, bounds, tf.constant([5, 1], tf.int64)).numpy())
+    assert not np.array_equal(again, dataset.augmented(image, bounds, tf.constant([6, 1], tf.int64)).numpy())
+
+
+def test_augmented_streams_skip_exactly_and_differ_every_pass(tmp_path):
+    """With augment, skip = k·B still starts at batch k of the same stream (the draws follow the
+    stream position), in memory as when streaming; one image seen twice is changed differently."""
+    paths = [save_png(tmp_path / f"{i}.png", disc(centre=(16, 10 + 2 * i))) for i in range(3)]
+    options = dict(shuffle=True, flip=True, seed=2, repeat=True, drop_remainder=True, augment=dataset.Augmentation())
+    full = np.stack([b.numpy() for b in dataset.make_dataset(paths, 32, 2, **options).take(6)])
+    resumed = np.stack([b.numpy() for b in dataset.make_dataset(paths, 32, 2, skip=4, **options).take(4)])
+    np.testing.assert_array_equal(full[2:], resumed)
+    cached = np.stack([b.numpy() for b in dataset.make_dataset(paths, 32, 2, in_memory=True, **options).take(6)])
+    np.testing.assert_allclose(cached, full, atol=1e-6)
+    plain = dataset.make_dataset(paths, 32, 2, **{**options, "augment": None})
+    assert not np.allclose(full, np.stack([b.numpy() for b in plain.take(6)]))
+    images = full.reshape(12, 32, 32)
+    assert len({img.tobytes() for img in images}) == 12  # 3 images, 4 passes: never the same change twice
 
 
 def test_a_file_broken_after_the_check_is_skipped_not_fatal(tmp_path):

@@ -208,6 +208,28 @@ def test_epsilon_mse_is_zero_for_the_exact_noise():
     )
 
 
+def test_min_snr_weighting_scales_each_example_by_min_snr_gamma_over_snr():
+    """Min-SNR-γ (Hang et al. 2023): each example's ε-MSE × min(SNR_t, γ) / SNR_t, SNR_t = ᾱ_t / (1 − ᾱ_t):
+    weight 1 at the noisy steps (SNR < γ), γ / SNR below 1 at the clean ones; γ = 0 is unweighted."""
+    s = D.make_schedule("linear", 20, 1e-3, 0.3)
+    x0 = np.zeros((4, *LATENT), np.float32)
+    t = tf.constant([0, 3, 10, 19])
+    noise = tf.random.stateless_normal(x0.shape, seed=[5, 6])
+    per_example = tf.reduce_mean(noise**2, axis=[1, 2, 3]).numpy()
+    alpha_bar = s.alphas_cumprod.numpy()[[0, 3, 10, 19]].astype(np.float64)
+    snr = alpha_bar / (1 - alpha_bar)
+    assert snr[0] > 5 > snr[-1]  # both sides of γ = 5
+    weights = np.minimum(snr, 5.0) / snr
+    got = float(D.epsilon_mse(ZeroNoise(), s, x0, t, noise, min_snr_gamma=5.0))
+    assert got == pytest.approx(float(np.mean(weights * per_example)), rel=1e-5)
+    assert weights[-1] == 1.0 and weights[0] < 0.5
+    assert float(D.epsilon_mse(ZeroNoise(), s, x0, t, noise, min_snr_gamma=0.0)) == pytest.approx(
+        float(np.mean(per_example)), rel=1e-6
+    )
+    with pytest.raises(ValueError, match="min_snr_gamma must be >= 0"):
+        D.LatentDiffusion(ZeroNoise(), s, min_snr_gamma=-1.0)
+
+
 # --------------------------------------------------------------------------- training
 
 

@@ -166,12 +166,16 @@ def test_autoencoder_scores_average_over_images_not_batches(tiny_run):
     run = runs.load_run(tiny_run, encoder=True)
     _, splits = evaluate.run_splits(run.config)
     paths = splits["train"][:5]
-    ssim, psnr = evaluate.autoencoder_scores(run, paths, batch_size=2)
+    scores = evaluate.autoencoder_scores(run, paths, batch_size=2)
     x = evaluate.load_images(paths, 16, 5)
     recon = run.autoencoder.decoder(run.autoencoder.encoder(x)).numpy()
-    assert ssim == pytest.approx(np.mean([numpy_ssim(a, b) for a, b in zip(x, recon, strict=True)]), abs=1e-4)
+    assert scores["ae_ssim"] == pytest.approx(
+        np.mean([numpy_ssim(a, b) for a, b in zip(x, recon, strict=True)]), abs=1e-4
+    )
     mse = np.mean((x.astype(np.float64) - recon) ** 2, axis=(1, 2, 3))
-    assert psnr == pytest.approx(np.mean(10 * np.log10(4.0 / mse)), abs=1e-3)
+    assert scores["ae_psnr"] == pytest.approx(np.mean(10 * np.log10(4.0 / mse)), abs=1e-3)
+    assert scores["ae_brain_ssim"] == pytest.approx(float(np.mean(metrics.brain_ssim(x, recon))), abs=1e-5)
+    assert scores["ae_brain_psnr"] == pytest.approx(float(np.mean(metrics.brain_psnr(x, recon))), abs=1e-4)
 
 
 def test_evaluate_writes_metrics_json_and_the_memorisation_figure(tiny_run, no_keras_cache, capsys):
@@ -208,6 +212,10 @@ def test_evaluate_writes_metrics_json_and_the_memorisation_figure(tiny_run, no_k
 
     assert m["sample_nn_ssim_median"] <= m["sample_nn_ssim_max"] <= 1 + 1e-6
     assert 0 < m["ae_ssim"] <= 1 and 0 < m["ae_psnr"] < 100
+    assert 0 < m["ae_brain_ssim"] <= 1 and 0 < m["ae_brain_psnr"] < 100
+    best_in_box = metrics.pairwise_ssim(real, train, brain=True).numpy().max(axis=1)
+    assert m["real_nn_brain_ssim_median"] == pytest.approx(np.median(best_in_box), abs=1e-4)
+    assert -1 <= m["sample_nn_brain_ssim_median"] <= 1
     assert 0 <= m["sample_msssim_diversity"] <= 1
     assert {k: m[k] for k in NULL_SCORES} == NULL_SCORES
     assert "InceptionV3 ImageNet weights not found" in m["fid_note"] and no_keras_cache in m["fid_note"]

@@ -109,6 +109,87 @@ def test_ssim_matches_an_independent_numpy_ssim():
     np.testing.assert_allclose(metrics.pairwise_ssim(x, y).numpy(), expected, atol=1e-4)
 
 
+# ---------------------------------------------------------------------------- the brain's box
+
+
+def framed(size=32, box=(6, 20, 9, 27), seed=0):
+    """A black (−1) image with random tissue in rows box[0]:box[1], columns box[2]:box[3]; returns it and
+    the box as a 0/1 (size, size) array."""
+    r0, r1, c0, c1 = box
+    x = -np.ones((size, size, 1), np.float32)
+    x[r0:r1, c0:c1] = np.random.default_rng(seed).uniform(-0.6, 1.0, (r1 - r0, c1 - c0, 1))
+    mask = np.zeros((size, size))
+    mask[r0:r1, c0:c1] = 1
+    return x, mask
+
+
+def test_brain_box_is_the_bounding_box_of_the_tissue_or_the_whole_blank_image():
+    """An L-shaped brain: its bounding rectangle, not the pixels themselves; a blank image: all of it;
+    a pixel just below BRAIN_THRESHOLD (on [0, 1]) is background, one above is brain."""
+    x = -np.ones((2, 12, 12, 1), np.float32)
+    x[0, 2:9, 3, 0] = 0.5  # vertical bar, rows 2..8, column 3
+    x[0, 8, 3:10, 0] = 0.5  # horizontal bar, row 8, columns 3..9
+    x[0, 0, 0, 0] = 2 * (metrics.BRAIN_THRESHOLD - 0.01) - 1  # dim: not brain
+    box = metrics.brain_box(x).numpy()
+    expected = np.zeros((12, 12))
+    expected[2:9, 3:10] = 1
+    np.testing.assert_array_equal(box[0], expected)
+    np.testing.assert_array_equal(box[1], np.ones((12, 12)))
+    x[1, 11, 11, 0] = 2 * (metrics.BRAIN_THRESHOLD + 0.01) - 1
+    assert metrics.brain_box(x).numpy()[1].sum() == 1
+
+
+def test_brain_ssim_and_psnr_score_only_the_box():
+    """Against numpy: brain_ssim is the mean of numpy's SSIM map over the windows centred in the box,
+    brain_psnr 10 log10(4 / MSE over the box). Errors outside the box leave brain_psnr alone, and
+    brain_ssim too beyond the windows' reach (5 px), but lower the whole-image SSIM."""
+    x, mask = framed()  # box rows 6..19: its windows reach rows 1..24
+    y = perturbed(x, 0.2, seed=1)
+    y_outside, y_far = y.copy(), y.copy()
+    y_outside[mask == 0] = 0.5  # bright background where x is black
+    y_far[25:] = 0.5
+    luminance, cs = ssim_maps(unit(x), unit(y))
+    windows = mask[5:-5, 5:-5] == 1
+    expected_ssim = float(np.mean((luminance * cs)[windows]))
+    expected_psnr = 10 * np.log10(4.0 / np.mean((x[..., 0].astype(np.float64) - y[..., 0])[mask == 1] ** 2))
+    for pred in (y, y_far):
+        assert float(metrics.brain_ssim(x[None], pred[None])[0]) == pytest.approx(expected_ssim, abs=1e-4)
+    for pred in (y, y_outside):
+        assert float(metrics.brain_psnr(x[None], pred[None])[0]) == pytest.approx(expected_psnr, abs=1e-3)
+    assert float(metrics.ssim(x[None], y_far[None])[0]) < float(metrics.ssim(x[None], y[None])[0]) - 0.02
+    assert metrics.brain_ssim(x[None], x[None]).numpy() == pytest.approx([1.0], abs=1e-6)
+
+
+def test_pairwise_brain_ssim_uses_each_querys_box():
+    """pairwise_ssim(brain=True)[i, j] = brain_ssim(a_i, b_j), the box of a_i, for two different boxes."""
+    a = np.stack([framed(box=(4, 22, 6, 26), seed=2)[0], framed(box=(10, 28, 3, 20), seed=3)[0]])
+    b = np.stack([perturbed(a[0], 0.3, seed=4), perturbed(a[1], 0.3, seed=5), framed(seed=6)[0]])
+    got = metrics.pairwise_ssim(a, b, brain=True).numpy()
+    expected = [[float(metrics.brain_ssim(a[i : i + 1], b[j : j + 1])[0]) for j in range(3)] for i in range(2)]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert got[0, 0] > got[0, 2] and got[1, 1] > got[1, 2]
+    nearest = metrics.nearest_ssim(a, b, brain=True)
+    assert nearest.index.tolist() == [0, 1]
+
+
+# ---------------------------------------------------------------------------- reconstruction losses
+
+
+def test_reconstruction_losses_on_zero_one():
+    """mse and l1 on [0, 1] (a quarter and a half of their [-1, 1] values); l1_ssim = 0.16 L1 + 0.84 (1 − SSIM);
+    each is per image and 0 for a perfect reconstruction."""
+    x = images(2, size=24)
+    y = perturbed(x, 0.2, seed=8)
+    diff = x.astype(np.float64) - y
+    np.testing.assert_allclose(metrics.mse_loss(x, y).numpy(), np.mean(diff**2, axis=(1, 2, 3)) / 4, rtol=1e-5)
+    np.testing.assert_allclose(metrics.l1_loss(x, y).numpy(), np.mean(np.abs(diff), axis=(1, 2, 3)) / 2, rtol=1e-5)
+    ssim = np.array([numpy_ssim(a, b) for a, b in zip(x, y, strict=True)])
+    expected = 0.16 * np.mean(np.abs(diff), axis=(1, 2, 3)) / 2 + 0.84 * (1 - ssim)
+    np.testing.assert_allclose(metrics.l1_ssim_loss(x, y).numpy(), expected, atol=1e-4)
+    for loss in metrics.RECONSTRUCTION_LOSSES.values():
+        np.testing.assert_allclose(loss(x, x).numpy(), [0.0, 0.0], atol=1e-6)
+
+
 # ---------------------------------------------------------------------------- nearest neighbours
 
 

@@ -3,6 +3,7 @@
 import os
 
 import numpy as np
+import pytest
 
 import config as cfg
 import runs
@@ -22,3 +23,15 @@ def test_a_seed_run_of_the_original_unet_loads_and_samples_as_when_it_was_made()
     assert images.shape == expected.shape == (3, 16, 16, 1)
     np.testing.assert_allclose(images, expected, atol=1e-4)
     assert np.abs(expected).mean() > 0.05  # the decoded samples are not blank
+
+
+def test_cosine_learning_rate_warms_up_then_decays_to_its_floor():
+    """--lr-schedule cosine over 200 steps: 0 → rate over the first 10 (5 %), rate · (f + (1 − f)(1 + cos(π s / S)) / 2)
+    over the 190 left, f = 5 %; constant (or no step count): the rate itself."""
+    schedule = runs.learning_rate(2e-3, "cosine", total_steps=200)
+    at = {step: float(schedule(step)) for step in (0, 5, 10, 105, 200)}
+    assert at[0] == 0.0 and at[5] == pytest.approx(1e-3) and at[10] == pytest.approx(2e-3)
+    f = runs.FINAL_LR_SHARE
+    assert at[105] == pytest.approx(2e-3 * (f + (1 - f) * (1 + np.cos(np.pi * 95 / 190)) / 2), rel=1e-5)
+    assert at[200] == pytest.approx(2e-3 * f, rel=1e-5)
+    assert runs.learning_rate(2e-3, "constant", 200) == 2e-3 and runs.learning_rate(2e-3, "cosine", 0) == 2e-3
