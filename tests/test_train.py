@@ -173,6 +173,33 @@ def test_restore_keeps_a_loss_scale_optimizer_built_once(tmp_path):
     assert float(model.optimizer.dynamic_scale.numpy()) == 4.0
 
 
+def test_restore_under_a_cosine_schedule_continues_along_it(tmp_path):
+    """--lr-schedule cosine: the restored step counter drives the schedule (restore_latest gets
+    None, constant_rate), so the rate after the restore is the schedule's at that step."""
+    config = cfg.preset("demo")
+    config.train.lr_schedule = "cosine"
+    assert train.constant_rate(config.train, 1e-3) is None
+    config.train.lr_schedule = "constant"
+    assert train.constant_rate(config.train, 1e-3) == 1e-3
+
+    def model():
+        m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        m.compile(optimizer=runs.make_optimizer(runs.learning_rate(1e-3, "cosine", 100)), loss="mse")
+        m.optimizer.build(m.trainable_variables)
+        return m
+
+    saved = model()
+    x = np.ones((8, 3), np.float32)
+    saved.fit(x, np.zeros((8, 2), np.float32), batch_size=2, epochs=10, verbose=0)  # 40 steps
+    saved.save_weights(str(tmp_path / "epoch-0010.weights.h5"))
+    restored = model()
+    assert train.restore_latest(restored, str(tmp_path), None) == 10
+    assert int(restored.optimizer.iterations.numpy()) == 40
+    expected = float(runs.learning_rate(1e-3, "cosine", 100)(40))
+    assert float(restored.optimizer.learning_rate.numpy()) == pytest.approx(expected, rel=1e-6)
+    assert 0.05e-3 < expected < 1e-3
+
+
 def test_resume_with_mixed_float16_over_float32_checkpoints_is_one_line_and_changes_nothing(
     tiny_run, tiny_data, tmp_path, capsys
 ):
