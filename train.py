@@ -421,7 +421,9 @@ def train_autoencoder(config: cfg.RunConfig, splits: dict, strategy, resumed: bo
         return autoencoder
     runs.save_weights(autoencoder.encoder, os.path.join(run_dir, "encoder.weights.h5"))
     runs.save_weights(autoencoder.decoder, os.path.join(run_dir, "decoder.weights.h5"))
-    figures.loss_curves(history_csv, os.path.join(run_dir, "figures", "autoencoder_loss.png"), "autoencoder (MSE)")
+    figures.loss_curves(
+        history_csv, os.path.join(run_dir, "figures", "autoencoder_loss.png"), f"autoencoder ({t.ae_loss})"
+    )
     if splits["validate"]:
         originals = next(
             iter(
