@@ -239,7 +239,9 @@ def test_nearest_neighbours_include_mirror_images_when_the_run_flips(
     samples = np.stack([train[2, :, ::-1], train[4]])
     monkeypatch.setattr(runs, "generate", lambda *args, **kwargs: SimpleNamespace(images=samples))
     found, real_search, shown = [], metrics.nearest_ssim, {}
-    monkeypatch.setattr(metrics, "nearest_ssim", lambda q, r: found.append(real_search(q, r)) or found[-1])
+    monkeypatch.setattr(
+        metrics, "nearest_ssim", lambda q, r, brain=False: found.append(real_search(q, r, brain)) or found[-1]
+    )
     monkeypatch.setattr(figures, "image_grid", lambda *args, **kwargs: shown.update(names=kwargs["cell_labels"][2:]))
 
     m = evaluate.evaluate(run, str(tmp_path / "data"), splits, 2, cfg.SamplingOptions(steps=3, batch_size=4))
