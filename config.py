@@ -179,7 +179,8 @@ class TrainConfig:
         "auto",
         "compute precision, variables stay float32; auto: on a GPU mixed_bfloat16 from compute capability "
         "8.0 (A100, H100, RTX 30xx and newer), mixed_float16 on 7.x (V100, T4, RTX 20xx), float32 below; on a "
-        "CPU mixed_bfloat16 with native bf16 (AVX512-BF16/AMX), else float32. A resume keeps the optimizer "
+        "CPU mixed_bfloat16 with AMX, float32 without AVX512-BF16, and with AVX512-BF16 but no AMX whichever a "
+        "~2 s convolution probe finds faster (cached per CPU model). A resume keeps the optimizer "
         "kind: a mixed_float16 run (loss scaling) resumes only in mixed_float16, any other only in another",
         choices=PRECISIONS,
     )
@@ -337,7 +338,14 @@ class RunConfig:
 
 
 def _preset_demo() -> RunConfig:
-    return RunConfig(preset="demo", condition=ConditionConfig(condition=("slice",)))
+    # Min-SNR-5 weighting and a rate of 1e-3 follow the slice condition better in 15 diffusion
+    # epochs than the plain ε-MSE at 5e-4 in 20 (BENCHMARKS.md, "The demo end to end").
+    return RunConfig(
+        preset="demo",
+        diffusion=DiffusionConfig(min_snr_gamma=5.0),
+        condition=ConditionConfig(condition=("slice",)),
+        train=TrainConfig(ldm_epochs=15, lr=1e-3),
+    )
 
 
 def _preset_oasis() -> RunConfig:
@@ -348,7 +356,7 @@ def _preset_oasis() -> RunConfig:
             ae_base_channels=64, ae_channel_mults=(1, 2, 4), ae_blocks_per_level=2, latent_channels=4, ae_norm="group"
         ),
         unet=UNetConfig(unet_dim=64, unet_dim_mults=(1, 2, 4, 8)),
-        diffusion=DiffusionConfig(timesteps=1000),
+        diffusion=DiffusionConfig(timesteps=1000, min_snr_gamma=5.0),
         train=TrainConfig(
             out="runs/oasis",
             ae_epochs=30,
