@@ -10,7 +10,7 @@ Data layout ("OASIS layout", the one of the OASIS keras_png_slices download)::
       keras_png_slices_train/      *.png   training images
       keras_png_slices_validate/   *.png
       keras_png_slices_test/       *.png
-      keras_png_slices_seg_*/      *.png   segmentation masks, never used
+      keras_png_slices_seg_*/      *.png   optional tissue masks, one per image (masks.py)
       labels.csv                           optional: numeric labels of each image
 
 A flat folder of PNG files is accepted too; it is then split by file (not by

@@ -2,10 +2,11 @@
 
 - `ensure_demo_dataset`: the default data set, axial slices of the MNI ICBM152
   T1 template that the nilearn package ships (offline, no download), written
-  once to `data/demo`, with a labels.csv (the slice's height).
+  once to `data/demo`, with a labels.csv (the slice's height) and tissue masks
+  (the template's grey- and white-matter maps).
 - `convert_oasis1`: the raw OASIS-1 release (Analyze volumes) to the OASIS
   layout, split by subject, with a labels.csv (slice height, and with the
-  clinical CSV age, sex, CDR, MMSE, nWBV, eTIV).
+  clinical CSV age, sex, CDR, MMSE, nWBV, eTIV), and masks from FSL_SEG.
 - `resolve_data_dir`: the data folder a script trains or evaluates on: the
   demo set (made on first use) or an existing folder.
 - `main`: the command line, run as ``python dataset.py demo | convert-oasis1 |
@@ -40,6 +41,7 @@ import numpy as np
 from PIL import Image
 
 import cli
+import masks
 from cli import UserError
 from dataset import (
     CANVAS,
@@ -63,13 +65,16 @@ MIN_SLICE_AREA = 0.05
 
 # Files of the nilearn package used by the demo data set (nilearn/datasets/data).
 MNI152_T1 = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+MNI152_GM = "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz"  # grey-matter probability, T1's grid
+MNI152_WM = "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"  # white-matter probability
 # Held-out slabs of the demo set: (centre as a fraction of the brain-bearing slices, bottom
 # to top; slices). Contiguous slabs, so a held-out slice is a new height, not the neighbour
 # of a training slice 1 mm away.
 DEMO_SLABS = {"validate": ((0.35, 8), (0.65, 8)), "test": ((0.2, 4), (0.8, 4))}
 DEMO_GUARD = 3  # slices left out on each side of a slab: held-out slices are >= 4 mm from training ones
-# 1: every 10th slice to validate, every 20th to test (neighbours of training slices); 2: no labels.csv
-DEMO_VERSION = 3
+# 1: every 10th slice to validate, every 20th to test (neighbours of training slices); 2: no labels.csv;
+# 3: no tissue masks
+DEMO_VERSION = 4
 
 # The OASIS-1 cross-sectional clinical CSV (oasis_cross-sectional.csv): its ID column,
 # and {its column: our label}. Sex is coded M -> 0, F -> 1.
@@ -95,14 +100,14 @@ def _scale_to_uint8(volume: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.round(np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8)
 
 
-def _on_canvas(image: np.ndarray, size: int = CANVAS) -> np.ndarray:
-    """A 2-D uint8 image centred on a black size x size canvas, shrunk first
-    (keeping its aspect ratio) if it doesn't fit."""
+def _on_canvas(image: np.ndarray, size: int = CANVAS, resample=Image.Resampling.LANCZOS) -> np.ndarray:
+    """A 2-D uint8 image centred on a black (class 0) size x size canvas, shrunk first
+    (keeping its aspect ratio, with `resample`: NEAREST for a mask) if it doesn't fit."""
     height, width = image.shape
     if max(height, width) > size:
         scale = size / max(height, width)
         new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        image = np.asarray(Image.fromarray(image).resize(new_size, Image.Resampling.LANCZOS))
+        image = np.asarray(Image.fromarray(image).resize(new_size, resample))
         height, width = image.shape
     canvas = np.zeros((size, size), np.uint8)
     top, left = (size - height) // 2, (size - width) // 2
@@ -193,7 +198,8 @@ def ensure_demo_dataset(out="data/demo") -> pathlib.Path:
     contiguous slabs at other heights than the training slices (`DEMO_SLABS`,
     `demo_splits`), so held-out metrics measure slices the model has not seen
     a 1-mm neighbour of. labels.csv gives each slice its `slice` label, its
-    height within the brain-bearing slices, 0 (lowest) .. 1 (highest).
+    height within the brain-bearing slices, 0 (lowest) .. 1 (highest). The seg
+    folders give each slice its tissue mask (`_mni152_volumes`, `masks.py`).
 
     Idempotent: returns at once when `out` holds a complete demo set of this
     version (its manifest exists); an older demo set there is replaced, in one
@@ -240,10 +246,14 @@ def demo_splits(n: int) -> list[str | None]:
 
 
 def _write_demo_slices(folder: pathlib.Path) -> dict:
-    """Write the demo PNG slices into `folder` (OASIS layout) and their labels.csv
-    (`slice`: see `_slice_positions`); return the manifest."""
-    volume = _mni152_uint8()
+    """Write the demo PNG slices into `folder` (OASIS layout), their tissue masks (the seg
+    folders, `masks.py`'s format, same names) and labels.csv (`slice`: see
+    `_slice_positions`); return the manifest."""
+    volume, tissue = _mni152_volumes()
     folders = _make_split_folders(folder)
+    mask_folders = masks.seg_folders(folder)
+    for mask_folder in mask_folders.values():
+        mask_folder.mkdir()
     counts = dict.fromkeys(SPLITS, 0)
     slices = _brain_slices(volume)
     rows, n = [], len(slices)
@@ -252,11 +262,14 @@ def _write_demo_slices(folder: pathlib.Path) -> dict:
             continue
         name = f"mni152_z{z:03d}.png"
         _write_png(_on_canvas(image), folders[split] / name)
+        mask = _on_canvas(_axial_view(tissue[:, :, z]), resample=Image.Resampling.NEAREST)
+        masks.write_mask(mask, mask_folders[split] / masks.mask_name(name))
         rows.append((f"{folders[split].name}/{name}", [position]))
         counts[split] += 1
     _write_labels(folder, ["slice"], rows)
     return {
         "source": f"nilearn {MNI152_T1}",
+        "masks": f"argmax of background, CSF, grey matter ({MNI152_GM}), white matter ({MNI152_WM})",
         "version": DEMO_VERSION,
         "split": f"held-out slabs {DEMO_SLABS}, {DEMO_GUARD} slices left out on each side",
         "slices": counts,
@@ -270,25 +283,39 @@ def _slice_positions(n: int) -> list[float]:
     return [0.5] if n == 1 else [i / (n - 1) for i in range(n)]
 
 
-def _mni152_uint8() -> np.ndarray:
-    """The nilearn MNI152 T1 template as a RAS uint8 volume cropped to the brain.
+def _mni152_volumes() -> tuple[np.ndarray, np.ndarray]:
+    """The nilearn MNI152 T1 template as a RAS uint8 volume cropped to the brain, and its
+    tissue classes on the same voxels (uint8, `masks.CLASS_NAMES` indices).
 
     Intensities: the window goes from half the 1st percentile of the brain
     voxels (CSF dark) to their 99.9th percentile (white matter near white),
     like OASIS's T1 slices. Background stays 0.
+
+    Tissue: the argmax of four probabilities per voxel: background 1 outside the brain
+    and 0 inside; grey and white matter from the template's probability maps;
+    CSF = max(0, 1 − GM − WM) inside it; "the brain" is where the uint8 image is above 0, so
+    the mask's brain is exactly the image's.
     """
     import nibabel as nib
 
-    path = _nilearn_data_folder() / MNI152_T1
-    if not path.is_file():
-        raise UserError(f"the MNI152 template is missing from the nilearn package: {path}")
-    volume = np.asarray(nib.as_closest_canonical(nib.load(path)).dataobj, dtype=np.float32)
+    def load(name: str) -> np.ndarray:
+        path = _nilearn_data_folder() / name
+        if not path.is_file():
+            raise UserError(f"the MNI152 template is missing from the nilearn package: {path}")
+        return np.asarray(nib.as_closest_canonical(nib.load(path)).dataobj, dtype=np.float32)
+
+    volume, grey, white = load(MNI152_T1), load(MNI152_GM), load(MNI152_WM)
     brain = volume > 0
     low = 0.5 * np.percentile(volume[brain], 1)
     high = np.percentile(volume[brain], 99.9)
     xs, ys = np.flatnonzero(brain.any(axis=(1, 2))), np.flatnonzero(brain.any(axis=(0, 2)))
-    cropped = volume[xs[0] : xs[-1] + 1, ys[0] : ys[-1] + 1, :]
-    return _scale_to_uint8(cropped, low, high)
+    crop = (slice(xs[0], xs[-1] + 1), slice(ys[0], ys[-1] + 1), slice(None))
+    image = _scale_to_uint8(volume[crop], low, high)
+    shown = image > 0  # the brain as the image shows it (voxels below the window are black)
+    grey, white = grey[crop], white[crop]
+    csf = np.maximum(0.0, 1.0 - grey - white)
+    probabilities = np.stack([~shown, shown * csf, shown * grey, shown * white], axis=-1)
+    return image, np.argmax(probabilities, axis=-1).astype(np.uint8)
 
 
 def _nilearn_data_folder() -> pathlib.Path:
@@ -320,6 +347,12 @@ def convert_oasis1(
     voxels; near-empty axial slices are skipped; slices are centred on a
     256x256 canvas, named ``OAS1_0001_MR1_slice_088.png``.
 
+    Masks: where every scan has its FSL tissue segmentation (``FSL_SEG/*_fseg.hdr`` below
+    `src`, on the same T88 grid), each slice's mask is written under its own name into the
+    seg folders (`masks.py`: background, CSF, grey and white matter as 0, 85, 170, 255);
+    where only some scans have one, none is written, with one warning. A segmentation that
+    cannot be read skips its scan, like an unreadable volume.
+
     Orientation: Analyze headers carry no orientation, and nibabel reads them
     as radiological storage (axes to Left, Anterior, Superior: 'LAS'). The
     volume is turned to RAS with that assumption and cut along its third axis
@@ -347,9 +380,16 @@ def convert_oasis1(
         raise UserError(f"{len(repeated)} scan(s) found more than once under {src}, e.g. {repeated[0]}; keep one copy")
     subjects = _split_keys(sorted({_oasis_subject(p) for p in volumes}), val_fraction, test_fraction, seed)
     split_of = {subject: split for split, members in subjects.items() for subject in members}
+    segmentations = {_oasis_scan(p): p for p in src.rglob("*_fseg.hdr")}
+    without = sorted({_oasis_scan(p) for p in volumes} - set(segmentations))
+    if segmentations and without:  # masks for some images only: a data set masks.find_masks refuses
+        warnings.warn(
+            f"{len(without)} scan(s) have no FSL_SEG segmentation ({_some(without)}): no masks written", stacklevel=2
+        )
+    use_masks = bool(segmentations) and not without
 
     def build(folder: pathlib.Path) -> dict:
-        counts, skipped, rows = _write_oasis1_slices(folder, volumes, split_of)
+        counts, skipped, rows = _write_oasis1_slices(folder, volumes, split_of, segmentations if use_masks else None)
         if not counts["train"]:
             raise UserError(f"no usable OASIS-1 volume for the training split under {src}")
         columns, unmatched = ["slice"], []
@@ -366,6 +406,7 @@ def convert_oasis1(
             "slices": counts,
             "skipped_volumes": skipped,
             "labels": columns,
+            "masks": "FSL_SEG" if use_masks else None,
             **({} if table is None else {"clinical": str(clinical), "scans_without_clinical": unmatched}),
         }
 
@@ -384,24 +425,37 @@ def convert_oasis1(
 
 
 def _write_oasis1_slices(
-    folder: pathlib.Path, volumes: list[pathlib.Path], split_of: dict[str, str]
+    folder: pathlib.Path,
+    volumes: list[pathlib.Path],
+    split_of: dict[str, str],
+    segmentations: dict[str, pathlib.Path] | None = None,
 ) -> tuple[dict[str, int], list[str], list[tuple[str, str, list[float | None]]]]:
     """Write the slices of each volume into its subject's split folder under
-    `folder`; return ({split: slices written}, volumes skipped as unreadable,
-    [(scan, file relative to `folder`, [slice label])] of each slice written)."""
+    `folder`, and with `segmentations` ({scan: FSL_SEG volume}, one for every scan) each
+    slice's mask into the seg folders; return ({split: slices written}, volumes skipped as
+    unreadable (a segmentation included), [(scan, file relative to `folder`, [slice label])]
+    of each slice written)."""
     folders = _make_split_folders(folder)
+    mask_folders = masks.seg_folders(folder) if segmentations else {}
+    for mask_folder in mask_folders.values():
+        mask_folder.mkdir()
     counts, skipped, rows = dict.fromkeys(SPLITS, 0), [], []
     for done, path in enumerate(volumes, start=1):
         scan = _oasis_scan(path)
         split = split_of[_oasis_subject(path)]
         try:
-            slices = _brain_slices(_oasis1_uint8(path))
+            volume = _oasis1_uint8(path)
+            tissue = _oasis1_tissue(segmentations[scan], volume.shape) if segmentations else None
+            slices = _brain_slices(volume)
         except ValueError:
             skipped.append(str(path))
             slices = []
         for (z, image), position in zip(slices, _slice_positions(len(slices)), strict=True):
             name = f"{scan}_slice_{z:03d}.png"
             _write_png(_on_canvas(image), folders[split] / name)
+            if tissue is not None:
+                mask = _on_canvas(_axial_view(tissue[:, :, z]), resample=Image.Resampling.NEAREST)
+                masks.write_mask(mask, mask_folders[split] / masks.mask_name(name))
             rows.append((scan, f"{folders[split].name}/{name}", [position]))
         counts[split] += len(slices)
         _progress(done, len(volumes), "volumes converted")
@@ -484,6 +538,24 @@ def _oasis1_uint8(path: pathlib.Path) -> np.ndarray:
     if not brain.any():
         raise ValueError(f"{path}: no brain voxel")
     return _scale_to_uint8(volume, 0.0, np.percentile(volume[brain], 99.5))
+
+
+def _oasis1_tissue(path: pathlib.Path, shape: tuple[int, ...]) -> np.ndarray:
+    """An OASIS-1 FSL_SEG volume (``*_fseg.hdr``: 0 background, 1 CSF, 2 grey, 3 white
+    matter, on the T88 grid of its scan) as RAS uint8 class indices of `masks.CLASS_NAMES`.
+    ValueError if it can't be read, is not on its image's grid (`shape`) or holds another value."""
+    import nibabel as nib
+
+    try:
+        volume = np.asarray(nib.as_closest_canonical(nib.load(path)).dataobj)
+    except Exception as err:  # nibabel raises OSError, ImageFileError, EOFError, ...
+        raise ValueError(f"{path}: {err}") from err
+    volume = volume.reshape(volume.shape[:3])
+    if volume.shape != tuple(shape):
+        raise ValueError(f"{path}: shape {volume.shape}, its image's is {tuple(shape)}")
+    if not np.isin(volume, range(len(masks.CLASS_NAMES))).all():
+        raise ValueError(f"{path}: values outside 0..{len(masks.CLASS_NAMES) - 1}")
+    return volume.astype(np.uint8)
 
 
 def _progress(done: int, total: int, label: str) -> None:
@@ -584,11 +656,9 @@ def _inspect_command(args) -> None:
         print(f"  {split:<9} {len(usable[split]):>6} images  sizes: {_tally(sizes)}  modes: {_tally(modes)}")
         for line in bad:
             print(f"    unreadable {line}")
-    segmentation = sorted(p.name for p in root.glob("keras_png_slices_seg_*") if p.is_dir())
-    if segmentation:
-        print(f"  ignored (segmentation masks): {', '.join(segmentation)}")
     if not usable["train"]:
         raise UserError(f"no usable training image in {root}")
+    _inspect_masks(root, usable)
     labels = find_labels(root, usable)
     if labels is None:
         print(f"  labels: none (no {LABELS})")
@@ -600,6 +670,31 @@ def _inspect_command(args) -> None:
         known = values[~np.isnan(values)]
         span = f"min {known.min():g}  max {known.max():g}" if known.size else "min -  max -"
         print(f"    {column:<{width}}  {span}  distinct {len(np.unique(known))}  missing {values.size - known.size}")
+
+
+def _inspect_masks(root: pathlib.Path, usable: dict[str, list[str]]) -> None:
+    """Print the masks (`masks.pair_masks`): per split how many images have one, the class
+    frequencies over all readable masks, then every image without a mask, mask without an
+    image and mask `masks.read_paired_mask` refuses (the reason of each)."""
+    pairing = masks.pair_masks(root, usable)
+    if pairing is None:
+        print(f"  masks: none (no {masks.SEG_FOLDER.format('<split>')} folder)")
+        return
+    counts, problems = np.zeros(len(masks.CLASS_NAMES), np.int64), []
+    for split, images in usable.items():
+        found = [(image, mask) for image, mask in zip(images, pairing.masks[split], strict=True) if mask]
+        for image, mask in found:
+            try:
+                counts += np.bincount(masks.read_paired_mask(image, mask).ravel(), minlength=len(counts))
+            except UserError as err:
+                problems.append(f"bad {err}")
+        print(f"  masks     {split:<9} {len(found):>6} of {len(images)} images")
+    shares = counts / max(1, counts.sum())
+    print("    classes: " + "  ".join(f"{n} {100 * f:.1f} %" for n, f in zip(masks.CLASS_NAMES, shares, strict=True)))
+    problems += [f"no mask for {image}" for image in pairing.missing(usable)]
+    problems += [f"mask without an image: {path}" for paths in pairing.orphans.values() for path in paths]
+    for line in problems:
+        print(f"    {line}")
 
 
 def _tally(counter: collections.Counter) -> str:

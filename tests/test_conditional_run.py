@@ -44,7 +44,7 @@ SUBJECTS = [
 
 def write_release(src, clinical_csv):
     """The release described in the module docstring, under `src`, and its clinical CSV."""
-    template = prepare._mni152_uint8()[::3, ::3, ::3].astype(np.float32)  # RAS, 3 mm
+    template = prepare._mni152_volumes()[0][::3, ::3, ::3].astype(np.float32)  # RAS, 3 mm
     las = template[::-1]  # Analyze volumes are stored radiologically (to Left, Anterior, Superior)
     for i, (session, *_rest) in enumerate(SUBJECTS):
         folder = src / "disc1" / session / "PROCESSED" / "MPRAGE" / "T88_111"

@@ -40,7 +40,7 @@ def make_layout(root, counts=(3, 2, 1), seg=True):
         for i in range(n):
             save_png(root / f"keras_png_slices_{split}" / f"case_{i}.png", gray(10 * i))
             if seg:
-                save_png(root / f"keras_png_slices_seg_{split}" / f"seg_case_{i}.png", gray(255))
+                save_png(root / f"keras_png_slices_seg_{split}" / f"case_{i}.png", gray(255))  # white matter
     return root
 
 

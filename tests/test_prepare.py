@@ -78,7 +78,12 @@ def test_inspect_reports_counts_sizes_modes_and_bad_files(tmp_path, capsys):
     assert "L (3)" in lines["train"] and "RGB (1)" in lines["train"]
     assert lines["validate"].split()[1] == "1" and lines["test"].split()[1] == "0"
     assert "unreadable" in out and "broken.png: not a PNG file" in out
-    assert "keras_png_slices_seg_train" in out
+    assert lines["masks"].split()[1:5] == ["test", "0", "of", "0"]  # one line a split, the last one here
+    assert (
+        "masks     train          3 of 4 images" in out
+        and "no mask for " + str(tmp_path / "keras_png_slices_train" / "rgb.png") in out
+    )
+    assert "white_matter 100.0 %" in out
 
 
 def test_inspect_fails_when_nothing_is_usable(tmp_path, capsys):
@@ -187,7 +192,7 @@ def test_demo_labels_give_each_slice_its_height(tmp_path):
     (out / "manifest.json").write_text(json.dumps({"source": "nilearn x", "version": 2}))  # without labels
     prepare.ensure_demo_dataset(out)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["version"] == prepare.DEMO_VERSION == 3 and manifest["labels"] == ["slice"]
+    assert manifest["version"] == prepare.DEMO_VERSION == 4 and manifest["labels"] == ["slice"]
 
     splits = dataset.find_splits(out)
     labels = dataset.find_labels(out, splits)  # every PNG has its row, or this raises
