@@ -153,6 +153,16 @@ def resize_mask(classes: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(classes).resize((size, size), Image.Resampling.NEAREST))
 
 
+def load_masks(paths, size: int) -> np.ndarray:
+    """The masks at `paths` as uint8 class indices (N, size, size), each resized by nearest
+    neighbour (`resize_mask`): the masks of a split at the run's image size."""
+    return (
+        np.stack([resize_mask(read_mask(path), size) for path in paths])
+        if paths
+        else np.zeros((0, size, size), np.uint8)
+    )
+
+
 def read_paired_mask(image: str, mask: str) -> np.ndarray:
     """`read_mask`, and a `UserError` naming both files when the mask is not its image's size."""
     classes = read_mask(mask)

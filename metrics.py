@@ -1,4 +1,5 @@
-"""Image metrics on images in [-1, 1]: SSIM and PSNR, nearest-neighbour SSIM, MS-SSIM diversity, FID and KID.
+"""Image metrics on images in [-1, 1]: SSIM and PSNR, nearest-neighbour SSIM, MS-SSIM diversity, FID and KID;
+and the Dice overlap of tissue masks.
 
 Conventions: SSIM and MS-SSIM are computed on images mapped to [0, 1] with max_val = 1
 (`unit_range`: the literature's and TensorFlow's convention), with tf.image.ssim's 11-px
@@ -18,6 +19,7 @@ Used by runs.py (the autoencoder's training metrics `ssim`, `psnr`, `brain_ssim`
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -276,6 +278,44 @@ def kid(features_a: np.ndarray, features_b: np.ndarray) -> float:
         + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
         - 2.0 * kernel(x, y).mean()
     )
+
+
+# ---------------------------------------------------------------------------- masks
+
+
+def dice(reference: np.ndarray, predicted: np.ndarray, classes=(1, 2, 3)) -> np.ndarray:
+    """Dice overlap per image and class of two class-index masks (N, H, W) (or one (H, W)).
+
+    For class k: 2 |R_k ∩ P_k| / (|R_k| + |P_k|), in [0, 1] (1: the same pixels); NaN where
+    neither mask has the class (nothing to overlap). Returns float64 (N, len(classes)),
+    one row per image; average with `mean_dice`. `classes` defaults to the three tissues of
+    `masks.CLASS_NAMES` (CSF, grey, white matter), background left out as is usual: it is
+    most of the frame and would score near 1 for any brain-shaped mask.
+    """
+    reference, predicted = np.asarray(reference), np.asarray(predicted)
+    if reference.shape != predicted.shape:
+        raise ValueError(f"dice: masks of shapes {reference.shape} and {predicted.shape}")
+    if reference.ndim == 2:
+        reference, predicted = reference[None], predicted[None]
+    scores = np.empty((len(reference), len(classes)))
+    for j, k in enumerate(classes):
+        r, p = reference == k, predicted == k
+        both = r.sum(axis=(1, 2)) + p.sum(axis=(1, 2))
+        overlap = (r & p).sum(axis=(1, 2))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scores[:, j] = np.where(both > 0, 2.0 * overlap / both, np.nan)
+    return scores
+
+
+def mean_dice(scores: np.ndarray) -> tuple[float, np.ndarray]:
+    """(mean over classes of the per-class means, per-class means (K,)) of `dice`'s (N, K)
+    scores; a class's mean skips the images where it is NaN (absent from both masks), and
+    is NaN where it is absent from every image (then left out of the overall mean)."""
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a class absent everywhere: NaN, said above
+        per_class = np.nanmean(scores, axis=0)
+        overall = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")
+    return overall, per_class
 
 
 def inception_features(model, images: np.ndarray, batch_size: int = 16) -> np.ndarray:

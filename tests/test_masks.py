@@ -14,6 +14,7 @@ from PIL import Image
 
 import dataset
 import masks
+import metrics
 import prepare
 from cli import UserError
 from test_dataset import save_png
@@ -220,3 +221,34 @@ def test_convert_oasis1_writes_no_masks_when_some_scans_lack_fsl_seg(tmp_path):
     with pytest.warns(UserWarning, match=r"6 scan\(s\) have no FSL_SEG segmentation .*: no masks written"):
         prepare.convert_oasis1(src, out)
     assert masks.pair_masks(out, dataset.find_splits(out)) is None
+
+
+def test_load_masks_stacks_the_masks_at_the_image_size(tmp_path):
+    root = oasis_png_layout(tmp_path)
+    found = masks.find_masks(root, dataset.find_splits(root))
+    stacked = masks.load_masks(found["train"], 4)
+    assert stacked.shape == (4, 4, 4) and stacked.dtype == np.uint8
+    np.testing.assert_array_equal(stacked[0, 0], [0, 1, 2, 3])  # the 2-px stripes, every other column kept
+    assert masks.load_masks([], 4).shape == (0, 4, 4)
+
+
+def test_dice_known_answers():
+    reference = np.zeros((2, 4, 4), np.uint8)
+    reference[0, :2] = 1  # image 0: 8 px of CSF in the top half, grey matter below
+    reference[0, 2:] = 2
+    predicted = reference.copy()
+    predicted[0, 1] = 2  # 4 CSF pixels called grey matter
+    reference[1], predicted[1] = 3, 3  # image 1: all white matter, both agree
+    scores = metrics.dice(reference, predicted)
+    # CSF: 2·4 / (8 + 4); grey: 2·8 / (8 + 12); white absent from image 0: NaN
+    np.testing.assert_allclose(scores[0], [8 / 12, 16 / 20, np.nan])
+    np.testing.assert_allclose(scores[1], [np.nan, np.nan, 1.0])
+    overall, per_class = metrics.mean_dice(scores)
+    np.testing.assert_allclose(per_class, [8 / 12, 0.8, 1.0])
+    assert overall == pytest.approx((8 / 12 + 0.8 + 1.0) / 3)
+    np.testing.assert_allclose(metrics.dice(reference[0], reference[0]), [[1.0, 1.0, np.nan]])  # one (H, W) pair
+    disjoint = metrics.dice(np.full((3, 3), 1), np.full((3, 3), 2), classes=(1, 2))
+    assert disjoint.tolist() == [[0.0, 0.0]]
+    assert np.isnan(metrics.mean_dice(np.full((2, 3), np.nan))[0])
+    with pytest.raises(ValueError, match=r"dice: masks of shapes \(2, 4, 4\) and \(4, 4\)"):
+        metrics.dice(reference, reference[0])
