@@ -31,7 +31,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-# The choices of the flags, defined here once; modules.py, diffusion.py and samplers.py check
+# The choices of the flags, defined here once; autoencoder.py, diffusion.py and samplers.py check
 # their arguments against the same tuples.
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 LAYOUTS = ("project", "original")  # network wiring: this project's, or the original design's
@@ -260,7 +260,7 @@ class RunConfig:
     condition_stats: dict | None = None
 
     def autoencoder_kwargs(self) -> dict:
-        """Constructor arguments of `modules.AutoEncoder`."""
+        """Constructor arguments of `autoencoder.AutoEncoder`."""
         a = self.autoencoder
         return dict(
             image_channels=1,
@@ -374,7 +374,7 @@ def _preset_seed() -> RunConfig:
     return RunConfig(
         preset="seed",
         data=DataConfig(image_size=128, flip=False, augment=False),
-        # The original's networks: layout "original" (modules.AutoEncoder, modules.OriginalUNet). Base 64 ×
+        # The original's networks: layout "original" (autoencoder.AutoEncoder, modules.OriginalUNet). Base 64 ×
         # mults (1, 2, 4) makes the encoder 256 wide throughout and the decoder 256 → 128 → 64.
         autoencoder=AutoencoderConfig(
             ae_base_channels=64,

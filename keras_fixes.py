@@ -2,7 +2,7 @@
 loss-scale optimizer whose replicas agree on skipping a step.
 
 Each workaround names the upstream issue whose fix lets it be deleted; everywhere else it
-changes nothing. `FitFixes` is used by ``modules.AutoEncoder`` and ``diffusion.LatentDiffusion``
+changes nothing. `FitFixes` is used by ``autoencoder.AutoEncoder`` and ``diffusion.LatentDiffusion``
 (``class Model(FitFixes, keras.Model)``: the mixin must come first); `LossScaleOptimizer` by
 ``runs.make_optimizer`` under mixed_float16.
 """

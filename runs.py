@@ -37,9 +37,10 @@ import figures
 import hardware
 import keras_fixes
 import metrics
+from autoencoder import AutoEncoder
 from cli import UserError
 from diffusion import LatentDiffusion, NoiseSchedule, make_schedule
-from modules import AutoEncoder, OriginalUNet, UNet
+from modules import OriginalUNet, UNet
 from samplers import Sampler
 
 RUNS_ROOT = cli.RUNS_ROOT

@@ -43,8 +43,8 @@ import figures  # noqa: E402
 import hardware  # noqa: E402
 import prepare  # noqa: E402
 import runs  # noqa: E402
+from autoencoder import AutoEncoder  # noqa: E402
 from diffusion import LatentDiffusion  # noqa: E402
-from modules import AutoEncoder  # noqa: E402
 
 # Stage names: checkpoint folders, history files and log folders use them.
 AE, LDM = "autoencoder", "diffusion"

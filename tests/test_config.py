@@ -98,18 +98,18 @@ def test_config_json_of_an_older_run_keeps_how_it_trained():
 
 
 def test_layout_choices_match_the_modules():
-    import modules
+    import autoencoder
 
-    assert cfg.LAYOUTS == modules.LAYOUTS
+    assert cfg.LAYOUTS == autoencoder.LAYOUTS
     for cls, name in ((cfg.UNetConfig, "unet_layout"), (cfg.AutoencoderConfig, "ae_layout")):
         field = next(f for f in dataclasses.fields(cls) if f.name == name)
-        assert field.metadata["choices"] == modules.LAYOUTS and field.default == "project"
+        assert field.metadata["choices"] == autoencoder.LAYOUTS and field.default == "project"
 
 
 def test_seed_preset_builds_the_original_networks():
     """runs.build_* on the seed preset (at 64×64 images: 16×16 latents, to keep it fast)."""
     import runs
-    from modules import ResidualBlock
+    from autoencoder import ResidualBlock
 
     seed = cfg.preset("seed")
     seed.data.image_size = 64
@@ -182,10 +182,10 @@ def test_explicit_flags():
 
 
 def test_activation_choices_match_the_autoencoder():
-    import modules
+    import autoencoder
 
     field = next(f for f in dataclasses.fields(cfg.AutoencoderConfig) if f.name == "ae_activation")
-    assert field.metadata["choices"] == modules.AUTOENCODER_ACTIVATIONS
+    assert field.metadata["choices"] == autoencoder.AUTOENCODER_ACTIVATIONS
 
 
 def test_an_old_config_with_a_boolean_xla_loads(tmp_path):

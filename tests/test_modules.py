@@ -1,4 +1,4 @@
-"""Tests of modules.py: shapes, size errors, attention maths, dtypes, save/load, configs.
+"""Tests of modules.py and autoencoder.py: shapes, size errors, attention maths, dtypes, save/load, configs.
 
 Networks are tiny (width 8, 4 groups) so the file runs in well under a minute on
 2 CPU cores; only the parameter-count tests build the full-size seed models.
@@ -15,13 +15,12 @@ import pytest
 import tensorflow as tf
 
 import modules
+from autoencoder import AutoEncoder, ResidualBlock
 from config import load_config
 from modules import (
-    AutoEncoder,
     FullAttention,
     LinearAttention,
     OriginalUNet,
-    ResidualBlock,
     ResnetBlock,
     SinusoidalTimeEmbedding,
     UNet,
