@@ -44,6 +44,9 @@ STAGES = ("all", "ae", "ldm")
 XLA_SETTINGS = ("auto", "on", "off")
 AE_LOSSES = ("mse", "l1", "l1_ssim")
 LR_SCHEDULES = ("constant", "cosine")
+# `--condition mask`: the UNet sees the image's tissue mask (masks.py) instead of a label column.
+MASK = "mask"
+MASK_CLASSES = 4  # masks.CLASS_NAMES: background, CSF, grey matter, white matter
 
 
 def option(default, help, **extra):
@@ -135,8 +138,8 @@ def parse_condition_names(text: str) -> tuple[str, ...]:
 class ConditionConfig:
     condition: tuple[str, ...] = option(
         (),
-        "label variables to condition the UNet on, comma-separated (e.g. slice,age,sex,cdr; columns of the data's "
-        "labels.csv); none: unconditional",
+        "what to condition the UNet on, comma-separated: label variables (e.g. slice,age,sex,cdr; columns of the "
+        "data's labels.csv) and/or mask (the tissue mask beside each image); none: unconditional",
         parse=parse_condition_names,
     )
     cond_dropout: float = option(
@@ -243,8 +246,9 @@ class RunConfig:
     `latent_max_abs`, the largest |latent × scale_factor| of the training set (samplers
     clip their x0 estimate to ± it); `terminal_alpha_bar`, ᾱ_{T-1} of the noise schedule
     (how close the last noising step gets to the N(0, I) that sampling starts from);
-    `condition_stats`, per condition variable its training-split statistics
-    (conditioning.condition_stats), in the order of `condition.condition`.
+    `condition_stats`, per label variable its training-split statistics
+    (conditioning.condition_stats), in the order of `condition.condition` (`label_conditions`:
+    the tissue mask, `MASK`, has none).
     """
 
     preset: str = "demo"
@@ -285,13 +289,24 @@ class RunConfig:
             attn_heads=u.attn_heads,
             attn_dim_head=u.attn_dim_head,
             cond_categories=self.cond_categories(),
+            mask_classes=self.mask_classes,
         )
 
     def cond_categories(self) -> tuple[int, ...]:
-        """UNet's cond_categories: per condition variable its category count, 0 if continuous."""
-        if self.condition.condition and self.condition_stats is None:
+        """UNet's cond_categories: per label variable its category count, 0 if continuous."""
+        if self.label_conditions and self.condition_stats is None:
             raise ValueError("the condition statistics are not measured yet (condition_stats)")
         return tuple(len(s["categories"]) if s["categories"] else 0 for s in (self.condition_stats or {}).values())
+
+    @property
+    def label_conditions(self) -> tuple[str, ...]:
+        """The label variables of `condition.condition` (all but `MASK`): what `condition_stats` covers."""
+        return tuple(name for name in self.condition.condition if name != MASK)
+
+    @property
+    def mask_classes(self) -> int:
+        """The UNet's mask_classes: `MASK_CLASSES` for a run conditioned on the tissue mask, else 0."""
+        return MASK_CLASSES if MASK in self.condition.condition else 0
 
     @property
     def latent_size(self) -> int:

@@ -3,12 +3,14 @@
 Everything here is independent of the network architecture (as in improved-diffusion):
 the noise predictor is passed in as ``network`` and only has to honour the contract
 
-    network(x_t, t, training=...) -> eps_hat           (unconditional)
-    network(x_t, t, cond, training=...) -> eps_hat     (conditional; only called so when
-                                                        a cond tensor is given)
+    network(x_t, t, training=...) -> eps_hat                  (unconditional)
+    network(x_t, t, cond, tissue=m, training=...) -> eps_hat  (conditional; cond and tissue
+                                                               are passed only when given)
         x_t      (B, h, w, c) float32 latents at noise level t
         t        (B,) int32 schedule indices in [0, T)
         cond     (B, K) float32 normalised condition variables, NaN = unknown
+        tissue   (B, h, w, M) float32 tissue-mask class fractions per latent cell
+                 (masks.mask_fractions), all zeros = unknown
         eps_hat  (B, h, w, c) predicted noise (any float dtype; cast to float32 here)
 
 Indexing convention (used everywhere, samplers.py included)
@@ -29,8 +31,9 @@ t ~ U{0, ..., T-1}, optionally weighted per example by Min-SNR-γ (Hang et al. 2
 w_t = min(SNR_t, γ) / SNR_t with SNR_t = alpha_bar_t / (1 - alpha_bar_t), which takes
 weight off the nearly clean steps (high SNR), whose gradients conflict with the rest.
 For classifier-free guidance (Ho & Salimans 2022) a conditional network is trained with
-each condition replaced by "unknown" (NaN) with probability ``cond_dropout``, so that it
-also predicts eps_u = eps(x_t, t, unknown); samplers.py combines the two predictions.
+each condition (each label variable, and the tissue mask as a whole) replaced by "unknown"
+(NaN; a zero mask) with probability ``cond_dropout``, so that it also predicts
+eps_u = eps(x_t, t, unknown); samplers.py combines the two predictions.
 
 ``LatentDiffusion`` is a ``keras.Model`` with a custom ``train_step`` (in the spirit of the
 keras.io DDIM example), so ``fit()`` gives callbacks, progress bars, ``tf.distribute``,
@@ -184,12 +187,12 @@ def q_sample(schedule: NoiseSchedule, x0: tf.Tensor, t: tf.Tensor, noise: tf.Ten
     ) * tf.cast(noise, x0.dtype)
 
 
-def predict_eps(network, x_t, t, cond=None, training: bool = False) -> tf.Tensor:
-    """network(x_t, t[, cond]) as float32: cond is passed only when given (see the module
-    docstring), so unconditional networks keep the two-argument contract."""
-    if cond is None:
-        return tf.cast(network(x_t, t, training=training), tf.float32)
-    return tf.cast(network(x_t, t, cond, training=training), tf.float32)
+def predict_eps(network, x_t, t, cond=None, training: bool = False, tissue=None) -> tf.Tensor:
+    """network(x_t, t[, cond][, tissue=tissue]) as float32: cond and tissue are passed only when
+    given (see the module docstring), so unconditional networks keep the two-argument contract."""
+    args = () if cond is None else (cond,)
+    kwargs = {} if tissue is None else {"tissue": tissue}
+    return tf.cast(network(x_t, t, *args, training=training, **kwargs), tf.float32)
 
 
 def epsilon_mse(
@@ -201,6 +204,7 @@ def epsilon_mse(
     training: bool = False,
     cond: tf.Tensor | None = None,
     min_snr_gamma: float = 0.0,
+    tissue: tf.Tensor | None = None,
 ) -> tf.Tensor:
     """The epsilon-prediction loss  mean over all elements of (noise - network(x_t, t))^2,
     each example's share × min(SNR_t, γ) / SNR_t when `min_snr_gamma` γ > 0 (module docstring).
@@ -214,13 +218,15 @@ def epsilon_mse(
         training: passed to the network.
         cond: (B, K) float32 conditions (NaN = unknown) for a conditional network, or None.
         min_snr_gamma: γ of the Min-SNR weighting; 0: unweighted.
+        tissue: (B, h, w, M) float32 mask class fractions (zeros = unknown) for a
+            mask-conditioned network, or None.
 
     Returns:
         A float32 scalar: the mean over this batch (no cross-replica scaling).
     """
     t = tf.convert_to_tensor(t, tf.int32)
     x_t = q_sample(schedule, x0, t, noise)
-    eps_hat = predict_eps(network, x_t, t, cond, training=training)
+    eps_hat = predict_eps(network, x_t, t, cond, training=training, tissue=tissue)
     per_example = tf.reduce_mean(tf.square(tf.cast(noise, tf.float32) - eps_hat), axis=[1, 2, 3])
     if min_snr_gamma > 0:
         alpha_bar = tf.gather(schedule.alphas_cumprod, t)
@@ -262,16 +268,18 @@ class LatentDiffusion(FitFixes, keras.Model):
     toward it (``ema <- d ema + (1 - d) w``). Sampling uses the EMA network by default.
 
     Data: each batch is x0, float32 latents (B, h, w, c) already multiplied by the latent
-    scale factor; or a dict ``{"latents": x0, "cond": c, "t": t, "noise": eps}``, every key
-    but "latents" optional: c (B, K) float32 conditions of a conditional network (NaN =
-    unknown), t (B,) int32 and eps like x0 fix the draws (for tests and debugging). Otherwise, per step,
+    scale factor; or a dict ``{"latents": x0, "cond": c, "tissue": m, "t": t, "noise": eps}``,
+    every key but "latents" optional: c (B, K) float32 conditions of a conditional network
+    (NaN = unknown), m (B, h, w, M) float32 mask class fractions of a mask-conditioned one
+    (zeros = unknown), t (B,) int32 and eps like x0 fix the draws (for tests and debugging). Otherwise, per step,
     t ~ U{0, ..., T-1} and eps ~ N(0, I) are drawn with stateless TF ops (XLA-friendly)
     from the seed in ``train_seed``, folded with the replica id so that replicas of a
     ``tf.distribute`` strategy draw different noise.
 
     Classifier-free guidance training: in ``train_step`` each condition of each example is
-    replaced by unknown (NaN) with probability ``cond_dropout``, drawn from the same seed as
-    t and eps (so the masks are part of the saved random stream); ``test_step`` keeps them.
+    replaced by unknown (NaN) with probability ``cond_dropout``, and so is each example's
+    tissue mask as a whole (by zeros, an independent draw), drawn from the same seed as t and eps
+    (so the dropouts are part of the saved random stream); ``test_step`` keeps them.
 
     ``train_seed`` / ``val_seed`` are int64 (2,) model variables [seed, counter]; each
     step uses the current value and increments the counter. They are ordinary weights,
@@ -402,17 +410,19 @@ class LatentDiffusion(FitFixes, keras.Model):
         return [self.loss_tracker]
 
     def _draws(self, data, seed_variable, dropout: float = 0.0):
-        """(x0, t, eps, cond) for a batch: from the data if given, else drawn (see the class
-        docstring); each condition dropped to unknown with probability `dropout`."""
+        """(x0, t, eps, cond, tissue) for a batch: from the data if given, else drawn (see the
+        class docstring); each condition, and each tissue mask, dropped to unknown with probability
+        `dropout`."""
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         if isinstance(x, dict):
-            x0, t, noise, cond = x["latents"], x.get("t"), x.get("noise"), x.get("cond")
+            x0, t, noise, cond, tissue = x["latents"], x.get("t"), x.get("noise"), x.get("cond"), x.get("tissue")
         else:
-            x0, t, noise, cond = x, None, None, None
+            x0, t, noise, cond, tissue = x, None, None, None, None
         x0 = tf.cast(x0, tf.float32)
         if not self.built:
             self.build(x0.shape)
-        if t is None or noise is None or (cond is not None and dropout > 0):
+        conditioned = cond is not None or tissue is not None
+        if t is None or noise is None or (conditioned and dropout > 0):
             state = tf.convert_to_tensor(seed_variable)  # read before the increment below
             seed_variable.assign_add(tf.constant([0, 1], tf.int64))
             # Stateless ops want int32 seeds under XLA (Keras' random ops cast the same way).
@@ -434,14 +444,27 @@ class LatentDiffusion(FitFixes, keras.Model):
             if dropout > 0:
                 drop = tf.random.stateless_uniform(tf.shape(cond), seed=fold_seed(seed, 2), alg=RNG_ALG) < dropout
                 cond = tf.where(drop, tf.constant(float("nan")), cond)
-        return x0, tf.cast(t, tf.int32), tf.cast(noise, tf.float32), cond
+        if tissue is not None:
+            tissue = tf.cast(tissue, tf.float32)
+            if dropout > 0:
+                drop = tf.random.stateless_uniform(tf.shape(tissue)[:1], seed=fold_seed(seed, 3), alg=RNG_ALG) < dropout
+                tissue = tf.where(drop[:, None, None, None], 0.0, tissue)
+        return x0, tf.cast(t, tf.int32), tf.cast(noise, tf.float32), cond, tissue
 
     def train_step(self, data):
         """One optimizer step on the epsilon-MSE, then one EMA update; returns {"loss": running mean}."""
-        x0, t, noise, cond = self._draws(data, self.train_seed, self.cond_dropout)
+        x0, t, noise, cond, tissue = self._draws(data, self.train_seed, self.cond_dropout)
         with tf.GradientTape() as tape:
             loss = epsilon_mse(
-                self.network, self.schedule, x0, t, noise, training=True, cond=cond, min_snr_gamma=self.min_snr_gamma
+                self.network,
+                self.schedule,
+                x0,
+                t,
+                noise,
+                training=True,
+                cond=cond,
+                min_snr_gamma=self.min_snr_gamma,
+                tissue=tissue,
             )
             # The optimizer SUM-all-reduces gradients across replicas, so each replica
             # differentiates its local mean / num_replicas and the sum is the gradient of the
@@ -457,8 +480,10 @@ class LatentDiffusion(FitFixes, keras.Model):
 
     def test_step(self, data):
         """The same loss, of the EMA network, without any update."""
-        x0, t, noise, cond = self._draws(data, self.val_seed)
-        loss = epsilon_mse(self.ema_network, self.schedule, x0, t, noise, cond=cond, min_snr_gamma=self.min_snr_gamma)
+        x0, t, noise, cond, tissue = self._draws(data, self.val_seed)
+        loss = epsilon_mse(
+            self.ema_network, self.schedule, x0, t, noise, cond=cond, min_snr_gamma=self.min_snr_gamma, tissue=tissue
+        )
         self.loss_tracker.update_state(loss)
         return self.replica_logs({"loss": self.loss_tracker.result()})
 

@@ -107,7 +107,6 @@ import figures  # noqa: E402
 import hardware  # noqa: E402
 import metrics  # noqa: E402
 import oracle  # noqa: E402
-import prepare  # noqa: E402
 import runs  # noqa: E402
 
 INCEPTION_NOTOP = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"  # Keras' cache name
@@ -444,12 +443,6 @@ def parse_guidance(text: str) -> list[float]:
     return values
 
 
-def run_splits(config) -> tuple[str, dict[str, list[str]]]:
-    """The run's data folder and its split, exactly as train.py made it (UserError if missing)."""
-    data_dir = prepare.resolve_data_dir(config.data.data)
-    return os.path.abspath(data_dir), dataset.find_splits(data_dir, seed=config.train.seed)
-
-
 def evaluate(
     run: runs.Run,
     data_dir: str,
@@ -463,7 +456,7 @@ def evaluate(
 ) -> dict:
     """Every metric of the module docstring for `run`, with its conditions, as a JSON-ready dict.
 
-    data_dir, splits: the run's data folder and {"train", "validate", "test": image paths} (`run_splits`).
+    data_dir, splits: the run's data folder and {"train", "validate", "test": image paths} (`runs.run_splits`).
     options: how to sample (`config.SamplingOptions`, steps resolved); guidance: classifier-free
     guidance weights of a conditioned run (the first gives the headline metrics; default
     [options.guidance]); oracle_steps: its training steps.
@@ -661,7 +654,7 @@ def run(argv: list[str]) -> None:
     options = cli.sampling_options(args, config, guidance=guidance[0])
     if args.oracle_steps < 1:
         raise cli.UserError(f"--oracle-steps must be positive, got {args.oracle_steps}")
-    data_dir, splits = run_splits(config)  # before the models: a missing data folder fails at once
+    data_dir, splits = runs.run_splits(config)  # before the models: a missing data folder fails at once
     loaded = runs.load_run(run_dir, encoder=True, precision=args.precision)
     runs.check_writable(run_dir)  # metrics.json goes there: fail now, not after the work
     results = evaluate(

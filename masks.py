@@ -163,6 +163,21 @@ def load_masks(paths, size: int) -> np.ndarray:
     )
 
 
+def mask_fractions(classes: np.ndarray, size: int) -> np.ndarray:
+    """Class indices (N, S, S) in 0..3 → float32 (N, size, size, 4): in each cell of a size × size
+    grid, the fraction of its (S / size)² pixels in each class (the one-hot map averaged over
+    the cell, "area" downsampling). Every cell sums to 1; the UNet of a mask-conditioned run
+    takes this at latent resolution (modules.UNet, where all zeros means "unknown").
+    ValueError when S is not a multiple of `size`."""
+    classes = np.asarray(classes)
+    n, height, width = classes.shape
+    if height != width or height % size:
+        raise ValueError(f"masks of {height}x{width} cannot be pooled onto a {size}x{size} grid")
+    f = height // size
+    one_hot = np.eye(len(CLASS_VALUES), dtype=np.float32)[classes]
+    return one_hot.reshape(n, size, f, size, f, len(CLASS_VALUES)).mean(axis=(2, 4))
+
+
 def read_paired_mask(image: str, mask: str) -> np.ndarray:
     """`read_mask`, and a `UserError` naming both files when the mask is not its image's size."""
     classes = read_mask(mask)

@@ -11,8 +11,10 @@ a run's config describes. Conventions:
   dtype with float32 variables; the attention math and every network's output are float32.
 
 ``UNet(dim=64, dim_mults=(1, 2, 4, 8), channels=1, ...)``, ``OriginalUNet`` (same arguments)
-    ``net(x_t, t)`` or, conditioned, ``net(x_t, t, cond)`` (cond (B, K) float32, NaN =
-    unknown) -> the predicted noise, float32 of x_t's shape. ``UNet`` is this project's
+    ``net(x_t, t)`` or, conditioned, ``net(x_t, t, cond, tissue=m)`` (cond (B, K) float32,
+    NaN = unknown; m (B, h, w, mask_classes) float32 tissue-mask class fractions, all 0 =
+    unknown)
+    -> the predicted noise, float32 of x_t's shape. ``UNet`` is this project's
     wiring (two skips per level), ``OriginalUNet`` the original design's (one skip per
     level; the ``seed`` preset's). Subclassed: ``net.build_for((h, w, c))`` creates the
     weights, e.g. before ``load_weights``.
@@ -278,12 +280,20 @@ class _UNetBase(keras.Model):
     ``dim``: the base width; ``dim_mults``: one width multiplier per level; ``channels``: the
     latent's; ``resnet_groups``: the ResnetBlocks' GroupNorm groups; ``attn_heads``,
     ``attn_dim_head``: the attention layers'; ``cond_categories``: per condition variable
-    its category count, 0 for a continuous one (empty: unconditional). ``init_dim`` is the
-    subclass's width after ``init_conv`` (a conv7x7).
+    its category count, 0 for a continuous one (empty: unconditional); ``mask_classes``: M,
+    the classes of a tissue mask the network is conditioned on (0: none). ``init_dim`` is
+    the subclass's width after ``init_conv`` (a conv7x7).
 
     The time MLP, sinusoid(t, dim) -> Dense(4 dim, GELU) -> Dense(4 dim), conditions every
     ResnetBlock; with ``cond_categories`` a ``ConditionEmbedding`` of cond (B, K) is added
     to it, so every block sees the conditions too, and ``cond=None`` means all unknown.
+
+    A tissue mask enters as the LDM paper's semantic synthesis does (Rombach et al. 2022,
+    sec. 4.3.2: the map at latent resolution concatenated to z_t): ``tissue`` (B, h, w, M)
+    holds, per latent cell, the fraction of its image pixels in each class
+    (``masks.mask_fractions``), and init_conv sees [x_t, tissue] (c + M channels). A known
+    mask sums to 1 in every cell, so all zeros is free to mean "unknown" (classifier-free
+    guidance drops it to that); ``tissue=None`` is all zeros.
     """
 
     layout = None  # the subclass's config.unet.unet_layout: "project" or "original"
@@ -297,6 +307,7 @@ class _UNetBase(keras.Model):
         attn_heads=4,
         attn_dim_head=32,
         cond_categories=(),
+        mask_classes=0,
         *,
         init_dim,
         **kwargs,
@@ -304,6 +315,7 @@ class _UNetBase(keras.Model):
         super().__init__(**kwargs)
         self.dim, self.dim_mults, self.channels = dim, tuple(dim_mults), channels
         self.cond_categories = tuple(int(c) for c in cond_categories)
+        self.mask_classes = int(mask_classes)
         self.resnet_groups = resnet_groups
         self.attn_heads, self.attn_dim_head = attn_heads, attn_dim_head
         if not self.dim_mults:
@@ -319,13 +331,24 @@ class _UNetBase(keras.Model):
             ConditionEmbedding(self.cond_categories, 4 * dim, name="cond_embedding") if self.cond_categories else None
         )
 
-    def _stem(self, x_t, t, cond):
-        """Check the inputs; return init_conv(x_t) and the time (+ condition) embedding (B, 4 dim)."""
+    def _stem(self, x_t, t, cond, tissue):
+        """Check the inputs; return init_conv([x_t, tissue]) and the time (+ condition) embedding (B, 4 dim)."""
         name = type(self).__name__
         check_divisible(x_t, self.downsample_factor, name)
         if x_t.shape[-1] is not None and x_t.shape[-1] != self.channels:
             raise ValueError(f"{name}: expected {self.channels} input channels, got {x_t.shape[-1]}")
-        x = self.init_conv(ops.cast(x_t, self.compute_dtype))
+        x = ops.cast(x_t, self.compute_dtype)
+        if self.mask_classes:
+            if tissue is None:  # no mask known: the unconditional model
+                tissue = ops.zeros((*ops.shape(x_t)[:-1], self.mask_classes))
+            elif tissue.shape[-1] is not None and tissue.shape[-1] != self.mask_classes:
+                raise ValueError(
+                    f"{name}: expected a tissue mask of {self.mask_classes} classes, got {tissue.shape[-1]}"
+                )
+            x = ops.concatenate([x, ops.cast(tissue, self.compute_dtype)], axis=-1)
+        elif tissue is not None:
+            raise ValueError(f"{name}: this network was built without a tissue-mask input (mask_classes=0)")
+        x = self.init_conv(x)
         time_emb = self.time_dense2(self.time_dense1(self.time_embedding(t)))
         if self.cond_embedding is not None:
             if cond is None:  # nothing known: the unconditional model
@@ -351,6 +374,7 @@ class _UNetBase(keras.Model):
             "attn_heads": self.attn_heads,
             "attn_dim_head": self.attn_dim_head,
             "cond_categories": list(self.cond_categories),
+            "mask_classes": self.mask_classes,
         }
 
 
@@ -359,12 +383,13 @@ class UNet(_UNetBase):
     """This project's denoising UNet (lucidrains-style): predicts the noise eps in x_t.
 
     ``UNet(dim=64, dim_mults=(1, 2, 4, 8), channels=1, ...)`` (the arguments: ``_UNetBase``).
-    ``unet(x_t, t, cond=None)``: x_t (B, h, w, channels), t (B,) int32, cond (B, K) float32
-    (NaN = unknown) -> eps, float32 of x_t's shape; h and w must be multiples of 2 **
-    (len(dim_mults) - 1). With dims = [dim] + [dim * m for m in dim_mults], level i works at
-    dims[i] and hands dims[i + 1] on; every ResnetBlock takes the time embedding:
+    ``unet(x_t, t, cond=None, tissue=None)``: x_t (B, h, w, channels), t (B,) int32, cond (B, K)
+    float32 (NaN = unknown), tissue (B, h, w, mask_classes) float32 -> eps, float32 of x_t's
+    shape; h and w must be multiples of 2 ** (len(dim_mults) - 1). With dims = [dim] +
+    [dim * m for m in dim_mults], level i works at dims[i] and hands dims[i + 1] on; every
+    ResnetBlock takes the time embedding:
 
-        init    conv7x7 -> dim (kept as r for the final block)
+        init    conv7x7 of [x_t, tissue] -> dim (kept as r for the final block)
         down i  ResnetBlock, ResnetBlock, LinearAttention (a skip saved after each
                 block), then stride-2 conv3x3 to dims[i+1]; the last level keeps
                 its resolution (conv3x3 to dims[i+1], stride 1)
@@ -418,8 +443,8 @@ class UNet(_UNetBase):
         self.final_block = ResnetBlock(2 * dim, dim, **block, name="final_block")
         self.final_conv = keras.layers.Conv2D(self.channels, 1, dtype="float32", name="final_conv")
 
-    def call(self, x_t, t, cond=None, training=None):
-        x, time_emb = self._stem(x_t, t, cond)
+    def call(self, x_t, t, cond=None, tissue=None, training=None):
+        x, time_emb = self._stem(x_t, t, cond, tissue)
         residual = x
 
         skips = []
@@ -502,8 +527,8 @@ class OriginalUNet(_UNetBase):
         self.final_block = ResnetBlock(dims[1], dim, **block, name="final_block")
         self.final_conv = keras.layers.Conv2D(self.channels, 1, dtype="float32", name="final_conv")
 
-    def call(self, x_t, t, cond=None, training=None):
-        x, time_emb = self._stem(x_t, t, cond)
+    def call(self, x_t, t, cond=None, tissue=None, training=None):
+        x, time_emb = self._stem(x_t, t, cond, tissue)
 
         skips = []
         for block1, block2, attn, *downsample in self.down_levels:

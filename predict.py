@@ -4,6 +4,7 @@
     python predict.py --run runs/demo --n 64 --steps 100 --seed 3
     python predict.py --run demo --sampler ddpm --out /tmp/samples
     python predict.py --run demo --condition slice=0.6 --guidance 3   # a conditioned run
+    python predict.py --run demo --mask seg_a.png seg_b.png           # a run conditioned on masks
 
 Options (`python predict.py --help`): --run RUN (a folder, or a name under runs/; default:
 the run whose config.json is newest), --n 16, --sampler ddim|dpmpp|ddpm, --steps (DDIM: 50,
@@ -13,7 +14,10 @@ png|png16|nifti (one or more), --out DIR (default RUN/predictions), --debug (tra
 instead of one-line errors; or set OASIS_LDM_DEBUG=1). A run trained with --condition also
 takes --condition NAME=VALUE ... (variables left out are unknown; none given: unconditional
 samples), --guidance W (classifier-free guidance weight, default 3) and --sweep NAME (the
-variable conditions.png sweeps; default: the first one not given with --condition).
+variable conditions.png sweeps; default: the first one not given with --condition). A run
+trained with --condition mask takes --mask FILE ... (tissue masks in the OASIS release's
+format: 8-bit grey PNGs, 0/85/170/255 = background/CSF/grey/white matter, square, any size;
+sample i is generated for mask i mod the number of masks).
 
 Writes to --out:
     samples.png          a grid of all samples
@@ -24,8 +28,11 @@ Writes to --out:
                          and its decoding at about six states, columns labelled with t
     interpolation.png    samples decoded along a spherical interpolation (slerp) between
                          the initial noises of samples 0 and 1
-    conditions.png       (conditioned runs) rows: the --sweep variable across its training
-                         range, with the other --condition values fixed; columns: seeds
+    conditions.png       (runs conditioned on labels) rows: the --sweep variable across its
+                         training range, with the other --condition values fixed; columns: seeds
+    masks.png            (runs conditioned on masks) rows: the --mask files, or without them
+                         masks of the validation split; the mask, then images for it from
+                         five seeds (with the --condition values, if any)
 
 Sampling uses the EMA UNet (unet_ema.weights.h5) and the decoder (decoder.weights.h5) of
 the run, rebuilt from its config.json, in float32 whatever precision the run trained in
@@ -60,6 +67,7 @@ from PIL import Image  # noqa: E402
 import conditioning  # noqa: E402
 import config as cfg  # noqa: E402
 import figures  # noqa: E402
+import masks  # noqa: E402
 import runs  # noqa: E402
 
 DENOISING_STATES = 6  # columns of denoising.png (fewer when the sampler has fewer steps)
@@ -97,13 +105,41 @@ def interpolate(
     points: int,
     options: cfg.SamplingOptions,
     condition: dict | None = None,
+    tissue_mask: np.ndarray | None = None,
 ) -> np.ndarray:
     """Decoded samples (points, H, W, 1) started from slerp(noise_a, noise_b) at evenly spaced
     fractions 0 … 1; noise_*: (h, w, c) initial noises x_T. With DDIM and eta = 0 the two ends
-    are exactly the samples of noise_a and noise_b (under the same `condition`, if any)."""
+    are exactly the samples of noise_a and noise_b (under the same `condition` and one
+    `tissue_mask` (S, S), if any)."""
     noises = slerp(noise_a, noise_b, np.linspace(0.0, 1.0, points))
     one_batch = dataclasses.replace(options, batch_size=points)
-    return runs.generate(run, points, one_batch, progress=False, condition=condition, initial_noise=noises).images
+    return runs.generate(
+        run, points, one_batch, progress=False, condition=condition, tissue_masks=tissue_mask, initial_noise=noises
+    ).images
+
+
+# ---------------------------------------------------------------------------- tissue masks
+
+MASK_ROWS = 6  # validation masks in masks.png when no --mask is given
+
+
+def read_mask_files(paths: list[str]) -> np.ndarray:
+    """--mask files as uint8 class indices (M, S, S), each resized to the first one's size by
+    nearest neighbour; UserError (one line, naming the file) for an unreadable or non-square
+    mask or a grey level outside the release's classes (masks.read_mask)."""
+    classes = [masks.read_mask(path) for path in paths]
+    for path, mask in zip(paths, classes, strict=True):
+        if mask.shape[0] != mask.shape[1]:
+            raise cli.UserError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]}; masks must be square")
+    return np.stack([masks.resize_mask(mask, classes[0].shape[0]) for mask in classes])
+
+
+def validation_masks(run: runs.Run, count: int) -> tuple[np.ndarray, list[str]]:
+    """`count` masks of the run's validation split, evenly spaced over it (uint8 (count, S, S) at
+    the run's image size), and their file names."""
+    _, paths = runs.split_masks(run.config)
+    chosen = [paths[i] for i in np.unique(np.linspace(0, len(paths) - 1, count).round().astype(int))]
+    return masks.load_masks(chosen, run.config.data.image_size), [os.path.basename(p) for p in chosen]
 
 
 # ---------------------------------------------------------------------------- writing
@@ -198,24 +234,36 @@ def write_predictions(
     condition: dict | None = None,
     sweep: str | None = None,
     formats=("png",),
+    tissue_masks: np.ndarray | None = None,
+    mask_names: list[str] | None = None,
 ) -> list[str]:
     """Sample and write every output file of predict.py to `out_dir` (an existing folder); returns
     the file names written. options, condition: as runs.generate; sweep: the variable of
-    conditions.png (conditioned runs only); formats: of the per-sample files (`FORMATS`)."""
+    conditions.png (runs conditioned on labels only); formats: of the per-sample files
+    (`FORMATS`); tissue_masks: uint8 (M, S, S) masks of a mask-conditioned run, sample i
+    generated for mask i mod M, with their `mask_names` (None: the mask is unknown)."""
     T = run.config.diffusion.timesteps
     options = options.resolved(T)
     seed, guidance, batch_size = options.seed, options.guidance, options.batch_size
     num_states = min(DENOISING_STATES, options.network_evaluations(T) + 1)
-    samples = runs.generate(run, n, options, num_states=num_states, condition=condition)
+    per_sample = None if tissue_masks is None else tissue_masks[np.arange(n) % len(tissue_masks)]
+    samples = runs.generate(run, n, options, num_states=num_states, condition=condition, tissue_masks=per_sample)
     label = f"{run.name}: {options.label(T)}, seed {seed}"
     if condition:
-        label += ", " + ", ".join(f"{k} {v:g}" for k, v in condition.items()) + f", guidance {guidance:g}"
+        label += ", " + ", ".join(f"{k} {v:g}" for k, v in condition.items())
+    if tissue_masks is not None:
+        label += f", {len(tissue_masks)} mask{'s' if len(tissue_masks) > 1 else ''}"
+    if condition or tissue_masks is not None:
+        label += f", guidance {guidance:g}"
 
     figures.image_grid(samples.images, os.path.join(out_dir, "samples.png"), title=label)
     written = ["samples.png"]
-    asked = "".join(f" {k}={v:g}" for k, v in (condition or {}).items()) + (f" w={guidance:g}" if condition else "")
+    asked = "".join(f" {k}={v:g}" for k, v in (condition or {}).items())
+    guided = f" w={guidance:g}" if condition or tissue_masks is not None else ""
+    mask_of = [f" mask={mask_names[i % len(mask_names)]}" if mask_names else "" for i in range(n)]
     descriptions = [
         f"oasis-ldm {run.name} #{i} seed {seed} batch {batch_size} {options.sampler} {options.steps}{asked}"
+        f"{mask_of[i]}{guided}"
         for i in range(n)
     ]
     pngs = save_samples(samples.images, out_dir, formats, descriptions)
@@ -232,7 +280,8 @@ def write_predictions(
 
     if n >= 2:
         noise_a, noise_b = samples.states[0, 0], samples.states[0, 1]
-        images = interpolate(run, noise_a, noise_b, INTERPOLATION_POINTS, options, condition)
+        first_mask = None if tissue_masks is None else tissue_masks[0]
+        images = interpolate(run, noise_a, noise_b, INTERPOLATION_POINTS, options, condition, first_mask)
         fractions = np.linspace(0.0, 1.0, INTERPOLATION_POINTS)
         figures.image_grid(
             images,
@@ -255,6 +304,13 @@ def write_predictions(
         path = os.path.join(out_dir, "conditions.png")
         runs.conditions_figure(run, path, options, sweep, fixed)
         written.append("conditions.png")
+    if run.config.mask_classes:
+        if tissue_masks is None:
+            shown, names = validation_masks(run, MASK_ROWS)
+        else:
+            shown, names = tissue_masks[:MASK_ROWS], (mask_names or [])[:MASK_ROWS]
+        runs.masks_figure(run, os.path.join(out_dir, "masks.png"), shown, options, names, condition)
+        written.append("masks.png")
     return written + [os.path.basename(pngs[0]) + (f" … {os.path.basename(pngs[-1])}" if len(pngs) > 1 else "")]
 
 
@@ -279,6 +335,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--sweep", metavar="NAME", help="the variable conditions.png varies (default: the first)")
     parser.add_argument(
+        "--mask",
+        nargs="+",
+        metavar="FILE",
+        help="runs conditioned on masks: tissue-mask PNGs (grey levels 0/85/170/255 = background/CSF/grey/white "
+        "matter); sample i is generated for mask i mod the number of masks",
+    )
+    parser.add_argument(
         "--format",
         nargs="+",
         choices=FORMATS,
@@ -302,16 +365,22 @@ def run(argv: list[str]) -> None:
         conditioning.requested_values(config.condition_stats, condition, 1)
     if args.sweep and args.sweep not in (config.condition_stats or {}):
         raise cli.UserError(f"--sweep {args.sweep}: the run is not conditioned on it")
+    if args.mask and not config.mask_classes:
+        raise cli.UserError(f"--mask: {run_dir} was trained without tissue masks (--condition {cfg.MASK})")
+    tissue_masks = read_mask_files(args.mask) if args.mask else None
     loaded = runs.load_run(run_dir, precision=args.precision)
     out_dir = args.out or os.path.join(run_dir, "predictions")
     make_output_folder(out_dir)
     label = options.label(config.diffusion.timesteps)
     asked = "".join(f", {k}={v:g}" for k, v in condition.items())
-    if config.condition_stats:
-        asked += f", guidance {args.guidance:g}" if condition else ", no condition (unconditional)"
+    if args.mask:
+        asked += f", {len(args.mask)} mask{'s' if len(args.mask) > 1 else ''}"
+    if config.condition.condition:
+        asked += f", guidance {args.guidance:g}" if condition or args.mask else ", no condition (unconditional)"
     print(f"run {run_dir}: {args.n} sample{'s' if args.n != 1 else ''}, {label}, seed {args.seed}{asked}", flush=True)
     formats = tuple(dict.fromkeys(args.format))
-    written = write_predictions(loaded, out_dir, args.n, options, condition, args.sweep, formats)
+    names = [os.path.basename(path) for path in args.mask] if args.mask else None
+    written = write_predictions(loaded, out_dir, args.n, options, condition, args.sweep, formats, tissue_masks, names)
     print(f"wrote {out_dir}: {', '.join(written)}")
 
 

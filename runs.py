@@ -33,10 +33,13 @@ import tensorflow as tf
 import cli
 import conditioning
 import config as cfg
+import dataset
 import figures
 import hardware
 import keras_fixes
+import masks
 import metrics
+import prepare
 from autoencoder import AutoEncoder
 from cli import UserError
 from diffusion import LatentDiffusion, NoiseSchedule, make_schedule
@@ -105,6 +108,12 @@ def read_config(run_dir: str) -> cfg.RunConfig:
 
 
 # ---------------------------------------------------------------------------- the models of a config
+
+
+def run_splits(config: cfg.RunConfig) -> tuple[str, dict[str, list[str]]]:
+    """The run's data folder and its split, exactly as train.py made it (UserError if missing)."""
+    data_dir = prepare.resolve_data_dir(config.data.data)
+    return os.path.abspath(data_dir), dataset.find_splits(data_dir, seed=config.train.seed)
 
 
 def build_autoencoder(config: cfg.RunConfig) -> AutoEncoder:
@@ -367,12 +376,31 @@ def network_conditions(run: Run, condition: dict | None, n: int) -> np.ndarray |
     return conditioning.normalise(run.config.condition_stats, raw)
 
 
+def network_masks(run: Run, classes: np.ndarray | None, n: int) -> np.ndarray | None:
+    """The UNet's mask input (n, h, w, M) float32 (`masks.mask_fractions` at the latent size) of
+    tissue masks `classes`: uint8 class indices (n, S, S), or one mask (S, S) for all n, at any
+    square size (resized to the run's image size by nearest neighbour); None: no mask asked for.
+    UserError for a run trained without masks or a wrong number of masks."""
+    if classes is None:
+        return None
+    if not run.config.mask_classes:
+        raise UserError("this run was trained without tissue masks (--condition mask); it cannot take a mask")
+    classes = np.asarray(classes)
+    if classes.ndim == 2:
+        classes = np.broadcast_to(classes, (n, *classes.shape))
+    if classes.ndim != 3 or len(classes) != n:
+        raise UserError(f"expected one mask or {n} masks, got an array of shape {classes.shape}")
+    size = run.config.data.image_size
+    return masks.mask_fractions(np.stack([masks.resize_mask(c, size) for c in classes]), run.config.latent_size)
+
+
 def generate(
     run: Run,
     n: int,
     options: cfg.SamplingOptions | None = None,
     *,
     condition: dict | None = None,
+    tissue_masks: np.ndarray | None = None,
     guidance: float | None = None,
     num_states: int = 0,
     progress: bool = True,
@@ -384,10 +412,12 @@ def generate(
     `config.SamplingOptions()`: DDIM 50 steps, seed 0); `guidance`, when given, replaces
     options.guidance. condition: for a conditioned run, {variable: value} or {variable: n
     values} in the labels' units (e.g. {"slice": 0.6, "age": 80}); variables left out are
-    unknown, and None samples unconditionally. The guidance weight w of
-    eps_u + w (eps_c − eps_u) applies only with a condition (1: conditional only; any other
-    w doubles the UNet's batch). initial_noise: (n, h, w, c) starting noises x_T, or None to
-    draw them from the seeds.
+    unknown, and None samples unconditionally. tissue_masks: for a run conditioned on
+    masks, uint8 class indices (n, S, S) or one (S, S) mask for all (`network_masks`);
+    None: the mask is unknown. The guidance weight w of eps_u + w (eps_c − eps_u) applies
+    only with a condition or a mask (1: conditional only; any other w doubles the UNet's
+    batch). initial_noise: (n, h, w, c) starting noises x_T, or None to draw them from the
+    seeds.
 
     The sampler's x0 estimate is clipped to ± the run's `latent_max_abs` (the range of the
     training latents; no clipping for runs made before it was recorded): without it, a
@@ -405,6 +435,7 @@ def generate(
     options = options.resolved(T)
     options.validate(T, n)
     cond = network_conditions(run, condition, n)
+    mask = network_masks(run, tissue_masks, n)
     batch = options.batch_size
     sizes = [min(batch, n - start) for start in range(0, n, batch)]
     bar = keras.utils.Progbar(len(sizes), unit_name="batch") if progress else None
@@ -417,6 +448,7 @@ def generate(
             num_intermediates=num_states,
             clip_x0=run.config.latent_max_abs,
             cond=None if cond is None else cond[rows],
+            tissue=None if mask is None else mask[rows],
             initial_noise=None if initial_noise is None else initial_noise[rows],
         )
         if num_states:
@@ -493,3 +525,76 @@ def conditions_figure(
         row_labels=[f"{variable} {v:.2f}" for v in values],
         column_labels=[f"seed {c}" for c in range(CONDITION_COLUMNS)],
     )
+
+
+MASK_COLUMNS = 5  # seeds (initial noises) in masks.png
+
+
+def mask_grid(
+    run: Run,
+    classes: np.ndarray,
+    columns: int,
+    options: cfg.SamplingOptions,
+    condition: dict | None = None,
+) -> np.ndarray:
+    """Decoded samples (R, columns, H, W, 1) in [-1, 1] for R tissue masks `classes` (R, S, S):
+    row r is generated for mask r (plus the label `condition`, if any), column c starts every
+    row from the same initial noise (seeded by `options.seed`), so a row-to-row change is the
+    mask's doing."""
+    classes = np.asarray(classes)
+    rows = len(classes)
+    noise = np.random.default_rng(options.seed).standard_normal((columns, *run.latent_shape)).astype(np.float32)
+    images = generate(
+        run,
+        rows * columns,
+        options,
+        progress=False,
+        condition=condition,
+        tissue_masks=np.repeat(classes, columns, axis=0),
+        initial_noise=np.tile(noise, (rows, 1, 1, 1)),
+    ).images
+    return images.reshape((rows, columns, *images.shape[1:]))
+
+
+def mask_image(classes: np.ndarray) -> np.ndarray:
+    """Class indices (..., S, S) → a grey picture (..., S, S, 1) in [-1, 1] (the release's grey
+    levels 0/85/170/255), for figures."""
+    return np.asarray(masks.CLASS_VALUES, np.float32)[np.asarray(classes)][..., None] / 127.5 - 1.0
+
+
+def masks_figure(
+    run: Run,
+    path: str,
+    classes: np.ndarray,
+    options: cfg.SamplingOptions,
+    row_labels=(),
+    condition: dict | None = None,
+) -> None:
+    """masks.png of a mask-conditioned run: one row per tissue mask of `classes` (R, S, S), the
+    mask first (grey levels: background, CSF, grey matter, white matter from dark to light),
+    then `MASK_COLUMNS` samples generated for it from the seeds of `mask_grid`; DDIM's eta is
+    0 here, so that rows differ by their masks only."""
+    T = run.config.diffusion.timesteps
+    options = dataclasses.replace(options, eta=0.0, steps=min(options.resolved(T).steps, T))
+    size = run.config.data.image_size
+    classes = np.stack([masks.resize_mask(c, size) for c in np.asarray(classes)])
+    images = mask_grid(run, classes, MASK_COLUMNS, options, condition)
+    shown = np.concatenate([mask_image(classes)[:, None], images], axis=1)
+    also = "".join(f", {name} {value:g}" for name, value in (condition or {}).items())
+    figures.image_grid(
+        shown,
+        path,
+        title=f"{run.name}: images for tissue masks{also}, guidance {options.guidance:g}, {options.label(T)}",
+        row_labels=list(row_labels),
+        column_labels=["mask"] + [f"seed {c}" for c in range(MASK_COLUMNS)],
+    )
+
+
+def split_masks(config: cfg.RunConfig, split: str = "validate") -> tuple[list[str], list[str]]:
+    """(image paths, their mask paths) of one split of the run's data (`run_splits`, paired by
+    `masks.find_masks`); UserError when the data folder has no tissue masks."""
+    data_dir, splits = run_splits(config)
+    paths = masks.find_masks(data_dir, splits)
+    if paths is None:
+        raise UserError(f"{data_dir} has no tissue masks ({masks.SEG_FOLDER.format(split)}/)")
+    return splits[split], paths[split]

@@ -23,9 +23,9 @@ and the last one, at index 0, returns x0_hat:
   with D = x0_hat (first order) or the multistep second-order
   D = (1 + 1/(2r)) x0_hat - 1/(2r) x0_hat_prev, r = h_prev / h (see ``Sampler.dpmpp``).
 
-Classifier-free guidance (Ho & Salimans 2022): given a cond and a weight w != 1,
-eps_hat = eps_u + w (eps_c - eps_u), both halves from one network call on a doubled batch
-whose second half has every condition unknown (NaN).
+Classifier-free guidance (Ho & Salimans 2022): given a cond and/or a tissue mask and a
+weight w != 1, eps_hat = eps_u + w (eps_c - eps_u), both halves from one network call on a
+doubled batch whose second half has every condition unknown (NaN) and a zero mask.
 
 ``Sampler.sample(shape, options)`` runs the sampler a ``config.SamplingOptions`` names;
 ``ddpm``, ``ddim`` and ``dpmpp`` take their settings one by one. Latents are on the
@@ -121,6 +121,7 @@ class Sampler:
         clip_x0: float | None = None,
         initial_noise=None,
         cond=None,
+        tissue=None,
     ):
         """The sampler `options.sampler` names, with the settings of `options` it takes
         (`SAMPLER_SETTINGS`: DDIM steps and eta, DPM-Solver++ steps; DDPM runs all T), its
@@ -136,6 +137,7 @@ class Sampler:
             clip_x0=clip_x0,
             initial_noise=initial_noise,
             cond=cond,
+            tissue=tissue,
             guidance=options.guidance,
             **settings,
         )
@@ -149,6 +151,7 @@ class Sampler:
         initial_noise=None,
         cond=None,
         guidance: float = 1.0,
+        tissue=None,
     ):
         """Ancestral DDPM sampling over all T steps (Ho et al. 2020, algorithm 2).
 
@@ -171,9 +174,12 @@ class Sampler:
             cond: (B, K) float32 normalised conditions for a conditional network (NaN =
                 unknown; see the module docstring), or None: the network is called
                 without one (a conditional UNet then treats every variable as unknown).
-            guidance: classifier-free guidance weight w, used when ``cond`` is given:
-                eps_hat = eps_u + w (eps_c - eps_u); w = 1 (the default) makes one plain
-                conditional call per step, any other w one call on the doubled batch.
+            guidance: classifier-free guidance weight w, used when ``cond`` or ``tissue`` is
+                given: eps_hat = eps_u + w (eps_c - eps_u); w = 1 (the default) makes one
+                plain conditional call per step, any other w one call on the doubled batch.
+            tissue: (B, h, w, M) float32 tissue-mask class fractions per latent cell
+                (masks.mask_fractions) for a mask-conditioned network, or None (the
+                network then sees the mask as unknown).
 
         Returns:
             ``latents``: float32 (B, h, w, c) if K = 0; otherwise the tuple
@@ -190,6 +196,7 @@ class Sampler:
             clip_x0=clip_x0,
             initial_noise=initial_noise,
             cond=cond,
+            tissue=tissue,
             guidance=guidance,
         )
 
@@ -204,6 +211,7 @@ class Sampler:
         initial_noise=None,
         cond=None,
         guidance: float = 1.0,
+        tissue=None,
     ):
         """DDIM sampling (Song et al. 2021, eq. 12) over S = ``steps`` evenly spaced indices.
 
@@ -220,7 +228,8 @@ class Sampler:
             steps: S in [1, T].
             eta: >= 0, the amount of fresh noise (0 deterministic, 1 DDPM-like; values
                 above 1 are allowed but leave the DDIM family).
-            seed, num_intermediates, clip_x0, initial_noise: as in ``ddpm`` (K up to S + 1).
+            seed, num_intermediates, clip_x0, initial_noise, cond, guidance, tissue: as in
+                ``ddpm`` (K up to S + 1).
 
         Returns:
             As ``ddpm``; timesteps are the noising steps of each state, T for the
@@ -237,6 +246,7 @@ class Sampler:
             clip_x0=clip_x0,
             initial_noise=initial_noise,
             cond=cond,
+            tissue=tissue,
             guidance=guidance,
             eta=float(eta),
         )
@@ -251,6 +261,7 @@ class Sampler:
         initial_noise=None,
         cond=None,
         guidance: float = 1.0,
+        tissue=None,
     ):
         """DPM-Solver++(2M) (Lu et al. 2022): deterministic, ``steps`` network calls.
 
@@ -288,8 +299,8 @@ class Sampler:
         Args:
             shape: (B, h, w, c) of the latents, Python ints.
             steps: S in [1, T], the number of network evaluations.
-            seed, num_intermediates, clip_x0, initial_noise: as in ``ddpm`` (K up to S + 1).
-                The seed only draws the initial noise: with ``initial_noise`` the result
+            seed, num_intermediates, clip_x0, initial_noise, cond, guidance, tissue: as in
+                ``ddpm`` (K up to S + 1). The seed only draws the initial noise: with ``initial_noise`` the result
                 does not depend on it.
 
         Returns:
@@ -310,12 +321,15 @@ class Sampler:
             clip_x0=clip_x0,
             initial_noise=initial_noise,
             cond=cond,
+            tissue=tissue,
             guidance=guidance,
         )
 
     # The graphs share the loop; only the update rule (and its extra state) differs.
 
-    def _run(self, fn, shape, visited, seed, num_intermediates, clip_x0, initial_noise, cond, guidance, **options):
+    def _run(
+        self, fn, shape, visited, seed, num_intermediates, clip_x0, initial_noise, cond, tissue, guidance, **options
+    ):
         """Validate, call the compiled ``fn`` (Python arguments are its trace key), label states."""
         shape = tuple(int(d) for d in shape)
         if len(shape) != 4 or min(shape) < 1:
@@ -328,6 +342,10 @@ class Sampler:
             cond = tf.cast(cond, tf.float32)
             if cond.shape.rank != 2 or cond.shape[0] != shape[0]:
                 raise ValueError(f"cond must be (B={shape[0]}, K), got {tuple(cond.shape)}")
+        if tissue is not None:
+            tissue = tf.cast(tissue, tf.float32)
+            if tissue.shape.rank != 4 or tuple(tissue.shape[:3]) != shape[:3]:
+                raise ValueError(f"tissue must be (B, h, w) = {shape[:3]} + (M,), got {tuple(tissue.shape)}")
         record = _recorded_states(len(visited), num_intermediates)
         _ensure_built(self.network, shape)
         clip = None if clip_x0 is None else float(clip_x0)
@@ -335,8 +353,9 @@ class Sampler:
             _seed_tensor(seed),
             initial_noise,
             cond,
+            tissue,
             tf.constant(guidance, tf.float32),  # a tensor: a new weight does not retrace
-            guided=cond is not None and float(guidance) != 1.0,
+            guided=(cond is not None or tissue is not None) and float(guidance) != 1.0,
             shape=shape,
             visited=tuple(visited.tolist()),
             record=tuple(record.tolist()),
@@ -349,7 +368,7 @@ class Sampler:
         labels = np.concatenate([visited[::-1] + 1, [0]])[record]
         return latents, intermediates, labels
 
-    def _ddpm_graph(self, seed, initial_noise, cond, guidance, guided, shape, visited, record, clip_x0):
+    def _ddpm_graph(self, seed, initial_noise, cond, tissue, guidance, guided, shape, visited, record, clip_x0):
         s = self.schedule
 
         def update(i, t, x, eps_hat, z):
@@ -361,9 +380,9 @@ class Sampler:
             std = tf.where(t > 0, tf.sqrt(s.posterior_variance[t]), 0.0)
             return mean + std * z
 
-        return self._loop(seed, initial_noise, (cond, guidance, guided), shape, visited, record, update)
+        return self._loop(seed, initial_noise, (cond, tissue, guidance, guided), shape, visited, record, update)
 
-    def _ddim_graph(self, seed, initial_noise, cond, guidance, guided, shape, visited, record, eta, clip_x0):
+    def _ddim_graph(self, seed, initial_noise, cond, tissue, guidance, guided, shape, visited, record, eta, clip_x0):
         s = self.schedule
         # alpha_bar of the index visited after visited[i] (visited[i - 1]); 1 after the last step.
         earlier = tf.constant(visited[:-1], tf.int32, shape=[len(visited) - 1])
@@ -379,9 +398,9 @@ class Sampler:
             direction = tf.sqrt(tf.maximum(1.0 - ab_prev - sigma**2, 0.0)) * eps_hat
             return tf.sqrt(ab_prev) * x0_hat + direction + sigma * z
 
-        return self._loop(seed, initial_noise, (cond, guidance, guided), shape, visited, record, update)
+        return self._loop(seed, initial_noise, (cond, tissue, guidance, guided), shape, visited, record, update)
 
-    def _dpmpp_graph(self, seed, initial_noise, cond, guidance, guided, shape, visited, record, clip_x0):
+    def _dpmpp_graph(self, seed, initial_noise, cond, tissue, guidance, guided, shape, visited, record, clip_x0):
         s = self.schedule
         coef = tf.constant(_dpmpp_coefficients(s, visited), tf.float32)
 
@@ -393,23 +412,27 @@ class Sampler:
 
         # The previous x0_hat is loop state; its weight is 0 at the first step.
         return self._loop(
-            seed, initial_noise, (cond, guidance, guided), shape, visited, record, update, carry=tf.zeros(shape)
+            seed, initial_noise, (cond, tissue, guidance, guided), shape, visited, record, update, carry=tf.zeros(shape)
         )
 
-    def _guided_eps(self, x, t, cond, guidance, guided):
-        """eps_hat for x (B, h, w, c) at index t: unconditional (cond None), conditional, or
-        guided, eps_u + w (eps_c - eps_u) from one call on the batch doubled with unknown conditions."""
+    def _guided_eps(self, x, t, cond, tissue, guidance, guided):
+        """eps_hat for x (B, h, w, c) at index t: unconditional (cond and tissue None), conditional,
+        or guided, eps_u + w (eps_c - eps_u) from one call on the batch doubled with unknown
+        conditions (NaN) and unknown masks (zeros)."""
         batch = x.shape[0]
         if not guided:
-            return predict_eps(self.network, x, tf.fill([batch], t), cond)
-        unknown = tf.fill(tf.shape(cond), float("nan"))
-        both = predict_eps(self.network, tf.concat([x, x], 0), tf.fill([2 * batch], t), tf.concat([cond, unknown], 0))
+            return predict_eps(self.network, x, tf.fill([batch], t), cond, tissue=tissue)
+        if cond is not None:
+            cond = tf.concat([cond, tf.fill(tf.shape(cond), float("nan"))], 0)
+        if tissue is not None:
+            tissue = tf.concat([tissue, tf.zeros_like(tissue)], 0)
+        both = predict_eps(self.network, tf.concat([x, x], 0), tf.fill([2 * batch], t), cond, tissue=tissue)
         eps_c, eps_u = both[:batch], both[batch:]
         return eps_u + guidance * (eps_c - eps_u)
 
     def _loop(self, seed, initial_noise, conditioning, shape, visited, record, update, carry=None):
         """Run ``update`` from ``initial_noise`` (None: fresh noise from ``seed``) over ``visited``
-        (noisiest first); return (x, intermediates). ``conditioning`` = (cond, guidance, guided),
+        (noisiest first); return (x, intermediates). ``conditioning`` = (cond, tissue, guidance, guided),
         see ``_guided_eps``.
 
         ``update(i, t, x, eps_hat, z) -> x``; or, if ``carry`` (extra loop state, a tensor or

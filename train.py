@@ -41,6 +41,7 @@ import config as cfg  # noqa: E402
 import dataset  # noqa: E402
 import figures  # noqa: E402
 import hardware  # noqa: E402
+import masks  # noqa: E402
 import prepare  # noqa: E402
 import runs  # noqa: E402
 from autoencoder import AutoEncoder  # noqa: E402
@@ -474,10 +475,16 @@ class TensorBoardSamples(keras.callbacks.Callback):
 
 
 def latent_batches(
-    latents: np.ndarray, batch_size: int, seed: int, skip: int = 0, cond: np.ndarray | None = None
+    latents: np.ndarray,
+    batch_size: int,
+    seed: int,
+    skip: int = 0,
+    cond: np.ndarray | None = None,
+    tissue: np.ndarray | None = None,
 ) -> tf.data.Dataset:
     """Endless batches (B, h, w, C) of `latents`, in a seeded order that changes every pass;
-    with `cond` (N, K), dicts {"latents": (B, h, w, C), "cond": (B, K)} of matching rows.
+    with `cond` (N, K) and/or `tissue` (N, h, w, M) mask fractions, dicts {"latents":
+    (B, h, w, C), "cond": (B, K), "tissue": (B, h, w, M)} of matching rows.
 
     The shuffle and `skip` act on indices, so skipping the latents that the done epochs
     used (a resumed run) costs no copying: with the same seed, skip = k·B starts exactly
@@ -485,11 +492,14 @@ def latent_batches(
     """
     with tf.device("/CPU:0"):  # not on GPU:0 first: tf.data captures the table on the host
         latents = tf.constant(latents)
-        cond = None if cond is None else tf.constant(cond, tf.float32)
+        tables = {"cond": cond, "tissue": tissue}
+        tables = {key: tf.constant(table, tf.float32) for key, table in tables.items() if table is not None}
 
     def gather(index):
         batch = tf.gather(latents, index)
-        return batch if cond is None else {"latents": batch, "cond": tf.gather(cond, index)}
+        if not tables:
+            return batch
+        return {"latents": batch, **{key: tf.gather(table, index) for key, table in tables.items()}}
 
     return (
         dataset.seeded_passes(len(latents), seed)
@@ -505,8 +515,8 @@ def latent_batches(
 def training_conditions(config: cfg.RunConfig, labels) -> np.ndarray | None:
     """The UNet's cond input (N, K) float32 of every training image, in the order of the
     latents of `encode_training_set` (so twice over when `flip` adds mirror images: a mirror
-    keeps its slice position, age, ...); None for an unconditional run."""
-    names = config.condition.condition
+    keeps its slice position, age, ...); None for a run not conditioned on labels."""
+    names = config.label_conditions
     if not names:
         return None
     raw = labels.values["train"][:, [labels.columns.index(name) for name in names]]
@@ -515,9 +525,9 @@ def training_conditions(config: cfg.RunConfig, labels) -> np.ndarray | None:
 
 
 def find_conditions(config: cfg.RunConfig, data_dir, splits: dict):
-    """The data's labels (dataset.Labels) for a conditioned run, with its condition statistics
-    measured on the training split when not saved yet; None for an unconditional run."""
-    names = config.condition.condition
+    """The data's labels (dataset.Labels) for a run conditioned on labels, with its condition
+    statistics measured on the training split when not saved yet; None otherwise."""
+    names = config.label_conditions
     if not names:
         return None
     labels = dataset.find_labels(data_dir, splits)
@@ -531,6 +541,37 @@ def find_conditions(config: cfg.RunConfig, data_dir, splits: dict):
     return labels
 
 
+def find_training_masks(config: cfg.RunConfig, data_dir, splits: dict) -> np.ndarray | None:
+    """The training split's tissue masks, uint8 class indices (N, S, S) at the run's image size
+    (nearest neighbour) in the order of splits["train"], for a run conditioned on masks; None
+    otherwise. Every split's masks are paired and read first (`masks.find_masks`,
+    `masks.check_masks`): a missing, orphaned, mis-sized or mis-valued mask is one error line
+    naming the file, before anything is written."""
+    if not config.mask_classes:
+        return None
+    paths = masks.find_masks(data_dir, splits)
+    if paths is None:
+        raise cli.UserError(
+            f"--condition {cfg.MASK} needs tissue masks, but {data_dir} has no "
+            f"{masks.SEG_FOLDER.format('<split>')} folders; train without it (--condition "
+            f"{','.join(config.label_conditions) or 'none'})"
+        )
+    for split, images in splits.items():
+        masks.check_masks(images, paths[split])
+    return masks.load_masks(paths["train"], config.data.image_size)
+
+
+def training_masks(config: cfg.RunConfig, train_masks: np.ndarray | None) -> np.ndarray | None:
+    """The UNet's mask input (N, h, w, M) float32 of every training image (`masks.mask_fractions`
+    at the latent size), in the order of the latents of `encode_training_set`: with `flip`,
+    the mirror images' masks, mirrored, follow. None for a run not conditioned on masks."""
+    if train_masks is None:
+        return None
+    if config.data.flip:
+        train_masks = np.concatenate([train_masks, train_masks[:, :, ::-1]])
+    return masks.mask_fractions(train_masks, config.latent_size)
+
+
 def train_diffusion(
     config: cfg.RunConfig,
     autoencoder: AutoEncoder,
@@ -538,9 +579,13 @@ def train_diffusion(
     strategy,
     resumed: bool,
     cond: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
 ) -> LatentDiffusion:
     """Fit the UNet on `latents` (N, h, w, C), already × scale factor, conditioned on `cond`
-    (N, K) when given; EMA weights are kept for sampling."""
+    (N, K) and `mask` (N, h, w, M) when given; EMA weights are kept for sampling."""
+    for table in (cond, mask):
+        if table is not None and len(table) != len(latents):  # an image failed to decode since it was checked
+            raise cli.UserError(f"{len(latents)} training latents but {len(table)} conditions; check the data folder")
     run_dir, t = config.train.out, config.train
     chief = is_chief(strategy)
     with strategy.scope():
@@ -556,7 +601,8 @@ def train_diffusion(
         f"diffusion: {len(latents)} latents of shape {latents.shape[1:]}, {steps} steps per epoch, "
         f"{per_execution} per execution"
     )
-    latent_ds = latent_batches(latents, t.batch_size, t.seed, skip=initial_epoch * steps * t.batch_size, cond=cond)
+    skip = initial_epoch * steps * t.batch_size
+    latent_ds = latent_batches(latents, t.batch_size, t.seed, skip=skip, cond=cond, tissue=mask)
     history_csv = os.path.join(run_dir, f"history_{LDM}.csv")
     if chief:
         truncate_history(history_csv, initial_epoch)
@@ -620,6 +666,7 @@ def run(argv: list[str]) -> None:
     data_dir = prepare.resolve_data_dir(config.data.data)
     splits = dataset.find_splits(data_dir, seed=config.train.seed)
     labels = find_conditions(config, data_dir, splits)  # and bad labels neither
+    train_masks = find_training_masks(config, data_dir, splits)  # nor bad masks
     replicas = strategy.num_replicas_in_sync
     reopened = args.resume or config.train.stage == "ldm"
     if config.train.scale_with_replicas and not reopened:
@@ -685,8 +732,9 @@ def run(argv: list[str]) -> None:
 
     if train_diffusion_now:
         resumed = args.resume or config.train.stage == "ldm"
-        cond = training_conditions(config, labels)
-        train_diffusion(config, autoencoder, latents * config.scale_factor, strategy, resumed=resumed, cond=cond)
+        cond, mask = training_conditions(config, labels), training_masks(config, train_masks)
+        scaled = latents * config.scale_factor
+        train_diffusion(config, autoencoder, scaled, strategy, resumed=resumed, cond=cond, mask=mask)
     print(f"done: {run_dir}")
 
 

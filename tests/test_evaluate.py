@@ -164,7 +164,7 @@ def test_memorisation_figure_shows_the_closest_samples_with_their_training_image
 def test_autoencoder_scores_average_over_images_not_batches(tiny_run):
     """Batches of 2, 2 and 1: the mean over the 5 images of numpy_ssim and of 10 log10(2² / MSE)."""
     run = runs.load_run(tiny_run, encoder=True)
-    _, splits = evaluate.run_splits(run.config)
+    _, splits = runs.run_splits(run.config)
     paths = splits["train"][:5]
     scores = evaluate.autoencoder_scores(run, paths, batch_size=2)
     x = evaluate.load_images(paths, 16, 5)
@@ -201,7 +201,7 @@ def test_evaluate_writes_metrics_json_and_the_memorisation_figure(tiny_run, no_k
     assert (m["n_train"], m["n_validation"], m["n_real"], m["nn_reference_images"]) == (21, 2, 2, 42)
     assert m["tensorflow"] == tf.__version__ and m["device"].startswith(("CPU", "NVIDIA", "GPU"))
 
-    _, splits = evaluate.run_splits(config)
+    _, splits = runs.run_splits(config)
     real = evaluate.load_images(splits["validate"], 16, 2)
     train = evaluate.load_images(splits["train"], 16, 8)
     train = np.concatenate([train, train[:, :, ::-1]])
