@@ -361,7 +361,8 @@ def make_slices(folder: str, count: int) -> list[str]:
     """`count` PNG slices in `folder`: the demo set's files copied round-robin (real MRI PNGs,
     the OASIS slices' size). Returns their paths."""
     demo = prepare.ensure_demo_dataset(os.path.join(folder, "demo"))
-    sources = sorted(glob.glob(os.path.join(demo, "*", "*.png")))
+    sources = sorted(glob.glob(os.path.join(demo, dataset.SPLIT_FOLDER.format("*"), "*.png")))
+    sources = [path for path in sources if "_seg_" not in path]  # images, not the tissue masks beside them
     out = os.path.join(folder, "slices")
     os.makedirs(out)
     paths = []

@@ -261,9 +261,9 @@ def write_predictions(
     asked = "".join(f" {k}={v:g}" for k, v in (condition or {}).items())
     guided = f" w={guidance:g}" if condition or tissue_masks is not None else ""
     mask_of = [f" mask={mask_names[i % len(mask_names)]}" if mask_names else "" for i in range(n)]
-    descriptions = [
-        f"oasis-ldm {run.name} #{i} seed {seed} batch {batch_size} {options.sampler} {options.steps}{asked}"
-        f"{mask_of[i]}{guided}"
+    descriptions = [  # the NIfTI header keeps 79 characters: the mask's name goes first
+        f"oasis-ldm {run.name} #{i}{mask_of[i]} seed {seed} batch {batch_size} {options.sampler} {options.steps}"
+        f"{asked}{guided}"
         for i in range(n)
     ]
     pngs = save_samples(samples.images, out_dir, formats, descriptions)

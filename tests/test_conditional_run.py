@@ -2,12 +2,13 @@
 
 The release: six "subjects", each the MNI152 T1 template of the demo set (real MRI,
 coarsened to 3 mm and with its own intensity gain) as an Analyze volume in the OASIS-1
-folder layout, and a clinical CSV giving them fake ages, sexes, CDRs and MMSEs (blanks for
-the young controls, as in OASIS). `dataset.py convert-oasis1 --clinical` turns it into
-PNG slices with labels.csv; train.py trains the tiny networks of conftest with
-`--condition slice,age,sex,cdr`; then sampling with every subset of the variables,
-predict.py's conditions and errors, and evaluate.py's conditioning metrics (exact resume
-with conditions: tests/test_conditioning.py).
+folder layout with its tissue classes as the FSL_SEG segmentation, and a clinical CSV
+giving them fake ages, sexes, CDRs and MMSEs (blanks for the young controls, as in OASIS).
+`dataset.py convert-oasis1 --clinical` turns it into PNG slices with labels.csv and masks;
+train.py trains the tiny networks of conftest with `--condition slice,age,sex,cdr,mask`
+(two epochs of each stage); then sampling with every subset of the variables and masks,
+predict.py's conditions, masks and errors, and evaluate.py's conditioning metrics (exact
+resume with conditions and masks: tests/test_conditioning.py).
 """
 
 import csv
@@ -18,10 +19,12 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
+from PIL import Image
 
 import config as cfg
 import dataset
 import evaluate
+import masks
 import predict
 import prepare
 import runs
@@ -30,7 +33,7 @@ from conftest import RUN_FLAGS, copy_of
 
 # One pytest-xdist worker runs this file (make test: --dist loadfile), so the trained run is made once.
 
-CONDITION = ["--condition", "slice,age,sex,cdr"]
+CONDITION = ["--condition", "slice,age,sex,cdr,mask", "--ae-epochs", "2", "--ldm-epochs", "2"]
 # ID, sex, age, MMSE, CDR (blank MMSE and CDR: a young control, as in OASIS-1)
 SUBJECTS = [
     ("OAS1_0001_MR1", "F", 74, 29, 0.0),
@@ -44,13 +47,17 @@ SUBJECTS = [
 
 def write_release(src, clinical_csv):
     """The release described in the module docstring, under `src`, and its clinical CSV."""
-    template = prepare._mni152_volumes()[0][::3, ::3, ::3].astype(np.float32)  # RAS, 3 mm
-    las = template[::-1]  # Analyze volumes are stored radiologically (to Left, Anterior, Superior)
+    template, tissue = (v[::3, ::3, ::3] for v in prepare._mni152_volumes())  # RAS, 3 mm
+    # Analyze volumes are stored radiologically (to Left, Anterior, Superior)
+    las, las_tissue = template[::-1].astype(np.float32), tissue[::-1]
     for i, (session, *_rest) in enumerate(SUBJECTS):
         folder = src / "disc1" / session / "PROCESSED" / "MPRAGE" / "T88_111"
         folder.mkdir(parents=True)
         volume = (las * (0.8 + 0.08 * i)).astype(np.int16)
-        nib.save(nib.AnalyzeImage(volume, np.eye(4)), folder / f"{session}_mpr_n4_anon_111_t88_masked_gfc.hdr")
+        name = f"{session}_mpr_n4_anon_111_t88_masked_gfc"
+        nib.save(nib.AnalyzeImage(volume, np.eye(4)), folder / f"{name}.hdr")
+        (src / "disc1" / session / "FSL_SEG").mkdir()
+        nib.save(nib.AnalyzeImage(las_tissue, np.eye(4)), src / "disc1" / session / "FSL_SEG" / f"{name}_fseg.hdr")
     with open(clinical_csv, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["ID", "M/F", "Hand", "Age", "Educ", "SES", "MMSE", "CDR", "eTIV", "nWBV", "ASF", "Delay"])
@@ -61,7 +68,7 @@ def write_release(src, clinical_csv):
 
 @pytest.fixture(scope="session")  # session, not module: xdist may interleave other files' tests
 def release(tmp_path_factory):
-    """The converted release: an OASIS-layout folder with labels.csv."""
+    """The converted release: an OASIS-layout folder with labels.csv and tissue masks."""
     root = tmp_path_factory.mktemp("oasis1")
     write_release(root / "raw", root / "oasis_cross-sectional.csv")
     out = root / "png"
@@ -89,7 +96,12 @@ def cond_run(release, tmp_path_factory):
     return out
 
 
-def test_conversion_writes_the_labels_training_needs(release):
+def test_conversion_writes_the_labels_and_masks_training_needs(release):
+    splits = dataset.find_splits(release)
+    found = masks.find_masks(release, splits)
+    assert all(len(found[split]) == len(splits[split]) > 0 for split in dataset.SPLITS)
+    classes = np.concatenate([masks.read_mask(path).ravel() for path in found["train"]])
+    assert set(np.unique(classes).tolist()) == {0, 1, 2, 3}
     with open(os.path.join(release, dataset.LABELS), newline="") as f:
         rows = list(csv.DictReader(f))
     assert {"slice", "age", "sex", "cdr", "mmse"} <= set(rows[0])
@@ -102,7 +114,8 @@ def test_conversion_writes_the_labels_training_needs(release):
 def test_a_conditioned_run_records_its_statistics_and_samples_every_subset(cond_run, release):
     config = json.load(open(os.path.join(cond_run, "config.json")))
     stats = config["condition_stats"]
-    assert list(stats) == ["slice", "age", "sex", "cdr"]
+    assert list(stats) == ["slice", "age", "sex", "cdr"]  # the mask has no statistics
+    assert config["condition"]["condition"] == ["slice", "age", "sex", "cdr", "mask"]
     assert stats["sex"]["categories"] == [0.0, 1.0] and stats["age"]["categories"] is None
     assert stats["slice"]["min"] == 0.0 and stats["slice"]["max"] == 1.0
     # Statistics of the training split only, unknowns left out.
@@ -115,7 +128,10 @@ def test_a_conditioned_run_records_its_statistics_and_samples_every_subset(cond_
     assert not os.path.exists(os.path.join(cond_run, "figures", "conditions.png"))  # predict.py renders it
 
     run = runs.load_run(cond_run)
-    asked = {"slice": 0.6, "age": 80.0, "sex": 1.0, "cdr": 1.0}
+    assert run.diffusion.ema_network.mask_classes == 4
+    _, mask_paths = runs.split_masks(run.config)
+    tissue = masks.read_mask(mask_paths[len(mask_paths) // 2])  # 256 px: generate resizes it
+    asked = {"slice": 0.6, "age": 80.0, "sex": 1.0, "cdr": 1.0, "mask": tissue}
     seen = []
     for k in range(len(asked) + 1):
         for subset in itertools.combinations(asked, k):
@@ -124,27 +140,32 @@ def test_a_conditioned_run_records_its_statistics_and_samples_every_subset(cond_
                 2,
                 cfg.SamplingOptions(steps=3, seed=1),
                 progress=False,
-                condition={v: asked[v] for v in subset},
+                condition={v: asked[v] for v in subset if v != "mask"},
+                tissue_masks=asked["mask"] if "mask" in subset else None,
                 guidance=3.0,
             ).images
             assert images.shape == (2, 16, 16, 1) and np.isfinite(images).all()
             seen.append(images)
-    assert len(seen) == 16
-    # Conditions change the samples (the same seed and noise otherwise).
+    assert len(seen) == 32
+    # Conditions change the samples (the same seed and noise otherwise), and so does the mask alone.
     assert not np.allclose(seen[0], seen[-1])
-    # Each sampler compiled once for all 16 subsets (and once more for the unguided first call).
-    assert run.sampler._ddim_fn.experimental_get_tracing_count() <= 2
+    assert not np.allclose(seen[0], seen[5])  # seen[5]: the mask alone
+    # The sampler compiled once per kind of input (nothing; labels; a mask; both), whatever the values.
+    assert run.sampler._ddim_fn.experimental_get_tracing_count() == 4
 
 
 @pytest.mark.slow
 def test_predict_takes_conditions_and_refuses_what_the_run_cannot_honour(cond_run, tiny_run, tmp_path, capsys):
+    bad, tall = tmp_path / "bad.png", tmp_path / "tall.png"
+    Image.fromarray(np.full((8, 8), 7, np.uint8)).save(bad)
+    masks.write_mask(np.zeros((8, 4), np.uint8), tall)
     out = tmp_path / "p"
     args = ["--run", cond_run, "--n", "2", "--steps", "3", "--out", str(out)]
     assert predict.main(args + ["--condition", "age=95", "sex=0", "--guidance", "2.5"]) == 0
     captured = capsys.readouterr()
     assert "age=95, sex=0, guidance 2.5" in captured.out
     assert "warning: condition age=95 is outside the training range" in captured.err
-    assert {"samples.png", "conditions.png", "interpolation.png"} <= set(os.listdir(out))
+    assert {"samples.png", "conditions.png", "interpolation.png", "masks.png"} <= set(os.listdir(out))
 
     cases = [
         (["--run", cond_run, "--condition", "height=3"], "not conditioned on 'height'; its condition variables are"),
@@ -152,6 +173,9 @@ def test_predict_takes_conditions_and_refuses_what_the_run_cannot_honour(cond_ru
         (["--run", cond_run, "--condition", "age"], "expected NAME=NUMBER"),
         (["--run", cond_run, "--sweep", "mmse"], "--sweep mmse: the run is not conditioned on it"),
         (["--run", tiny_run, "--condition", "slice=0.5"], "trained without conditioning; it cannot take slice"),
+        (["--run", tiny_run, "--mask", str(bad)], "was trained without tissue masks (--condition mask)"),
+        (["--run", cond_run, "--mask", str(bad)], "holds grey level(s) [7] outside the classes"),
+        (["--run", cond_run, "--mask", str(tall)], "is 4x8; masks must be square"),
     ]
     for argv, message in cases:
         assert predict.main(argv + ["--out", str(tmp_path / "never")]) == 1
@@ -184,3 +208,33 @@ def test_evaluate_reports_conditioning_errors_and_the_guidance_sweep(cond_run, t
     stamp = os.path.getmtime(os.path.join(run_dir, "oracle", "oracle.json"))
     assert evaluate.main(argv) == 0
     assert os.path.getmtime(os.path.join(run_dir, "oracle", "oracle.json")) == stamp
+
+
+@pytest.mark.slow
+def test_predict_generates_for_given_masks_and_draws_masks_png(cond_run, tmp_path, capsys):
+    _, mask_paths = runs.split_masks(runs.read_config(cond_run))
+    chosen = [mask_paths[0], mask_paths[-1]]
+    out = tmp_path / "p"
+    argv = ["--run", cond_run, "--n", "4", "--steps", "3", "--out", str(out), "--format", "png", "nifti"]
+    assert predict.main(argv + ["--mask", *chosen, "--condition", "slice=0.5"]) == 0
+    assert "slice=0.5, 2 masks, guidance 3" in capsys.readouterr().out
+    assert {"masks.png", "sample_003.png", "sample_003.nii.gz"} <= set(os.listdir(out))
+    # Sample i was asked for mask i mod 2, and says so in its NIfTI header.
+    described = nib.load(out / "sample_002.nii.gz").header["descrip"].tobytes().decode()
+    assert described.startswith(f"oasis-ldm cond #2 mask={os.path.basename(chosen[0])} seed 0"), described
+    # The files are those of runs.generate with the same masks and seed.
+    run = runs.load_run(cond_run)
+    tissue = predict.read_mask_files(chosen)
+    want = runs.generate(
+        run,
+        4,
+        cfg.SamplingOptions(steps=3),
+        condition={"slice": 0.5},
+        tissue_masks=tissue[[0, 1, 0, 1]],
+        progress=False,
+    ).images
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "sample_001.png")), predict.to_uint8(want[1])[:, :, 0])
+    # masks.png: one row per mask, the mask then MASK_COLUMNS samples.
+    grid = runs.mask_grid(run, tissue, runs.MASK_COLUMNS, cfg.SamplingOptions(steps=3, eta=0.0))
+    assert grid.shape == (2, runs.MASK_COLUMNS, 16, 16, 1) and np.isfinite(grid).all()
+    assert not np.allclose(grid[0], grid[1])  # the same noises, another mask

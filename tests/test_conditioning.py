@@ -277,3 +277,118 @@ def test_a_conditioned_fit_resumed_from_its_weights_continues_exactly(tmp_path):
     fit(resumed, cond, steps=3)
     for a, b in zip(straight.get_weights(), resumed.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- tissue masks
+
+MASK = 3  # mask classes of the tests' tissue-conditioned UNets
+
+
+def tissue(seed=0, n=3):
+    """(n, 4, 4, MASK) float32 class fractions per cell, each cell summing to 1."""
+    raw = np.random.default_rng(seed).random((n, *LATENT[:2], MASK)).astype(np.float32)
+    return raw / raw.sum(axis=-1, keepdims=True)
+
+
+def test_mask_unet_none_means_a_zero_mask_and_a_mask_changes_the_prediction():
+    unet = modules.UNet(**UNET_KW, mask_classes=MASK)
+    x, t = tf.random.normal((3, *LATENT), seed=1), tf.constant([0, 5, 9])
+    zero = unet(x, t, tissue=np.zeros((3, *LATENT[:2], MASK), np.float32))
+    np.testing.assert_array_equal(unet(x, t).numpy(), zero.numpy())
+    assert not np.allclose(unet(x, t, tissue=tissue()).numpy(), zero.numpy())
+    # init_conv sees the latent's channels and the mask's.
+    assert unet.init_conv.kernel.shape == (7, 7, LATENT[2] + MASK, UNET_KW["dim"])
+    clone = modules.UNet.from_config(unet.get_config())
+    assert clone.mask_classes == MASK
+    with pytest.raises(ValueError, match="expected a tissue mask of 3 classes, got 4"):
+        unet(x, t, tissue=np.zeros((3, *LATENT[:2], 4), np.float32))
+    plain = modules.UNet(**UNET_KW)
+    plain(x, t)
+    with pytest.raises(ValueError, match="built without a tissue-mask input"):
+        plain(x, t, tissue=tissue())
+    assert (
+        modules.UNet.from_config({k: v for k, v in plain.get_config().items() if k != "mask_classes"}).mask_classes == 0
+    )
+
+
+class TissueEcho(keras.layers.Layer):
+    """eps_hat = the fraction of class 0 in each cell (0 for an unknown, all-zero mask)."""
+
+    def call(self, x_t, t, tissue=None, training=None):
+        if tissue is None:
+            return tf.zeros_like(x_t)
+        return tf.zeros_like(x_t) + tissue[..., :1]
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp"])
+def test_guidance_with_a_mask_is_eps_u_plus_w_times_the_difference_and_zero_is_unconditional(sampler):
+    schedule = D.make_schedule("linear", 20, 0.005, 0.2)
+    mask = tissue(4)
+    guided = S.Sampler(TissueEcho(), schedule)
+
+    class Scaled(keras.layers.Layer):  # what w = 2.5 must amount to: 2.5 × the class-0 fraction
+        def call(self, x_t, t, training=None):
+            return tf.zeros_like(x_t) + 2.5 * mask[..., :1]
+
+    got = getattr(guided, sampler)((3, *LATENT), steps=6, seed=2, tissue=mask, guidance=2.5)
+    want = getattr(S.Sampler(Scaled(), schedule), sampler)((3, *LATENT), steps=6, seed=2)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+    zero = getattr(guided, sampler)((3, *LATENT), steps=6, seed=2, tissue=mask, guidance=0.0)
+    none = getattr(guided, sampler)((3, *LATENT), steps=6, seed=2)
+    np.testing.assert_allclose(zero.numpy(), none.numpy(), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"tissue must be \(B, h, w\) = \(3, 4, 4\)"):
+        guided.ddim((3, *LATENT), steps=3, tissue=mask[:2])
+
+
+def test_guidance_zero_with_a_mask_samples_the_unconditional_unet():
+    """A real mask-conditioned UNet: w = 0 with a mask (one call on the doubled batch) gives the
+    samples of the same network asked for nothing (its zero-mask half alone)."""
+    unet = modules.UNet(**UNET_KW, cond_categories=(0,), mask_classes=MASK)
+    sampler = S.Sampler(unet, D.make_schedule("linear", 20, 0.005, 0.2))
+    with_mask = sampler.ddim((3, *LATENT), steps=4, seed=1, tissue=tissue(), cond=np.ones((3, 1)), guidance=0.0)
+    unconditional = sampler.ddim((3, *LATENT), steps=4, seed=1)
+    np.testing.assert_allclose(with_mask.numpy(), unconditional.numpy(), rtol=1e-5, atol=1e-5)
+    guided = sampler.ddim((3, *LATENT), steps=4, seed=1, tissue=tissue(), guidance=3.0)
+    assert not np.allclose(guided.numpy(), unconditional.numpy(), atol=1e-4)
+
+
+def mask_model(dropout, seed=3):
+    keras.utils.set_random_seed(0)
+    unet = modules.UNet(**UNET_KW, mask_classes=MASK)
+    model = D.LatentDiffusion(unet, D.make_schedule("linear", 20, 0.005, 0.2), seed=seed, cond_dropout=dropout)
+    model.build((None, *LATENT))
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), run_eagerly=True)
+    return model
+
+
+def fit_masks(model, mask, steps=3):
+    x0 = np.random.default_rng(0).standard_normal((4, *LATENT)).astype(np.float32)
+    data = tf.data.Dataset.from_tensors({"latents": x0, "tissue": np.asarray(mask, np.float32)}).repeat()
+    model.fit(data, epochs=1, steps_per_epoch=steps, shuffle=False, verbose=0)
+    return [w.numpy() for w in model.network.weights]
+
+
+def test_mask_dropout_one_trains_exactly_the_unconditional_model_and_zero_does_not():
+    known = tissue(1, n=4)
+    dropped = fit_masks(mask_model(1.0), known)
+    unknown = fit_masks(mask_model(0.0), np.zeros_like(known))
+    for a, b in zip(dropped, unknown, strict=True):
+        np.testing.assert_array_equal(a, b)
+    kept = fit_masks(mask_model(0.0), known)
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(kept, unknown, strict=True)) > 0
+
+
+def test_a_mask_conditioned_fit_resumed_from_its_weights_continues_exactly(tmp_path):
+    mask = tissue(2, n=4)
+    straight = mask_model(0.5)
+    fit_masks(straight, mask, steps=6)
+    first = mask_model(0.5)
+    fit_masks(first, mask, steps=3)
+    path = str(tmp_path / "checkpoint.weights.h5")
+    first.save_weights(path)
+    resumed = mask_model(0.5)
+    resumed.optimizer.build(resumed.trainable_variables)
+    resumed.load_weights(path)
+    fit_masks(resumed, mask, steps=3)
+    for a, b in zip(straight.get_weights(), resumed.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)

@@ -252,3 +252,18 @@ def test_dice_known_answers():
     assert np.isnan(metrics.mean_dice(np.full((2, 3), np.nan))[0])
     with pytest.raises(ValueError, match=r"dice: masks of shapes \(2, 4, 4\) and \(4, 4\)"):
         metrics.dice(reference, reference[0])
+
+
+def test_mask_fractions_are_the_class_shares_of_each_cell():
+    classes = np.zeros((1, 4, 4), np.uint8)
+    classes[0, :2, :2] = [[1, 2], [3, 3]]  # top-left cell: one CSF, one grey, two white pixels
+    classes[0, 2:, 2:] = 2  # bottom-right cell: all grey matter
+    fractions = masks.mask_fractions(classes, 2)
+    assert fractions.shape == (1, 2, 2, 4) and fractions.dtype == np.float32
+    np.testing.assert_allclose(fractions[0, 0, 0], [0.0, 0.25, 0.25, 0.5])
+    np.testing.assert_allclose(fractions[0, 1, 1], [0.0, 0.0, 1.0, 0.0])
+    np.testing.assert_allclose(fractions[0, 0, 1], [1.0, 0.0, 0.0, 0.0])
+    np.testing.assert_allclose(fractions.sum(axis=-1), 1.0)  # every known cell sums to 1: zeros are free for "unknown"
+    np.testing.assert_array_equal(masks.mask_fractions(classes, 4)[0].argmax(-1), classes[0])  # one pixel a cell
+    with pytest.raises(ValueError, match="masks of 4x4 cannot be pooled onto a 3x3 grid"):
+        masks.mask_fractions(classes, 3)

@@ -16,6 +16,8 @@ import pytest
 import cli
 import train
 from conftest import ROOT, RUN_FLAGS, TINY, history_epochs, snapshot
+from test_dataset import save_png
+from test_masks import oasis_png_layout
 
 KILLED_TRAIN = os.path.join(ROOT, "tests", "killed_train.py")
 
@@ -114,6 +116,11 @@ BAD_INPUT = {
     "out inside a file": (["--out", "{tmp}/notes.txt/run"], "cannot create {tmp}/notes.txt/run: Not a directory"),
     "existing run": (["--out", "{tmp}/old"], "{tmp}/old already holds a run; add --resume to continue it"),
     "resume nothing": (["--out", "{tmp}/new", "--resume"], "{tmp}/new holds no run (no config.json) to resume"),
+    "mask without masks": (["--condition", "mask"], "--condition mask needs tissue masks, but"),
+    "mis-sized mask": (
+        ["--data", "{tmp}/masked", "--condition", "slice,mask"],
+        "mask {tmp}/masked/keras_png_slices_seg_validate/seg_102_slice_11.nii.png is 4x4, its image",
+    ),
 }
 
 
@@ -125,6 +132,8 @@ def test_bad_input_is_one_line_exit_1_and_writes_nothing(case, tiny_data, tmp_pa
     (tmp_path / "notes.txt").write_text("not a folder")
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "config.json").write_text('{"precious": true}')
+    oasis_png_layout(tmp_path / "masked")  # an OASIS PNG release with one mask of the wrong size
+    save_png(tmp_path / "masked" / "keras_png_slices_seg_validate" / "seg_102_slice_11.nii.png", np.zeros((4, 4), "u1"))
     before = snapshot(tmp_path)
     argv = TINY + ["--data", tiny_data, "--out", str(tmp_path / "new")] + [f.format(tmp=tmp_path) for f in flags]
 
