@@ -73,8 +73,8 @@ MNI152_WM = "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"  # white-matter p
 DEMO_SLABS = {"validate": ((0.35, 8), (0.65, 8)), "test": ((0.2, 4), (0.8, 4))}
 DEMO_GUARD = 3  # slices left out on each side of a slab: held-out slices are >= 4 mm from training ones
 # 1: every 10th slice to validate, every 20th to test (neighbours of training slices); 2: no labels.csv;
-# 3: no tissue masks
-DEMO_VERSION = 4
+# 3: no tissue masks; 4: masks with almost no CSF (the 0..255 probability maps read as 0..1)
+DEMO_VERSION = 5
 
 # The OASIS-1 cross-sectional clinical CSV (oasis_cross-sectional.csv): its ID column,
 # and {its column: our label}. Sex is coded M -> 0, F -> 1.
@@ -292,7 +292,8 @@ def _mni152_volumes() -> tuple[np.ndarray, np.ndarray]:
     like OASIS's T1 slices. Background stays 0.
 
     Tissue: the argmax of four probabilities per voxel: background 1 outside the brain
-    and 0 inside; grey and white matter from the template's probability maps;
+    and 0 inside; grey and white matter from the template's probability maps (stored as
+    0..255, divided by 255);
     CSF = max(0, 1 − GM − WM) inside it; "the brain" is where the uint8 image is above 0, so
     the mask's brain is exactly the image's.
     """
@@ -305,6 +306,8 @@ def _mni152_volumes() -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(nib.as_closest_canonical(nib.load(path)).dataobj, dtype=np.float32)
 
     volume, grey, white = load(MNI152_T1), load(MNI152_GM), load(MNI152_WM)
+    # nilearn ships the probability maps as 0..255 (uint8 NIfTI): back to probabilities in [0, 1].
+    grey, white = grey / 255.0, white / 255.0
     brain = volume > 0
     low = 0.5 * np.percentile(volume[brain], 1)
     high = np.percentile(volume[brain], 99.9)

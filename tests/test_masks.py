@@ -161,7 +161,8 @@ def test_the_demo_masks_pair_with_their_slices_and_follow_t1_contrast(tmp_path):
         for k in range(1, 4):
             if (classes == k).sum() > 50:
                 means[k].append(image[classes == k].mean())
-    assert (counts > 0).all()
+    brain = counts[1:].sum()
+    assert counts[1] > 0.03 * brain and counts[2] > 0.3 * brain and counts[3] > 0.2 * brain, counts  # ventricles: CSF
     csf, grey, white = (np.median(means[k]) for k in (1, 2, 3))
     assert csf + 30 < grey < white - 30, (csf, grey, white)
     assert "grey matter" in json.loads((out / "manifest.json").read_text())["masks"]
