@@ -14,11 +14,12 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 install: $(STAMP)
 
-# The main job: demo data set (once), train the demo preset (resumed if runs/demo exists), render samples.
+# The main job: demo data set (once), train the demo preset (resumed if runs/demo exists), render
+# samples with their tissue masks (image + mask pairs) and the figures of its conditions and masks.
 demo: $(STAMP)
 	$(PY) dataset.py demo
 	$(PY) train.py --out runs/demo $(if $(wildcard runs/demo/config.json),--resume)
-	$(PY) predict.py --run runs/demo
+	$(PY) predict.py --run runs/demo --pairs 16
 
 # Two pytest workers (pytest-xdist): most tests are single-threaded tracing and Python, so a
 # 2-core machine runs two at once. loadfile: each test file runs on one worker, so a file's

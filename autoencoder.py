@@ -1,5 +1,8 @@
 """The image autoencoder of oasis-ldm: residual encoder and decoder (the latent UNets are modules.py's).
 
+``build_mask_decoder(latent_channels, downsample_factor)``: latent -> tissue-mask logits at
+the image's size, the other half of an image + mask pair.
+
 ``AutoEncoder(image_channels=1, base_channels=64, channel_mults=(1, 2, 4), ..., layout="project")``
     ``encoder``: (B, H, W, image_channels) -> (B, H/f, W/f, latent_channels), float32;
     ``decoder``: back to (B, H, W, image_channels), float32 in [-1, 1]; f = 2 **
@@ -229,6 +232,32 @@ def build_decoder(
     x = keras.layers.Conv2D(image_channels, 3, padding="same", dtype="float32", name="to_image")(x)
     image = keras.layers.Activation("tanh", dtype="float32", name="tanh")(x)
     return keras.Model(z_in, image, name="decoder")
+
+
+def build_mask_decoder(latent_channels, downsample_factor, classes=4, width=32, groups=8):
+    """Functional mask decoder: latent (B, h, w, latent_channels) -> (B, h·f, w·f, classes)
+    float32 logits of the tissue mask, f = ``downsample_factor`` (a power of 2).
+
+    Beside the image decoder, it reads the tissue mask off the same (unscaled) latent, so a
+    generated latent decodes to an image and its mask (DatasetGAN-style label synthesis:
+    a small head trained on the latents of real images and their masks). conv3x3 to
+    ``width``; per halving, a stride-2 Conv2DTranspose 4x4 then conv3x3, each followed by
+    GroupNorm(``groups``) and SiLU; conv1x1 to ``classes`` (float32 under any dtype policy).
+    """
+    if downsample_factor < 1 or downsample_factor & (downsample_factor - 1):
+        raise ValueError(f"build_mask_decoder: downsample_factor must be a power of 2, got {downsample_factor}")
+    z_in = keras.Input((None, None, latent_channels), name="latent")
+    x = keras.layers.Conv2D(width, 3, padding="same", name="from_latent")(z_in)
+    for i in range(int(math.log2(downsample_factor))):
+        for kind, layer in (
+            ("upsample", keras.layers.Conv2DTranspose(width, 4, strides=2, padding="same", name=f"up{i}_upsample")),
+            ("conv", keras.layers.Conv2D(width, 3, padding="same", name=f"up{i}_conv")),
+        ):
+            x = layer(x)
+            x = keras.layers.GroupNormalization(groups, name=f"up{i}_{kind}_norm")(x)
+            x = keras.layers.Activation("silu", name=f"up{i}_{kind}_silu")(x)
+    logits = keras.layers.Conv2D(classes, 1, dtype="float32", name="to_logits")(x)
+    return keras.Model(z_in, logits, name="mask_decoder")
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

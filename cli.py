@@ -87,7 +87,8 @@ def quiet_tensorflow() -> None:
     Does nothing when the user set TF_CPP_MIN_LOG_LEVEL (they choose what to see). Otherwise
     sets it to 2 (TensorFlow's own warnings and errors still show; Python warnings are not
     affected) and captures file descriptor 2 while TensorFlow loads: lines of
-    `STARTUP_NOISE` are dropped, every other line is written to stderr afterwards.
+    `STARTUP_NOISE` are dropped, every other line is written to stderr afterwards; and drops
+    TensorFlow's "triggered tf.function retracing" advice from its Python logger.
     """
     if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
         return
@@ -99,6 +100,9 @@ def quiet_tensorflow() -> None:
     kept = [line for line in captured() if not STARTUP_NOISE.match(line)]
     if kept:
         print("\n".join(kept), file=sys.stderr, flush=True)
+    # samplers.Sampler compiles one trace per batch shape and kind of condition on purpose
+    # (predict.py's figures need several); TensorFlow's advice to avoid that is noise here.
+    tf.get_logger().addFilter(lambda record: "triggered tf.function retracing" not in record.getMessage())
 
 
 @contextlib.contextmanager

@@ -161,6 +161,11 @@ class TrainConfig:
         "autoencoder loss on [0, 1]: mse, l1, or l1_ssim = 0.16 L1 + 0.84 (1 − SSIM) (Zhao et al. 2017)",
         choices=AE_LOSSES,
     )
+    mask_decoder_steps: int = option(
+        300,
+        "steps of the mask decoder (latent -> tissue mask, so a sample decodes to an image + mask pair), trained "
+        "after the autoencoder when the data has masks; 0: none",
+    )
     ldm_epochs: int = option(20, "diffusion epochs")
     ldm_steps_per_epoch: int = option(
         100, "diffusion steps per epoch (0: one pass over the latents, rounded down to whole --steps-per-execution)"
@@ -502,7 +507,7 @@ def to_dict(config: RunConfig) -> dict:
 ADDED_SETTINGS = {
     "data": {"augment": False},
     "diffusion": {"min_snr_gamma": 0.0},
-    "train": {"ae_loss": "mse", "lr_schedule": "constant"},
+    "train": {"ae_loss": "mse", "lr_schedule": "constant", "mask_decoder_steps": 0},
 }
 
 

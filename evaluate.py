@@ -11,7 +11,8 @@ float32), --max-train N (compare with at most N training images in the nearest-n
 search, evenly spaced; default 0 = all), --inception-weights PATH (InceptionV3 "notop"
 weights for FID/KID), --guidance W[,W...] (conditioned runs: classifier-free guidance
 weights, the first gives the headline metrics, more make a sweep; default 3),
---oracle-steps 600 (training steps of the conditioning oracle), --debug.
+--oracle-steps 600 (training steps of the conditioning oracle), --segmenter-steps 600 (of
+the segmentation oracle, for runs conditioned on masks), --debug.
 
 Metrics (SSIM and MS-SSIM on images mapped from [-1, 1] to [0, 1] with max_val = 1,
 11-px Gaussian filter, as tf.image.ssim; see metrics.unit_range for why not on [-1, 1]):
@@ -60,6 +61,37 @@ asked for (all errors are medians of absolute differences, in the label's units)
 conditioning errors beside sample_nn_ssim_median and the diversity (`guidance_sweep` in
 metrics.json): the trade-off between following the condition and looking like the data.
 
+A run trained with --condition mask is also asked for the tissue masks of the real
+(validation) images, the mask alone (sample i gets real image i mod n_real's mask, the
+label variables unknown), and judged by the segmentation oracle, a small segmentation UNet
+trained on the real training pairs (oracle.py, cached in RUN/oracle/, --segmenter-steps;
+there: what it can and cannot tell). Dice is metrics.dice's, per tissue class (CSF, grey
+matter, white matter; background left out), averaged over the images where the class
+occurs, and mean_dice's mean over the three classes:
+        mask_dice_samples             Dice(requested mask, oracle(sample)); at each --guidance
+                                      weight in `mask_guidance_sweep`
+        mask_dice_unconditional       Dice(the same masks, oracle(unconditional sample)):
+                                      chance, what a sample that ignores the mask scores
+        mask_dice_real                Dice(validation mask, oracle(its image)): the oracle's
+                                      own accuracy, the ceiling
+        mask_dice_autoencoder         Dice(validation mask, oracle(the autoencoder's
+                                      reconstruction of its image)): what the run's decoder
+                                      keeps of the tissue, the ceiling of its samples
+        mask_dice_<kind>_<class>      the same per class (csf, grey_matter, white_matter)
+
+A run with a mask decoder (trained when its data has masks) is also measured on image +
+mask pairs (pairs.py: the method, and what each number can tell), as many as the training
+split has images, unconditional samples with the mask decoder's masks:
+        pair_dice                     Dice(a pair's mask, oracle(its image)), beside
+                                      mask_dice_real (or the oracle's Dice on real slices)
+        mask_nn_dice_median, _max     a pair's mask against its closest training mask (or
+                                      mirror): near 1 = a copied mask
+        real_mask_nn_dice_median      the same for the validation masks: the yardstick
+        seg_dice_real_only            the segmentation network trained on the real training
+        seg_dice_synthetic_only       pairs, on as many synthetic pairs, and on both (the same
+        seg_dice_real_plus_synthetic  steps, --segmenter-steps), each judged on the real test
+                                      split; per class too; seg_pairs_*: the pairs each used
+
 Also writes RUN/figures/memorisation.png: the 8 samples closest to an image the model
 trained on, each above that image, with their SSIM.
 
@@ -107,6 +139,7 @@ import figures  # noqa: E402
 import hardware  # noqa: E402
 import metrics  # noqa: E402
 import oracle  # noqa: E402
+import pairs  # noqa: E402
 import runs  # noqa: E402
 
 INCEPTION_NOTOP = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"  # Keras' cache name
@@ -314,6 +347,19 @@ def format_table(results: dict) -> str:
     rows = [head, "", f"{'metric':<26}{'value':>10}  meaning"]
     for key, meaning in DESCRIPTIONS.items():
         rows.append(f"{key:<26}{_shown(results.get(key)):>10}  {meaning}")
+    masked = [key for key in results if key.startswith("mask_dice_")]
+    if masked:
+        first = results["mask_guidance_sweep"][0]["guidance"]
+        rows.append(f"tissue masks (the segmentation oracle's Dice), guidance {first:g}:")
+        rows += [f"{key:<40}{_shown(results[key]):>10}" for key in masked]
+        rows += [
+            f"  w = {entry['guidance']:<6g}{_shown(entry['mask_dice_samples']):>10}  mask_dice_samples"
+            for entry in results["mask_guidance_sweep"][1:]
+        ]
+    paired = [key for key in results if key.startswith(("pair_dice", "mask_nn_", "real_mask_nn_", "seg_"))]
+    if paired:
+        rows.append("image + mask pairs (pairs.py):")
+        rows += [f"{key:<40}{_shown(results[key]):>10}" for key in paired]
     conditioned = [key for key in results if key.startswith("cond_")]
     if conditioned:
         rows.append(f"conditioned on {', '.join(results['condition_variables'])}, guidance {results['guidance']:g}:")
@@ -453,13 +499,15 @@ def evaluate(
     inception_weights: str | None = None,
     guidance: list[float] | None = None,
     oracle_steps: int = 600,
+    segmenter_steps: int = oracle.SEGMENTER_STEPS,
 ) -> dict:
     """Every metric of the module docstring for `run`, with its conditions, as a JSON-ready dict.
 
     data_dir, splits: the run's data folder and {"train", "validate", "test": image paths} (`runs.run_splits`).
     options: how to sample (`config.SamplingOptions`, steps resolved); guidance: classifier-free
     guidance weights of a conditioned run (the first gives the headline metrics; default
-    [options.guidance]); oracle_steps: its training steps.
+    [options.guidance]); oracle_steps: its training steps; segmenter_steps: the segmentation
+    oracle's (runs conditioned on masks).
     """
     started = time.time()
     config = run.config
@@ -504,6 +552,8 @@ def evaluate(
         cond_scores = conditioned_metrics(
             run, data, samples, real, nearest, references, sample, guidance, oracle_steps, batch_size
         )
+    mask_scores = mask_metrics(run, n, options, guidance, segmenter_steps) if config.mask_classes else {}
+    pair_scores = pair_metrics(run, options, segmenter_steps) if run.mask_decoder is not None else {}
     sample_nn, real_nn = nearest.scores[: len(samples)], nearest.scores[len(samples) :]
     figure = os.path.join(run.directory, "figures", "memorisation.png")
     memorisation_figure(samples, nearest, train_paths, figure, title=f"{run.name}: {len(samples)} samples")
@@ -552,6 +602,8 @@ def evaluate(
         "kid_real": _number(inception["kid_real"]),
         "fid_note": inception["fid_note"],
         **cond_scores,
+        **mask_scores,
+        **pair_scores,
         "memorisation_figure": figure,
         "notes": notes,
         "tensorflow": tf.__version__,
@@ -620,6 +672,76 @@ def conditioned_metrics(run, data, samples, real, nearest, references, sample, g
     }
 
 
+# ---------------------------------------------------------------------------- tissue masks
+
+
+def fit_segmenter(run: runs.Run, steps: int, batch_size: int) -> oracle.Segmenter:
+    """The run's segmentation oracle: loaded from RUN/oracle/ or trained there on the real
+    training images and their masks (flipped together)."""
+    config = run.config
+    images, masks_ = runs.split_masks(config, "train")
+
+    def make_train():
+        pairs = oracle.load_segmentation_pairs(images, masks_, config.data.image_size)
+        return oracle.segmentation_stream(*pairs, batch_size, seed=config.train.seed)
+
+    return oracle.load_or_train_segmenter(
+        run.directory, make_train, config.data.image_size, steps=steps, seed=config.train.seed
+    )
+
+
+def mask_metrics(run: runs.Run, n: int, options: cfg.SamplingOptions, guidance: list[float], steps: int) -> dict:
+    """The mask_dice_* metrics of the module docstring and `mask_guidance_sweep`."""
+    config = run.config
+    images, mask_paths = runs.split_masks(config, "validate")
+    if not images:
+        raise cli.UserError("mask metrics need validation images (their masks are what samples are asked for)")
+    real, real_masks = oracle.load_segmentation_pairs(images, mask_paths, config.data.image_size)
+    requested = real_masks[np.arange(n) % len(real_masks)]
+    print(f"segmentation oracle (cached in {os.path.join(run.directory, oracle.ORACLE_FOLDER)})", flush=True)
+    judge = fit_segmenter(run, steps, options.batch_size)
+    sweep = []
+    for w in guidance:
+        print(f"guidance {w:g}: sampling {n} images for the masks of {len(real)} validation images", flush=True)
+        samples = runs.generate(run, n, options, tissue_masks=requested, guidance=w).images
+        sweep.append({"guidance": w, **pairs.dice_scores(requested, judge.segment(samples), "mask_dice_samples")})
+    print(f"{n} unconditional samples (the chance level of the masks' Dice)", flush=True)
+    unconditional = runs.generate(run, n, options).images
+    return {
+        **{key: value for key, value in sweep[0].items() if key != "guidance"},
+        **pairs.dice_scores(requested, judge.segment(unconditional), "mask_dice_unconditional"),
+        **pairs.dice_scores(real_masks, judge.segment(real), "mask_dice_real"),
+        **pairs.dice_scores(
+            real_masks, judge.segment(runs.reconstruct(run, real, options.batch_size)), "mask_dice_autoencoder"
+        ),
+        "mask_requests": f"the masks of the {len(real)} real (validation) images, cycled to {n}; labels unknown",
+        "segmenter": {key: judge.info.get(key) for key in ("steps", "seconds", "loss")},
+        "mask_guidance_sweep": sweep,
+    }
+
+
+def pair_metrics(run: runs.Run, options: cfg.SamplingOptions, steps: int) -> dict:
+    """The pair_* and seg_* metrics of the module docstring (pairs.py: what they mean)."""
+    config, size, batch = run.config, run.config.data.image_size, options.batch_size
+    real_train = oracle.load_segmentation_pairs(*runs.split_masks(config, "train"), size)
+    test = oracle.load_segmentation_pairs(*runs.split_masks(config, "test"), size)
+    _, validation_masks = oracle.load_segmentation_pairs(*runs.split_masks(config, "validate"), size)
+    if not len(test[0]):
+        raise cli.UserError("the usefulness of image + mask pairs is judged on the test split, which is empty")
+    count = len(real_train[0])
+    print(f"{count} image + mask pairs (unconditional samples, the mask decoder's masks)", flush=True)
+    synthetic = pairs.synthesize(run, count, options)
+    judge = fit_segmenter(run, steps, batch)
+    both = tuple(np.concatenate([r, s]) for r, s in zip(real_train, synthetic, strict=True))
+    sets = {"real_only": real_train, "synthetic_only": synthetic, "real_plus_synthetic": both}
+    return {
+        **pairs.pair_scores(synthetic, judge, real_train[1], validation_masks),
+        **pairs.usefulness(sets, test, steps, batch, seed=config.train.seed),
+        "seg_steps": steps,
+        "seg_test_pairs": len(test[0]),
+    }
+
+
 # ---------------------------------------------------------------------------- command line
 
 
@@ -642,6 +764,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--oracle-steps", type=int, default=600, help="training steps of the conditioning oracle (default: 600)"
     )
+    parser.add_argument(
+        "--segmenter-steps",
+        type=int,
+        default=oracle.SEGMENTER_STEPS,
+        help=f"runs conditioned on masks: the segmentation oracle's training steps (default: {oracle.SEGMENTER_STEPS})",
+    )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     return parser.parse_args(argv)
 
@@ -652,13 +780,24 @@ def run(argv: list[str]) -> None:
     config = runs.read_config(run_dir)
     guidance = parse_guidance(args.guidance)
     options = cli.sampling_options(args, config, guidance=guidance[0])
-    if args.oracle_steps < 1:
-        raise cli.UserError(f"--oracle-steps must be positive, got {args.oracle_steps}")
+    for flag, steps in (("--oracle-steps", args.oracle_steps), ("--segmenter-steps", args.segmenter_steps)):
+        if steps < 1:
+            raise cli.UserError(f"{flag} must be positive, got {steps}")
     data_dir, splits = runs.run_splits(config)  # before the models: a missing data folder fails at once
-    loaded = runs.load_run(run_dir, encoder=True, precision=args.precision)
+    pairs_too = os.path.exists(os.path.join(run_dir, runs.MASK_DECODER_WEIGHTS))
+    loaded = runs.load_run(run_dir, encoder=True, precision=args.precision, mask_decoder=pairs_too)
     runs.check_writable(run_dir)  # metrics.json goes there: fail now, not after the work
     results = evaluate(
-        loaded, data_dir, splits, args.n, options, args.max_train, args.inception_weights, guidance, args.oracle_steps
+        loaded,
+        data_dir,
+        splits,
+        args.n,
+        options,
+        args.max_train,
+        args.inception_weights,
+        guidance,
+        args.oracle_steps,
+        args.segmenter_steps,
     )
     path = os.path.join(loaded.directory, "metrics.json")
     cfg.write_json_atomic(results, path)

@@ -318,6 +318,28 @@ def mean_dice(scores: np.ndarray) -> tuple[float, np.ndarray]:
     return overall, per_class
 
 
+def nearest_mask_dice(queries: np.ndarray, references: np.ndarray, classes=(1, 2, 3)) -> tuple[np.ndarray, np.ndarray]:
+    """For each query mask (N, H, W) the reference mask (M, H, W) it overlaps best: (its mean
+    Dice over `classes`, as `dice` and `mean_dice` score one pair, float64 (N,); its index,
+    int (N,)). The memorisation check for masks: near 1 means a copied reference mask.
+    Computed as one matrix product per class, (N, H·W) × (H·W, M)."""
+    queries, references = np.asarray(queries), np.asarray(references)
+    if queries.shape[1:] != references.shape[1:] or not len(references):
+        raise ValueError(f"nearest_mask_dice: masks of shapes {queries.shape} and {references.shape}")
+    per_class = []
+    for k in classes:
+        q = (queries == k).reshape(len(queries), -1).astype(np.float32)
+        r = (references == k).reshape(len(references), -1).astype(np.float32)
+        both = q.sum(axis=1)[:, None] + r.sum(axis=1)[None, :]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_class.append(np.where(both > 0, 2.0 * (q @ r.T) / both, np.nan))
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a pair without any of the classes: NaN
+        scores = np.nanmean(np.stack(per_class), axis=0)  # (N, M)
+    index = np.argmax(np.nan_to_num(scores, nan=-1.0), axis=1)
+    return scores[np.arange(len(queries)), index].astype(np.float64), index
+
+
 def inception_features(model, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
     """Features (N, 2048) of images (N, H, W, 1) in [-1, 1]: bilinear resize to 299×299, gray
     repeated to 3 channels; [-1, 1] is already InceptionV3's input range (preprocess_input "tf")."""

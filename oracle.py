@@ -224,6 +224,21 @@ class Oracle:
         return np.asarray(normalised, np.float64) * self.std + self.mean
 
 
+def fit_steps(model: keras.Model, loss: keras.losses.Loss, train: tf.data.Dataset, steps: int, verbose=0):
+    """Fit `model` for `steps` batches of the endless dataset `train` with `loss`, Adam at
+    `LEARNING_RATE` cosine-decayed to 0 over the steps (the oracles' and the mask decoder's
+    recipe); returns (seconds, the loss's mean over the steps)."""
+    model.compile(
+        optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(LEARNING_RATE, steps)),
+        loss=loss,
+        jit_compile=False,
+    )
+    model.optimizer.build(model.trainable_variables)  # now, not in the first trace: see keras_fixes.FitFixes
+    start = time.perf_counter()
+    history = model.fit(train, epochs=1, steps_per_epoch=steps, shuffle=False, verbose=verbose)
+    return time.perf_counter() - start, float(history.history["loss"][-1])
+
+
 def train_oracle(
     train: tf.data.Dataset,
     columns: Sequence[str],
@@ -245,16 +260,7 @@ def train_oracle(
         raise ValueError(f"the dataset has {label_shape[-1]} label columns, expected {len(columns)}")
     keras.utils.set_random_seed(seed)
     model = build_network(image_size, len(columns))
-    model.compile(
-        optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(LEARNING_RATE, steps)),
-        loss=MaskedMSE(mean, std),
-        jit_compile=False,
-    )
-    model.optimizer.build(model.trainable_variables)  # now, not in the first trace: see keras_fixes.FitFixes
-    start = time.perf_counter()
-    history = model.fit(train, epochs=1, steps_per_epoch=steps, shuffle=False, verbose=0)
-    seconds = time.perf_counter() - start
-    loss = float(history.history["loss"][-1])
+    seconds, loss = fit_steps(model, MaskedMSE(mean, std), train, steps)
     info = {
         "columns": list(columns),
         "mean": mean.tolist(),
@@ -465,16 +471,7 @@ def train_segmenter(
         raise ValueError(f"the dataset's masks are {mask_spec.shape}, expected (B, {image_size}, {image_size})")
     keras.utils.set_random_seed(seed)
     model = build_segmenter(image_size, classes)
-    model.compile(
-        optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(LEARNING_RATE, steps)),
-        loss=SegmentationLoss(dice_weight),
-        jit_compile=False,
-    )
-    model.optimizer.build(model.trainable_variables)  # now, not in the first trace: see keras_fixes.FitFixes
-    start = time.perf_counter()
-    history = model.fit(train, epochs=1, steps_per_epoch=steps, shuffle=False, verbose=0)
-    seconds = time.perf_counter() - start
-    loss = float(history.history["loss"][-1])
+    seconds, loss = fit_steps(model, SegmentationLoss(dice_weight), train, steps)
     batch = image_spec.shape[0]
     info = {
         "image_size": int(image_size),

@@ -5,6 +5,7 @@
     python predict.py --run demo --sampler ddpm --out /tmp/samples
     python predict.py --run demo --condition slice=0.6 --guidance 3   # a conditioned run
     python predict.py --run demo --mask seg_a.png seg_b.png           # a run conditioned on masks
+    python predict.py --run demo --pairs 16                           # samples with their tissue masks
 
 Options (`python predict.py --help`): --run RUN (a folder, or a name under runs/; default:
 the run whose config.json is newest), --n 16, --sampler ddim|dpmpp|ddpm, --steps (DDIM: 50,
@@ -17,7 +18,9 @@ samples), --guidance W (classifier-free guidance weight, default 3) and --sweep 
 variable conditions.png sweeps; default: the first one not given with --condition). A run
 trained with --condition mask takes --mask FILE ... (tissue masks in the OASIS release's
 format: 8-bit grey PNGs, 0/85/170/255 = background/CSF/grey/white matter, square, any size;
-sample i is generated for mask i mod the number of masks).
+sample i is generated for mask i mod the number of masks). --pairs N: N samples, each
+with its tissue mask, decoded from the sample's latent by the run's mask decoder (a run
+trained on data with masks; see train.py --mask-decoder-steps).
 
 Writes to --out:
     samples.png          a grid of all samples
@@ -33,6 +36,10 @@ Writes to --out:
     masks.png            (runs conditioned on masks) rows: the --mask files, or without them
                          masks of the validation split; the mask, then images for it from
                          five seeds (with the --condition values, if any)
+    sample_000_seg.png   (--pairs) each sample's tissue mask, in the release's format (grey
+                         levels 0/85/170/255); sample_000_seg.nii.gz with --format nifti
+                         (uint8 class indices 0..3, as FSL_SEG)
+    pairs.png            (--pairs) the first eight samples above their masks
 
 Sampling uses the EMA UNet (unet_ema.weights.h5) and the decoder (decoder.weights.h5) of
 the run, rebuilt from its config.json, in float32 whatever precision the run trained in
@@ -121,6 +128,7 @@ def interpolate(
 # ---------------------------------------------------------------------------- tissue masks
 
 MASK_ROWS = 6  # validation masks in masks.png when no --mask is given
+PAIR_COLUMNS = 8  # pairs in pairs.png
 
 
 def read_mask_files(paths: list[str]) -> np.ndarray:
@@ -157,6 +165,8 @@ def to_uint16(images: np.ndarray) -> np.ndarray:
 
 
 # --format: (file name ending, what it holds); sample_000<ending> ...
+# With --pairs each sample's tissue mask beside it: sample_000<MASK_ENDINGS[format]>.
+MASK_ENDINGS = {"png": "_seg.png", "png16": "_seg.png", "nifti": "_seg.nii.gz"}
 FORMATS = {
     "png": (".png", "8-bit grayscale PNG, round((x + 1) · 127.5)"),
     "png16": ("_16bit.png", "16-bit grayscale PNG of the decoder's output, round((x + 1) / 2 · 65535)"),
@@ -173,9 +183,21 @@ def nifti_slice(image: np.ndarray, description: str):
     left), so voxel i runs from the image's left column (the patient's right) to its right
     and j from its bottom row (posterior) to its top: RAS axes x = −i, y = j.
     """
+    data = ((np.asarray(image, np.float32)[::-1, :, 0].T + 1.0) * 127.5)[:, :, None].astype(np.float32)
+    return _nifti(data, description)
+
+
+def nifti_mask(classes: np.ndarray, description: str):
+    """A nibabel Nifti1Image of one tissue mask (H, W) of class indices 0..3 (background, CSF,
+    grey, white matter, as FSL_SEG codes them), uint8, oriented as `nifti_slice`'s image."""
+    return _nifti(np.ascontiguousarray(np.asarray(classes, np.uint8)[::-1, :].T[:, :, None]), description)
+
+
+def _nifti(data: np.ndarray, description: str):
+    """The (W, H, 1) voxels `data` as a Nifti1Image: 1 mm, voxel i to the patient's left
+    (RAS x = −i, see `nifti_slice`), `description` in the header (79 characters kept)."""
     import nibabel as nib  # here: only this output needs it
 
-    data = ((np.asarray(image, np.float32)[::-1, :, 0].T + 1.0) * 127.5)[:, :, None].astype(np.float32)
     affine = np.diag([-1.0, 1.0, 1.0, 1.0])
     affine[0, 3] = data.shape[0] - 1.0
     volume = nib.Nifti1Image(data, affine)
@@ -184,32 +206,44 @@ def nifti_slice(image: np.ndarray, description: str):
     return volume
 
 
-def save_samples(images: np.ndarray, out_dir: str, formats=("png",), descriptions=None) -> list[str]:
+def save_samples(images: np.ndarray, out_dir: str, formats=("png",), descriptions=None, tissue_masks=None) -> list[str]:
     """One file per image (N, H, W, 1) and format (`FORMATS`), named sample_000.png,
     sample_000_16bit.png, sample_000.nii.gz …, each written atomically; `descriptions` (N
-    strings) go into the NIfTI headers.
+    strings) go into the NIfTI headers. With `tissue_masks` (N, H, W) class indices, each
+    sample's mask beside it (`MASK_ENDINGS`): sample_000_seg.png in the release's grey levels
+    (0/85/170/255), sample_000_seg.nii.gz with the class indices 0..3.
 
     Files of these names left in `out_dir` by an earlier call with a larger --n (or other
-    formats) are removed, so the folder always holds exactly this call's samples. Returns
-    the paths, format by format.
+    formats, or pairs) are removed, so the folder always holds exactly this call's samples.
+    Returns the paths, format by format, images before masks.
     """
     width = max(3, len(str(len(images) - 1)))
+    names = {name: FORMATS[name][0] for name in formats}
+    if tissue_masks is not None:  # one mask file per ending (png and png16 share _seg.png)
+        for name in formats:
+            if MASK_ENDINGS[name] not in names.values():
+                names[f"{name}_seg"] = MASK_ENDINGS[name]
     paths = {
-        name: [os.path.join(out_dir, f"sample_{i:0{width}d}{FORMATS[name][0]}") for i in range(len(images))]
-        for name in formats
+        name: [os.path.join(out_dir, f"sample_{i:0{width}d}{ending}") for i in range(len(images))]
+        for name, ending in names.items()
     }
     wanted = {path for group in paths.values() for path in group}
-    endings = "|".join(re.escape(ending) for ending, _ in FORMATS.values())
+    all_endings = [ending for ending, _ in FORMATS.values()] + list(MASK_ENDINGS.values())
+    endings = "|".join(re.escape(ending) for ending in sorted(set(all_endings), key=len, reverse=True))
     for old in glob.glob(os.path.join(out_dir, "sample_*")):
         if re.fullmatch(rf"sample_\d+({endings})", os.path.basename(old)) and old not in wanted:
             os.remove(old)
     descriptions = descriptions or [""] * len(images)
     for name, group in paths.items():
-        ending = FORMATS[name][0]
+        ending = names[name]
         for i, path in enumerate(group):
             tmp = f"{path[: -len(ending)]}.partial{ending}"  # nibabel reads format and compression off the name
             if name == "nifti":
                 nifti_slice(images[i], descriptions[i]).to_filename(tmp)
+            elif name == "nifti_seg":
+                nifti_mask(tissue_masks[i], descriptions[i]).to_filename(tmp)
+            elif name.endswith("_seg"):
+                masks.write_mask(tissue_masks[i], tmp)
             else:
                 pixels = (to_uint8 if name == "png" else to_uint16)(images[i])[:, :, 0]
                 Image.fromarray(pixels).save(tmp, format="PNG")
@@ -236,12 +270,14 @@ def write_predictions(
     formats=("png",),
     tissue_masks: np.ndarray | None = None,
     mask_names: list[str] | None = None,
+    pairs: bool = False,
 ) -> list[str]:
     """Sample and write every output file of predict.py to `out_dir` (an existing folder); returns
     the file names written. options, condition: as runs.generate; sweep: the variable of
     conditions.png (runs conditioned on labels only); formats: of the per-sample files
     (`FORMATS`); tissue_masks: uint8 (M, S, S) masks of a mask-conditioned run, sample i
-    generated for mask i mod M, with their `mask_names` (None: the mask is unknown)."""
+    generated for mask i mod M, with their `mask_names` (None: the mask is unknown); pairs:
+    write each sample's tissue mask from the run's mask decoder beside it, and pairs.png."""
     T = run.config.diffusion.timesteps
     options = options.resolved(T)
     seed, guidance, batch_size = options.seed, options.guidance, options.batch_size
@@ -266,7 +302,19 @@ def write_predictions(
         f"{asked}{guided}"
         for i in range(n)
     ]
-    pngs = save_samples(samples.images, out_dir, formats, descriptions)
+    pair_masks = runs.decode_masks(run, samples.latents, batch_size) if pairs else None
+    pngs = save_samples(samples.images, out_dir, formats, descriptions, pair_masks)
+    if pairs:
+        shown = min(n, PAIR_COLUMNS)
+        figures.image_grid(
+            np.stack([samples.images[:shown], runs.mask_image(pair_masks[:shown])]),
+            os.path.join(out_dir, "pairs.png"),
+            title=f"{label}: image + mask pairs (the mask decoder's)",
+            row_labels=["sample", "its mask"],
+        )
+        written.append("pairs.png")
+    elif os.path.exists(os.path.join(out_dir, "pairs.png")):  # an earlier --pairs call's
+        os.remove(os.path.join(out_dir, "pairs.png"))
 
     shown = samples.states[:, :DENOISING_SAMPLES]
     k, s = shown.shape[:2]
@@ -349,6 +397,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="per-sample files, one or more of: png (8-bit), png16 (16-bit, no 8-bit rounding), nifti (.nii.gz, "
         "float32) (default: png)",
     )
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        metavar="N",
+        help="N samples (instead of --n), each with its tissue mask from the run's mask decoder (sample_NNN_seg.png)",
+    )
     parser.add_argument("--out", help="output folder (default: RUN/predictions)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     return parser.parse_args(argv)
@@ -367,8 +421,14 @@ def run(argv: list[str]) -> None:
         raise cli.UserError(f"--sweep {args.sweep}: the run is not conditioned on it")
     if args.mask and not config.mask_classes:
         raise cli.UserError(f"--mask: {run_dir} was trained without tissue masks (--condition {cfg.MASK})")
+    if args.pairs is not None:
+        if args.pairs < 1:
+            raise cli.UserError(f"--pairs must be positive, got {args.pairs}")
+        if args.mask:
+            raise cli.UserError("--pairs and --mask: a pair's mask is the mask decoder's; give one or the other")
+        args.n = args.pairs
     tissue_masks = read_mask_files(args.mask) if args.mask else None
-    loaded = runs.load_run(run_dir, precision=args.precision)
+    loaded = runs.load_run(run_dir, precision=args.precision, mask_decoder=args.pairs is not None)
     out_dir = args.out or os.path.join(run_dir, "predictions")
     make_output_folder(out_dir)
     label = options.label(config.diffusion.timesteps)
@@ -380,7 +440,9 @@ def run(argv: list[str]) -> None:
     print(f"run {run_dir}: {args.n} sample{'s' if args.n != 1 else ''}, {label}, seed {args.seed}{asked}", flush=True)
     formats = tuple(dict.fromkeys(args.format))
     names = [os.path.basename(path) for path in args.mask] if args.mask else None
-    written = write_predictions(loaded, out_dir, args.n, options, condition, args.sweep, formats, tissue_masks, names)
+    written = write_predictions(
+        loaded, out_dir, args.n, options, condition, args.sweep, formats, tissue_masks, names, args.pairs is not None
+    )
     print(f"wrote {out_dir}: {', '.join(written)}")
 
 

@@ -40,13 +40,14 @@ import keras_fixes
 import masks
 import metrics
 import prepare
-from autoencoder import AutoEncoder
+from autoencoder import AutoEncoder, build_mask_decoder
 from cli import UserError
 from diffusion import LatentDiffusion, NoiseSchedule, make_schedule
 from modules import OriginalUNet, UNet
 from samplers import Sampler
 
 RUNS_ROOT = cli.RUNS_ROOT
+MASK_DECODER_WEIGHTS = "mask_decoder.weights.h5"  # train.py's mask decoder (latent -> tissue mask)
 
 
 # ---------------------------------------------------------------------------- the folder
@@ -278,13 +279,15 @@ def load_weights(model: keras.Model, path: str, built_from: str = "config.json")
 @dataclasses.dataclass
 class Run:
     """A trained run, ready to sample: `diffusion.ema_network` holds unet_ema.weights.h5,
-    `autoencoder.decoder` holds decoder.weights.h5 (the encoder is loaded only on request),
-    and `sampler` samples with the EMA network (one per run, so its traces are reused)."""
+    `autoencoder.decoder` holds decoder.weights.h5 (the encoder and the mask decoder are
+    loaded only on request), and `sampler` samples with the EMA network (one per run, so its
+    traces are reused)."""
 
     directory: str
     config: cfg.RunConfig
     autoencoder: keras.Model
     diffusion: keras.Model
+    mask_decoder: keras.Model | None = None  # mask_decoder.weights.h5, when loaded (load_run(masks=True))
     sampler: Sampler = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self):
@@ -300,15 +303,17 @@ class Run:
         return (h, h, self.config.autoencoder.latent_channels)
 
 
-def load_run(run_dir: str, encoder: bool = False, precision: str = "float32") -> Run:
+def load_run(run_dir: str, encoder: bool = False, precision: str = "float32", mask_decoder: bool = False) -> Run:
     """Rebuild the models of `run_dir` from its config.json and load the trained weights
-    (the encoder's too when `encoder`). They compute in `precision` whatever precision the
-    run trained in (weights are float32 either way; `auto` as train.py's --precision): under
-    a mixed policy the UNet and the decoder run in bf16/fp16, while the samplers' state and
-    arithmetic and the networks' outputs stay float32.
+    (the encoder's too when `encoder`, the mask decoder's when `mask_decoder`). They compute
+    in `precision` whatever precision the run trained in (weights are float32 either way;
+    `auto` as train.py's --precision): under a mixed policy the UNet and the decoder run in
+    bf16/fp16, while the samplers' state and arithmetic and the networks' outputs stay
+    float32 (the mask decoder is float32 throughout).
 
     UserError (one line) for a folder without config.json, an unreadable config, a run
-    whose stages are not trained yet, and weights that do not fit the config.
+    whose stages are not trained yet (or without the mask decoder asked for), and weights
+    that do not fit the config.
     """
     config = read_config(run_dir)
     needed = ["decoder.weights.h5", "unet_ema.weights.h5"] + (["encoder.weights.h5"] if encoder else [])
@@ -326,7 +331,18 @@ def load_run(run_dir: str, encoder: bool = False, precision: str = "float32") ->
     load_weights(diffusion.ema_network, os.path.join(run_dir, "unet_ema.weights.h5"))
     if encoder:
         load_weights(autoencoder.encoder, os.path.join(run_dir, "encoder.weights.h5"))
-    return Run(run_dir, config, autoencoder, diffusion)
+    decoder_of_masks = None
+    if mask_decoder:
+        path = os.path.join(run_dir, MASK_DECODER_WEIGHTS)
+        if not os.path.exists(path):
+            raise UserError(
+                f"{run_dir} has no mask decoder ({MASK_DECODER_WEIGHTS}): train.py trains one after the "
+                "autoencoder when the data has tissue masks (--mask-decoder-steps)"
+            )
+        with hardware.dtype_policy("float32"):
+            decoder_of_masks = build_mask_decoder(config.autoencoder.latent_channels, autoencoder.downsample_factor)
+        load_weights(decoder_of_masks, path)
+    return Run(run_dir, config, autoencoder, diffusion, decoder_of_masks)
 
 
 # ---------------------------------------------------------------------------- sampling a run
@@ -364,6 +380,27 @@ def decode(run: Run, latents: np.ndarray, batch_size: int) -> np.ndarray:
         for i in range(0, len(latents), batch_size)
     ]
     return np.concatenate(out) if out else np.zeros((0, *latents.shape[1:3], 1), np.float32)
+
+
+def reconstruct(run: Run, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """decoder(encoder(images)) of images (N, H, W, 1) in [-1, 1], in batches (the run loaded
+    with its encoder)."""
+    out = [
+        run.autoencoder(images[i : i + batch_size], training=False).numpy() for i in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(out) if out else np.zeros_like(images)
+
+
+def decode_masks(run: Run, latents: np.ndarray, batch_size: int) -> np.ndarray:
+    """Tissue masks, uint8 class indices (N, H, W), of scaled latents (N, h, w, c): the argmax of
+    mask_decoder(latents / scale_factor), the mask of the image `decode` gives (a loaded
+    `run.mask_decoder` needed)."""
+    out = [
+        np.argmax(run.mask_decoder(latents[i : i + batch_size] / run.config.scale_factor, training=False), -1)
+        for i in range(0, len(latents), batch_size)
+    ]
+    size = run.config.data.image_size
+    return np.concatenate(out).astype(np.uint8) if out else np.zeros((0, size, size), np.uint8)
 
 
 def network_conditions(run: Run, condition: dict | None, n: int) -> np.ndarray | None:
@@ -481,16 +518,17 @@ def condition_grid(
     if variable in condition:
         raise UserError(f"condition {variable} is swept in conditions.png; do not also fix it")
     values = np.asarray(values, np.float64)
-    rows = len(values)
-    noise = np.random.default_rng(options.seed).standard_normal((columns, *run.latent_shape)).astype(np.float32)
     condition[variable] = np.repeat(values, columns)
+    return _seeded_rows(run, len(values), columns, options, condition=condition)
+
+
+def _seeded_rows(run: Run, rows: int, columns: int, options: cfg.SamplingOptions, **asked) -> np.ndarray:
+    """Decoded samples (rows, columns, H, W, 1) of `generate(run, rows × columns, options,
+    **asked)` (its condition and tissue_masks given per sample, row by row), column c
+    starting every row from the same initial noise, seeded by `options.seed`."""
+    noise = np.random.default_rng(options.seed).standard_normal((columns, *run.latent_shape)).astype(np.float32)
     images = generate(
-        run,
-        rows * columns,
-        options,
-        progress=False,
-        condition=condition,
-        initial_noise=np.tile(noise, (rows, 1, 1, 1)),
+        run, rows * columns, options, progress=False, initial_noise=np.tile(noise, (rows, 1, 1, 1)), **asked
     ).images
     return images.reshape((rows, columns, *images.shape[1:]))
 
@@ -542,18 +580,8 @@ def mask_grid(
     row from the same initial noise (seeded by `options.seed`), so a row-to-row change is the
     mask's doing."""
     classes = np.asarray(classes)
-    rows = len(classes)
-    noise = np.random.default_rng(options.seed).standard_normal((columns, *run.latent_shape)).astype(np.float32)
-    images = generate(
-        run,
-        rows * columns,
-        options,
-        progress=False,
-        condition=condition,
-        tissue_masks=np.repeat(classes, columns, axis=0),
-        initial_noise=np.tile(noise, (rows, 1, 1, 1)),
-    ).images
-    return images.reshape((rows, columns, *images.shape[1:]))
+    tissue_masks = np.repeat(classes, columns, axis=0)
+    return _seeded_rows(run, len(classes), columns, options, condition=condition, tissue_masks=tissue_masks)
 
 
 def mask_image(classes: np.ndarray) -> np.ndarray:

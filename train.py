@@ -42,9 +42,10 @@ import dataset  # noqa: E402
 import figures  # noqa: E402
 import hardware  # noqa: E402
 import masks  # noqa: E402
+import oracle  # noqa: E402
 import prepare  # noqa: E402
 import runs  # noqa: E402
-from autoencoder import AutoEncoder  # noqa: E402
+from autoencoder import AutoEncoder, build_mask_decoder  # noqa: E402
 from diffusion import LatentDiffusion  # noqa: E402
 
 # Stage names: checkpoint folders, history files and log folders use them.
@@ -543,13 +544,16 @@ def find_conditions(config: cfg.RunConfig, data_dir, splits: dict):
 
 def find_training_masks(config: cfg.RunConfig, data_dir, splits: dict) -> np.ndarray | None:
     """The training split's tissue masks, uint8 class indices (N, S, S) at the run's image size
-    (nearest neighbour) in the order of splits["train"], for a run conditioned on masks; None
-    otherwise. Every split's masks are paired and read first (`masks.find_masks`,
-    `masks.check_masks`): a missing, orphaned, mis-sized or mis-valued mask is one error line
-    naming the file, before anything is written."""
-    if not config.mask_classes:
+    (nearest neighbour) in the order of splits["train"], for a run conditioned on masks or
+    training a mask decoder (`mask_decoder_steps`); None for neither, or for a mask decoder
+    on data without masks. Every split's masks are paired and read first
+    (`masks.find_masks`, `masks.check_masks`): a missing, orphaned, mis-sized or mis-valued
+    mask is one error line naming the file, before anything is written."""
+    if not (config.mask_classes or config.train.mask_decoder_steps):
         return None
     paths = masks.find_masks(data_dir, splits)
+    if paths is None and not config.mask_classes:
+        return None
     if paths is None:
         raise cli.UserError(
             f"--condition {cfg.MASK} needs tissue masks, but {data_dir} has no "
@@ -570,6 +574,45 @@ def training_masks(config: cfg.RunConfig, train_masks: np.ndarray | None) -> np.
     if config.data.flip:
         train_masks = np.concatenate([train_masks, train_masks[:, :, ::-1]])
     return masks.mask_fractions(train_masks, config.latent_size)
+
+
+def mask_decoder_batches(latents: np.ndarray, train_masks: np.ndarray, batch_size: int, seed: int) -> tf.data.Dataset:
+    """Endless (latents (B, h, w, C), masks (B, S, S)) batches of matching rows, in a seeded
+    order that changes every pass (`dataset.seeded_passes`)."""
+    with tf.device("/CPU:0"):  # not on GPU:0 first: tf.data captures the tables on the host
+        latent_table, mask_table = tf.constant(latents), tf.constant(train_masks)
+    return (
+        dataset.seeded_passes(len(latents), seed)
+        .map(lambda index, _: (tf.gather(latent_table, index), tf.gather(mask_table, index)))
+        .batch(batch_size, drop_remainder=True)
+        .prefetch(tf.data.AUTOTUNE)
+        .with_options(dataset.without_autotune())
+    )
+
+
+def train_mask_decoder(config: cfg.RunConfig, latents: np.ndarray, train_masks: np.ndarray) -> keras.Model:
+    """Fit the mask decoder (`autoencoder.build_mask_decoder`) on the unscaled training latents
+    (N, h, w, C) of `encode_training_set` and the training masks (N or, with `flip`, N / 2
+    (S, S), mirrored here as the latents' second half is): `mask_decoder_steps` batches,
+    `oracle.fit_steps` (Adam 1e-3 cosine-decayed) with oracle.SegmentationLoss
+    (cross-entropy + soft Dice); writes mask_decoder.weights.h5. Seconds on a CPU: BENCHMARKS.md."""
+    t = config.train
+    if config.data.flip:
+        train_masks = np.concatenate([train_masks, train_masks[:, :, ::-1]])
+    if len(train_masks) != len(latents):
+        raise cli.UserError(f"{len(latents)} training latents but {len(train_masks)} masks; check the data folder")
+    keras.utils.set_random_seed(t.seed)
+    with hardware.dtype_policy("float32"):  # small: float32 everywhere, as the oracles
+        model = build_mask_decoder(latents.shape[-1], config.data.image_size // latents.shape[1])
+    print(f"mask decoder: {t.mask_decoder_steps} steps on {len(latents)} latents and their masks", flush=True)
+    batches = mask_decoder_batches(latents, train_masks, t.batch_size, t.seed)
+    loss = oracle.SegmentationLoss(oracle.SEGMENTER_DICE_WEIGHT)
+    seconds, last = oracle.fit_steps(model, loss, batches, t.mask_decoder_steps, verbose=2)
+    print(f"mask decoder: loss {last:.4f}, {seconds:.0f} s", flush=True)
+    if not np.isfinite(last):
+        raise NonFiniteLoss("the mask decoder's loss is not finite; nothing saved")
+    runs.save_weights(model, os.path.join(config.train.out, runs.MASK_DECODER_WEIGHTS))
+    return model
 
 
 def train_diffusion(
@@ -717,6 +760,7 @@ def run(argv: list[str]) -> None:
         autoencoder = train_autoencoder(config, splits, strategy, resumed=args.resume)
 
     train_diffusion_now = config.train.stage in ("all", "ldm")
+    latents = None
     if config.scale_factor is None or train_diffusion_now:
         # Encoded once, for both the scale factor and stage 2 (with the mirror images if --flip).
         latents = encode_training_set(autoencoder.encoder, config, splits["train"])
@@ -729,6 +773,12 @@ def run(argv: list[str]) -> None:
             f"latent scale factor: {config.scale_factor:.4f} (1 / std of {latents.size} latent values); "
             f"scaled latents lie within ±{config.latent_max_abs:.2f}, where samplers clip their x0 estimate"
         )
+
+    decoder_done = os.path.exists(os.path.join(run_dir, runs.MASK_DECODER_WEIGHTS))
+    if train_masks is not None and config.train.mask_decoder_steps and chief and not decoder_done:
+        if latents is None:  # --stage ae on a run whose scale factor is measured: encode for it alone
+            latents = encode_training_set(autoencoder.encoder, config, splits["train"])
+        train_mask_decoder(config, latents, train_masks)
 
     if train_diffusion_now:
         resumed = args.resume or config.train.stage == "ldm"

@@ -176,6 +176,9 @@ def test_predict_takes_conditions_and_refuses_what_the_run_cannot_honour(cond_ru
         (["--run", tiny_run, "--mask", str(bad)], "was trained without tissue masks (--condition mask)"),
         (["--run", cond_run, "--mask", str(bad)], "holds grey level(s) [7] outside the classes"),
         (["--run", cond_run, "--mask", str(tall)], "is 4x8; masks must be square"),
+        (["--run", tiny_run, "--pairs", "2"], "has no mask decoder (mask_decoder.weights.h5)"),
+        (["--run", cond_run, "--pairs", "2", "--mask", str(bad)], "--pairs and --mask"),
+        (["--run", cond_run, "--pairs", "0"], "--pairs must be positive, got 0"),
     ]
     for argv, message in cases:
         assert predict.main(argv + ["--out", str(tmp_path / "never")]) == 1
@@ -188,6 +191,7 @@ def test_predict_takes_conditions_and_refuses_what_the_run_cannot_honour(cond_ru
 def test_evaluate_reports_conditioning_errors_and_the_guidance_sweep(cond_run, tmp_path, capsys):
     run_dir = copy_of(cond_run, tmp_path / "run")
     argv = ["--run", run_dir, "--n", "4", "--steps", "3", "--guidance", "1,3", "--oracle-steps", "5"]
+    argv += ["--segmenter-steps", "5"]
     assert evaluate.main(argv) == 0
     metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
     assert metrics["condition_variables"] == ["slice", "age", "sex", "cdr"] and metrics["guidance"] == 1.0
@@ -203,11 +207,34 @@ def test_evaluate_reports_conditioning_errors_and_the_guidance_sweep(cond_run, t
     assert first["cond_slice_mae"] == metrics["cond_slice_mae"]
     assert first["sample_nn_ssim_median"] == pytest.approx(metrics["sample_nn_ssim_median"])
     assert os.path.exists(os.path.join(run_dir, "oracle", "oracle.json"))
-    assert "guidance sweep" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "guidance sweep" in out and "tissue masks (the segmentation oracle's Dice), guidance 1:" in out
+    # Tissue masks: Dice per class and overall, for samples, unconditional samples and real images.
+    for kind in ("samples", "unconditional", "real", "autoencoder"):
+        values = [metrics[f"mask_dice_{kind}{part}"] for part in ("", "_csf", "_grey_matter", "_white_matter")]
+        assert all(v is None or 0.0 <= v <= 1.0 for v in values), (kind, values)
+        assert values[0] is not None, kind
+    assert [entry["guidance"] for entry in metrics["mask_guidance_sweep"]] == [1.0, 3.0]
+    assert metrics["mask_guidance_sweep"][0]["mask_dice_samples"] == metrics["mask_dice_samples"]
+    assert metrics["segmenter"]["steps"] == 5
+    assert os.path.exists(os.path.join(run_dir, "oracle", "segmenter.json"))
+    # Image + mask pairs: faithfulness, memorisation and usefulness (seg_*: trained on 192 real
+    # pairs, as many synthetic ones, both; judged on the 48 test slices).
+    for key in ("pair_dice", "mask_nn_dice_median", "mask_nn_dice_max", "real_mask_nn_dice_median"):
+        assert metrics[key] is not None and 0.0 <= metrics[key] <= 1.0, key
+    for name in ("real_only", "synthetic_only", "real_plus_synthetic"):
+        assert 0.0 <= metrics[f"seg_dice_{name}"] <= 1.0, name
+        assert {f"seg_dice_{name}_{c}" for c in ("csf", "grey_matter", "white_matter")} <= set(metrics)
+    assert (metrics["seg_pairs_real_only"], metrics["seg_pairs_synthetic_only"]) == (192, 192)
+    assert metrics["seg_pairs_real_plus_synthetic"] == 384 and metrics["seg_test_pairs"] == 48
+    assert "image + mask pairs (pairs.py):" in out
     # A second evaluation reuses the cached oracle (its json is not rewritten).
-    stamp = os.path.getmtime(os.path.join(run_dir, "oracle", "oracle.json"))
+    stamps = [os.path.getmtime(os.path.join(run_dir, "oracle", f"{name}.json")) for name in ("oracle", "segmenter")]
     assert evaluate.main(argv) == 0
-    assert os.path.getmtime(os.path.join(run_dir, "oracle", "oracle.json")) == stamp
+    assert [
+        os.path.getmtime(os.path.join(run_dir, "oracle", f"{name}.json")) for name in ("oracle", "segmenter")
+    ] == stamps
+    assert json.load(open(os.path.join(run_dir, "metrics.json")))["mask_dice_real"] == metrics["mask_dice_real"]
 
 
 @pytest.mark.slow
@@ -238,3 +265,32 @@ def test_predict_generates_for_given_masks_and_draws_masks_png(cond_run, tmp_pat
     grid = runs.mask_grid(run, tissue, runs.MASK_COLUMNS, cfg.SamplingOptions(steps=3, eta=0.0))
     assert grid.shape == (2, runs.MASK_COLUMNS, 16, 16, 1) and np.isfinite(grid).all()
     assert not np.allclose(grid[0], grid[1])  # the same noises, another mask
+
+
+@pytest.mark.slow
+def test_pairs_are_written_in_the_release_format_and_read_back_through_the_pairing(cond_run, tmp_path, capsys):
+    out = tmp_path / "p"
+    argv = ["--run", cond_run, "--pairs", "3", "--steps", "3", "--out", str(out), "--format", "png", "nifti"]
+    assert predict.main(argv) == 0
+    assert {"pairs.png", "sample_002.png", "sample_002_seg.png", "sample_002_seg.nii.gz"} <= set(os.listdir(out))
+    assert not (out / "sample_003.png").exists()
+    # The masks are the mask decoder's of the samples' latents (the same seed: the same samples).
+    run = runs.load_run(cond_run, mask_decoder=True)
+    samples = runs.generate(run, 3, cfg.SamplingOptions(steps=3), progress=False)
+    decoded = runs.decode_masks(run, samples.latents, 16)
+    assert decoded.shape == (3, 16, 16) and decoded.dtype == np.uint8
+    # Round trip: the pairs laid out as a data folder pair up and read back as the same classes.
+    root = tmp_path / "data"
+    for i in range(3):
+        for folder, ending in (("keras_png_slices_train", ".png"), ("keras_png_slices_seg_train", "_seg.png")):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            os.replace(out / f"sample_{i:03d}{ending}", root / folder / f"sample_{i:03d}.png")
+    splits = {"train": dataset.find_splits(root)["train"], "validate": [], "test": []}
+    found = masks.find_masks(root, splits)
+    masks.check_masks(splits["train"], found["train"])  # sizes and grey levels of the release
+    np.testing.assert_array_equal(masks.load_masks(found["train"], 16), decoded)
+    nifti = np.asarray(nib.load(out / "sample_001_seg.nii.gz").dataobj)
+    np.testing.assert_array_equal(nifti[:, :, 0].T[::-1], decoded[1])  # the image's orientation
+    # A later call without --pairs leaves no stale mask or pairs.png behind.
+    assert predict.main(["--run", cond_run, "--n", "2", "--steps", "3", "--out", str(out)]) == 0
+    assert not any(name.endswith("_seg.png") for name in os.listdir(out)) and not (out / "pairs.png").exists()

@@ -192,7 +192,7 @@ def test_demo_labels_give_each_slice_its_height(tmp_path):
     (out / "manifest.json").write_text(json.dumps({"source": "nilearn x", "version": 2}))  # without labels
     prepare.ensure_demo_dataset(out)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["version"] == prepare.DEMO_VERSION == 4 and manifest["labels"] == ["slice"]
+    assert manifest["version"] == prepare.DEMO_VERSION == 5 and manifest["labels"] == ["slice"]
 
     splits = dataset.find_splits(out)
     labels = dataset.find_labels(out, splits)  # every PNG has its row, or this raises
