@@ -219,8 +219,9 @@ def test_new_conditions_and_weights_reuse_the_trace():
 
 
 def conditional_model(dropout, seed=3):
+    """A LatentDiffusion whose UNet takes one continuous condition and a tissue mask."""
     keras.utils.set_random_seed(0)
-    unet = modules.UNet(**UNET_KW, cond_categories=(0,))
+    unet = modules.UNet(**UNET_KW, cond_categories=(0,), mask_classes=MASK)
     model = D.LatentDiffusion(unet, D.make_schedule("linear", 20, 0.005, 0.2), seed=seed, cond_dropout=dropout)
     model.build((None, *LATENT))
     # Eager steps: the same train_step, without tracing a graph per model (3 tiny steps).
@@ -228,22 +229,26 @@ def conditional_model(dropout, seed=3):
     return model
 
 
-def fit(model, cond, steps=3):
+def fit(model, cond, steps=3, mask=None):
     x0 = np.random.default_rng(0).standard_normal((4, *LATENT)).astype(np.float32)
-    data = tf.data.Dataset.from_tensors({"latents": x0, "cond": np.asarray(cond, np.float32)}).repeat()
+    batch = {"latents": x0, "cond": np.asarray(cond, np.float32)}
+    if mask is not None:
+        batch["tissue"] = np.asarray(mask, np.float32)
+    data = tf.data.Dataset.from_tensors(batch).repeat()
     model.fit(data, epochs=1, steps_per_epoch=steps, shuffle=False, verbose=0)
     return [w.numpy() for w in model.network.weights]
 
 
 def test_dropout_one_trains_exactly_the_unconditional_model_and_zero_does_not():
-    """cond_dropout = 1 replaces every condition by unknown: the same updates as a batch whose
-    conditions are all unknown (the t and eps draws do not depend on the dropout)."""
-    known = [[0.5], [-0.5], [1.0], [0.0]]
-    dropped = fit(conditional_model(1.0), known)
-    unknown = fit(conditional_model(0.0), [[NAN]] * 4)
+    """cond_dropout = 1 replaces every condition and every mask by unknown: the same updates as
+    a batch whose conditions are all unknown and masks all zero (the t and eps draws do not
+    depend on the dropout)."""
+    known, mask = [[0.5], [-0.5], [1.0], [0.0]], tissue(1, n=4)
+    dropped = fit(conditional_model(1.0), known, mask=mask)
+    unknown = fit(conditional_model(0.0), [[NAN]] * 4, mask=np.zeros_like(mask))
     for a, b in zip(dropped, unknown, strict=True):
         np.testing.assert_array_equal(a, b)
-    kept = fit(conditional_model(0.0), known)
+    kept = fit(conditional_model(0.0), known, mask=mask)
     assert max(float(np.max(np.abs(a - b))) for a, b in zip(kept, unknown, strict=True)) > 0
 
 
@@ -261,20 +266,21 @@ def test_dropout_masks_come_from_the_saved_seed_stream():
 
 
 def test_a_conditioned_fit_resumed_from_its_weights_continues_exactly(tmp_path):
-    """3 steps, save, load into a fresh model, 3 more: the weights of 6 steps in one go. The
-    dropout masks come from the saved seed counter like t and eps (train.py's checkpoints are
-    these weight files; its resume is tested end to end in test_reliability.py)."""
-    cond = [[0.5], [NAN], [1.0], [0.0]]
+    """3 steps, save, load into a fresh model, 3 more: the weights of 6 steps in one go, with
+    conditions and tissue masks. The dropouts come from the saved seed counter like t and
+    eps (train.py's checkpoints are these weight files; its resume is tested end to end in
+    test_reliability.py)."""
+    cond, mask = [[0.5], [NAN], [1.0], [0.0]], tissue(2, n=4)
     straight = conditional_model(0.5)
-    fit(straight, cond, steps=6)
+    fit(straight, cond, steps=6, mask=mask)
     first = conditional_model(0.5)
-    fit(first, cond, steps=3)
+    fit(first, cond, steps=3, mask=mask)
     path = str(tmp_path / "checkpoint.weights.h5")
     first.save_weights(path)
     resumed = conditional_model(0.5)
     resumed.optimizer.build(resumed.trainable_variables)
     resumed.load_weights(path)
-    fit(resumed, cond, steps=3)
+    fit(resumed, cond, steps=3, mask=mask)
     for a, b in zip(straight.get_weights(), resumed.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
@@ -350,45 +356,3 @@ def test_guidance_zero_with_a_mask_samples_the_unconditional_unet():
     np.testing.assert_allclose(with_mask.numpy(), unconditional.numpy(), rtol=1e-5, atol=1e-5)
     guided = sampler.ddim((3, *LATENT), steps=4, seed=1, tissue=tissue(), guidance=3.0)
     assert not np.allclose(guided.numpy(), unconditional.numpy(), atol=1e-4)
-
-
-def mask_model(dropout, seed=3):
-    keras.utils.set_random_seed(0)
-    unet = modules.UNet(**UNET_KW, mask_classes=MASK)
-    model = D.LatentDiffusion(unet, D.make_schedule("linear", 20, 0.005, 0.2), seed=seed, cond_dropout=dropout)
-    model.build((None, *LATENT))
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), run_eagerly=True)
-    return model
-
-
-def fit_masks(model, mask, steps=3):
-    x0 = np.random.default_rng(0).standard_normal((4, *LATENT)).astype(np.float32)
-    data = tf.data.Dataset.from_tensors({"latents": x0, "tissue": np.asarray(mask, np.float32)}).repeat()
-    model.fit(data, epochs=1, steps_per_epoch=steps, shuffle=False, verbose=0)
-    return [w.numpy() for w in model.network.weights]
-
-
-def test_mask_dropout_one_trains_exactly_the_unconditional_model_and_zero_does_not():
-    known = tissue(1, n=4)
-    dropped = fit_masks(mask_model(1.0), known)
-    unknown = fit_masks(mask_model(0.0), np.zeros_like(known))
-    for a, b in zip(dropped, unknown, strict=True):
-        np.testing.assert_array_equal(a, b)
-    kept = fit_masks(mask_model(0.0), known)
-    assert max(float(np.max(np.abs(a - b))) for a, b in zip(kept, unknown, strict=True)) > 0
-
-
-def test_a_mask_conditioned_fit_resumed_from_its_weights_continues_exactly(tmp_path):
-    mask = tissue(2, n=4)
-    straight = mask_model(0.5)
-    fit_masks(straight, mask, steps=6)
-    first = mask_model(0.5)
-    fit_masks(first, mask, steps=3)
-    path = str(tmp_path / "checkpoint.weights.h5")
-    first.save_weights(path)
-    resumed = mask_model(0.5)
-    resumed.optimizer.build(resumed.trainable_variables)
-    resumed.load_weights(path)
-    fit_masks(resumed, mask, steps=3)
-    for a, b in zip(straight.get_weights(), resumed.get_weights(), strict=True):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)

@@ -211,3 +211,23 @@ def test_resume_with_mixed_float16_over_float32_checkpoints_is_one_line_and_chan
     assert len(err) == 1 and "without float16 loss scaling" in err[0], err
     assert "--precision float32 or mixed_bfloat16" in err[0]
     assert snapshot(out) == before  # config.json not rewritten with the refused precision
+
+
+def test_training_masks_follow_the_latents_order_mirrors_included():
+    """encode_training_set lists the images, then their mirror images (with --flip): the UNet's
+    mask input must list their masks the same way, pooled onto the latent grid."""
+    config = cfg.preset("demo")
+    config.data.image_size = 8
+    config.autoencoder.ae_channel_mults = (1, 2)  # ×2: a 4×4 latent
+    classes = np.zeros((2, 8, 8), np.uint8)
+    classes[0, :, :2] = 3  # image 0: white matter in its two left columns
+    classes[1, :4] = 1  # image 1: CSF in its top half
+    tissue = train.training_masks(config, classes)
+    assert tissue.shape == (4, 4, 4, 4)
+    np.testing.assert_array_equal(tissue[0, :, 0, 3], 1.0)  # left column of cells: all white matter
+    np.testing.assert_array_equal(tissue[2, :, 3, 3], 1.0)  # its mirror image: the right column
+    np.testing.assert_array_equal(tissue[2, :, 0, 3], 0.0)
+    np.testing.assert_array_equal(tissue[3], tissue[1])  # a top half mirrors onto itself
+    config.data.flip = False
+    assert train.training_masks(config, classes).shape == (2, 4, 4, 4)
+    assert train.training_masks(config, None) is None
