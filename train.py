@@ -631,6 +631,9 @@ def train_diffusion(
             raise cli.UserError(f"{len(latents)} training latents but {len(table)} conditions; check the data folder")
     run_dir, t = config.train.out, config.train
     chief = is_chief(strategy)
+    # The UNet's initial weights from the seed alone, whatever ran before in this process (the
+    # mask decoder is trained, or skipped on a resume, between the autoencoder and here).
+    keras.utils.set_random_seed(t.seed)
     with strategy.scope():
         steps, per_execution = runs.epoch_steps(
             t.ldm_steps_per_epoch, len(latents), t.batch_size, t.steps_per_execution
