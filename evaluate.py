@@ -552,8 +552,8 @@ def evaluate(
         cond_scores = conditioned_metrics(
             run, data, samples, real, nearest, references, sample, guidance, oracle_steps, batch_size
         )
-    mask_scores = mask_metrics(run, n, options, guidance, segmenter_steps) if config.mask_classes else {}
-    pair_scores = pair_metrics(run, options, segmenter_steps) if run.mask_decoder is not None else {}
+    mask_scores = pairs.mask_metrics(run, n, options, guidance, segmenter_steps) if config.mask_classes else {}
+    pair_scores = pairs.pair_metrics(run, options, segmenter_steps) if run.mask_decoder is not None else {}
     sample_nn, real_nn = nearest.scores[: len(samples)], nearest.scores[len(samples) :]
     figure = os.path.join(run.directory, "figures", "memorisation.png")
     memorisation_figure(samples, nearest, train_paths, figure, title=f"{run.name}: {len(samples)} samples")
@@ -669,76 +669,6 @@ def conditioned_metrics(run, data, samples, real, nearest, references, sample, g
         **scores,
         "oracle": {key: judge.info.get(key) for key in ("steps", "seconds", "loss")},
         "guidance_sweep": sweep,
-    }
-
-
-# ---------------------------------------------------------------------------- tissue masks
-
-
-def fit_segmenter(run: runs.Run, steps: int, batch_size: int) -> oracle.Segmenter:
-    """The run's segmentation oracle: loaded from RUN/oracle/ or trained there on the real
-    training images and their masks (flipped together)."""
-    config = run.config
-    images, masks_ = runs.split_masks(config, "train")
-
-    def make_train():
-        pairs = oracle.load_segmentation_pairs(images, masks_, config.data.image_size)
-        return oracle.segmentation_stream(*pairs, batch_size, seed=config.train.seed)
-
-    return oracle.load_or_train_segmenter(
-        run.directory, make_train, config.data.image_size, steps=steps, seed=config.train.seed
-    )
-
-
-def mask_metrics(run: runs.Run, n: int, options: cfg.SamplingOptions, guidance: list[float], steps: int) -> dict:
-    """The mask_dice_* metrics of the module docstring and `mask_guidance_sweep`."""
-    config = run.config
-    images, mask_paths = runs.split_masks(config, "validate")
-    if not images:
-        raise cli.UserError("mask metrics need validation images (their masks are what samples are asked for)")
-    real, real_masks = oracle.load_segmentation_pairs(images, mask_paths, config.data.image_size)
-    requested = real_masks[np.arange(n) % len(real_masks)]
-    print(f"segmentation oracle (cached in {os.path.join(run.directory, oracle.ORACLE_FOLDER)})", flush=True)
-    judge = fit_segmenter(run, steps, options.batch_size)
-    sweep = []
-    for w in guidance:
-        print(f"guidance {w:g}: sampling {n} images for the masks of {len(real)} validation images", flush=True)
-        samples = runs.generate(run, n, options, tissue_masks=requested, guidance=w).images
-        sweep.append({"guidance": w, **pairs.dice_scores(requested, judge.segment(samples), "mask_dice_samples")})
-    print(f"{n} unconditional samples (the chance level of the masks' Dice)", flush=True)
-    unconditional = runs.generate(run, n, options).images
-    return {
-        **{key: value for key, value in sweep[0].items() if key != "guidance"},
-        **pairs.dice_scores(requested, judge.segment(unconditional), "mask_dice_unconditional"),
-        **pairs.dice_scores(real_masks, judge.segment(real), "mask_dice_real"),
-        **pairs.dice_scores(
-            real_masks, judge.segment(runs.reconstruct(run, real, options.batch_size)), "mask_dice_autoencoder"
-        ),
-        "mask_requests": f"the masks of the {len(real)} real (validation) images, cycled to {n}; labels unknown",
-        "segmenter": {key: judge.info.get(key) for key in ("steps", "seconds", "loss")},
-        "mask_guidance_sweep": sweep,
-    }
-
-
-def pair_metrics(run: runs.Run, options: cfg.SamplingOptions, steps: int) -> dict:
-    """The pair_* and seg_* metrics of the module docstring (pairs.py: what they mean)."""
-    config, size, batch = run.config, run.config.data.image_size, options.batch_size
-    real_train = oracle.load_segmentation_pairs(*runs.split_masks(config, "train"), size)
-    test = oracle.load_segmentation_pairs(*runs.split_masks(config, "test"), size)
-    _, validation_masks = oracle.load_segmentation_pairs(*runs.split_masks(config, "validate"), size)
-    if not len(test[0]):
-        raise cli.UserError("the usefulness of image + mask pairs is judged on the test split, which is empty")
-    count = len(real_train[0])
-    print(f"{count} image + mask pairs (unconditional samples, the mask decoder's masks)", flush=True)
-    synthetic = pairs.synthesize(run, count, options)
-    judge = fit_segmenter(run, steps, batch)
-    both = tuple(np.concatenate([r, s]) for r, s in zip(real_train, synthetic, strict=True))
-    sets = {"real_only": real_train, "synthetic_only": synthetic, "real_plus_synthetic": both}
-    return {
-        **pairs.pair_scores(synthetic, judge, real_train[1], validation_masks),
-        **pairs.usefulness(sets, test, steps, batch, seed=config.train.seed),
-        "seg_steps": steps,
-        "seg_test_pairs": len(test[0]),
     }
 
 

@@ -42,10 +42,10 @@ import dataset  # noqa: E402
 import figures  # noqa: E402
 import hardware  # noqa: E402
 import masks  # noqa: E402
-import oracle  # noqa: E402
+import pairs  # noqa: E402
 import prepare  # noqa: E402
 import runs  # noqa: E402
-from autoencoder import AutoEncoder, build_mask_decoder  # noqa: E402
+from autoencoder import AutoEncoder  # noqa: E402
 from diffusion import LatentDiffusion  # noqa: E402
 
 # Stage names: checkpoint folders, history files and log folders use them.
@@ -546,9 +546,10 @@ def find_training_masks(config: cfg.RunConfig, data_dir, splits: dict) -> np.nda
     """The training split's tissue masks, uint8 class indices (N, S, S) at the run's image size
     (nearest neighbour) in the order of splits["train"], for a run conditioned on masks or
     training a mask decoder (`mask_decoder_steps`); None for neither, or for a mask decoder
-    on data without masks. Every split's masks are paired and read first
-    (`masks.find_masks`, `masks.check_masks`): a missing, orphaned, mis-sized or mis-valued
-    mask is one error line naming the file, before anything is written."""
+    on data without masks. Every split's masks are paired and read first (`masks.find_masks`,
+    `masks.check_masks`; the training split's once, by `masks.read_paired_mask`): a missing,
+    orphaned, mis-sized or mis-valued mask is one error line naming the file, before anything
+    is written."""
     if not (config.mask_classes or config.train.mask_decoder_steps):
         return None
     paths = masks.find_masks(data_dir, splits)
@@ -560,9 +561,11 @@ def find_training_masks(config: cfg.RunConfig, data_dir, splits: dict) -> np.nda
             f"{masks.SEG_FOLDER.format('<split>')} folders; train without it (--condition "
             f"{','.join(config.label_conditions) or 'none'})"
         )
-    for split, images in splits.items():
-        masks.check_masks(images, paths[split])
-    return masks.load_masks(paths["train"], config.data.image_size)
+    for split in ("validate", "test"):
+        masks.check_masks(splits[split], paths[split])
+    size = config.data.image_size
+    classes = [masks.read_paired_mask(image, mask) for image, mask in zip(splits["train"], paths["train"], strict=True)]
+    return np.stack([masks.resize_mask(c, size) for c in classes]) if classes else np.zeros((0, size, size), np.uint8)
 
 
 def training_masks(config: cfg.RunConfig, train_masks: np.ndarray | None) -> np.ndarray | None:
@@ -571,48 +574,13 @@ def training_masks(config: cfg.RunConfig, train_masks: np.ndarray | None) -> np.
     the mirror images' masks, mirrored, follow. None for a run not conditioned on masks."""
     if train_masks is None:
         return None
-    if config.data.flip:
-        train_masks = np.concatenate([train_masks, train_masks[:, :, ::-1]])
-    return masks.mask_fractions(train_masks, config.latent_size)
+    return masks.mask_fractions(masks_in_latent_order(config, train_masks), config.latent_size)
 
 
-def mask_decoder_batches(latents: np.ndarray, train_masks: np.ndarray, batch_size: int, seed: int) -> tf.data.Dataset:
-    """Endless (latents (B, h, w, C), masks (B, S, S)) batches of matching rows, in a seeded
-    order that changes every pass (`dataset.seeded_passes`)."""
-    with tf.device("/CPU:0"):  # not on GPU:0 first: tf.data captures the tables on the host
-        latent_table, mask_table = tf.constant(latents), tf.constant(train_masks)
-    return (
-        dataset.seeded_passes(len(latents), seed)
-        .map(lambda index, _: (tf.gather(latent_table, index), tf.gather(mask_table, index)))
-        .batch(batch_size, drop_remainder=True)
-        .prefetch(tf.data.AUTOTUNE)
-        .with_options(dataset.without_autotune())
-    )
-
-
-def train_mask_decoder(config: cfg.RunConfig, latents: np.ndarray, train_masks: np.ndarray) -> keras.Model:
-    """Fit the mask decoder (`autoencoder.build_mask_decoder`) on the unscaled training latents
-    (N, h, w, C) of `encode_training_set` and the training masks (N or, with `flip`, N / 2
-    (S, S), mirrored here as the latents' second half is): `mask_decoder_steps` batches,
-    `oracle.fit_steps` (Adam 1e-3 cosine-decayed) with oracle.SegmentationLoss
-    (cross-entropy + soft Dice); writes mask_decoder.weights.h5. Seconds on a CPU: BENCHMARKS.md."""
-    t = config.train
-    if config.data.flip:
-        train_masks = np.concatenate([train_masks, train_masks[:, :, ::-1]])
-    if len(train_masks) != len(latents):
-        raise cli.UserError(f"{len(latents)} training latents but {len(train_masks)} masks; check the data folder")
-    keras.utils.set_random_seed(t.seed)
-    with hardware.dtype_policy("float32"):  # small: float32 everywhere, as the oracles
-        model = build_mask_decoder(latents.shape[-1], config.data.image_size // latents.shape[1])
-    print(f"mask decoder: {t.mask_decoder_steps} steps on {len(latents)} latents and their masks", flush=True)
-    batches = mask_decoder_batches(latents, train_masks, t.batch_size, t.seed)
-    loss = oracle.SegmentationLoss(oracle.SEGMENTER_DICE_WEIGHT)
-    seconds, last = oracle.fit_steps(model, loss, batches, t.mask_decoder_steps, verbose=2)
-    print(f"mask decoder: loss {last:.4f}, {seconds:.0f} s", flush=True)
-    if not np.isfinite(last):
-        raise NonFiniteLoss("the mask decoder's loss is not finite; nothing saved")
-    runs.save_weights(model, os.path.join(config.train.out, runs.MASK_DECODER_WEIGHTS))
-    return model
+def masks_in_latent_order(config: cfg.RunConfig, train_masks: np.ndarray) -> np.ndarray:
+    """The training masks (N, S, S) in the order of the latents of `encode_training_set`: with
+    `flip`, the mirror images' masks, mirrored, follow (2N, S, S)."""
+    return np.concatenate([train_masks, train_masks[:, :, ::-1]]) if config.data.flip else train_masks
 
 
 def train_diffusion(
@@ -781,7 +749,15 @@ def run(argv: list[str]) -> None:
     if train_masks is not None and config.train.mask_decoder_steps and chief and not decoder_done:
         if latents is None:  # --stage ae on a run whose scale factor is measured: encode for it alone
             latents = encode_training_set(autoencoder.encoder, config, splits["train"])
-        train_mask_decoder(config, latents, train_masks)
+        t = config.train
+        pairs.train_mask_decoder(
+            latents,
+            masks_in_latent_order(config, train_masks),
+            os.path.join(run_dir, runs.MASK_DECODER_WEIGHTS),
+            t.mask_decoder_steps,
+            t.batch_size,
+            t.seed,
+        )
 
     if train_diffusion_now:
         resumed = args.resume or config.train.stage == "ldm"

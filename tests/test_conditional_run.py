@@ -26,6 +26,7 @@ import dataset
 import evaluate
 import masks
 import oracle
+import pairs
 import predict
 import prepare
 import runs
@@ -236,7 +237,7 @@ def test_evaluate_reports_conditioning_errors_and_the_guidance_sweep(cond_run, t
         raise AssertionError("the cached oracle was trained again")
 
     monkeypatch.setattr(oracle, "train_segmenter", no_training)
-    assert evaluate.fit_segmenter(runs.load_run(run_dir), 5, 16).info["steps"] == 5
+    assert pairs.segmentation_oracle(runs.load_run(run_dir), 5, 16).info["steps"] == 5
 
 
 @pytest.mark.slow
