@@ -6,7 +6,7 @@
 
 Reads top to bottom: parse flags → prepare the run directory → stage 1 (autoencoder
 fit, latent scale factor) → stage 2 (encode the training set once, LatentDiffusion fit
-with EMA) → final weights and figures.
+with EMA) → final weights and loss figures (samples: predict.py).
 
 Writes the run directory (its layout: runs.py) through runs.py, which also builds the
 models a config describes; this file owns only the training itself: flags, the two
@@ -361,7 +361,7 @@ def stage_callbacks(
 
 
 def train_autoencoder(config: cfg.RunConfig, splits: dict, strategy, resumed: bool) -> AutoEncoder:
-    """Fit the autoencoder on (x, x) with MSE; validation SSIM and PSNR each epoch.
+    """Fit the autoencoder on (x, x) with --ae-loss; validation SSIM and PSNR each epoch.
 
     The training images are one endless seeded stream (an epoch is `ae_steps_per_epoch`
     batches, or one pass), from memory when the set is small; a resumed run skips the
@@ -644,12 +644,7 @@ def train_diffusion(
     runs.save_weights(model.network, os.path.join(run_dir, "unet.weights.h5"))
     runs.save_weights(model.ema_network, os.path.join(run_dir, "unet_ema.weights.h5"))
     figures.loss_curves(history_csv, os.path.join(run_dir, "figures", "diffusion_loss.png"), "latent diffusion (ε MSE)")
-    options = cfg.SamplingOptions(seed=t.seed)  # DDIM 50 steps (T if fewer)
-    samples = runs.generate(run, 16, options, progress=False).images
-    title = f"samples (EMA UNet, {options.label(config.diffusion.timesteps)}"
-    title += ", no condition)" if config.condition.condition else ")"
-    figures.image_grid(samples, os.path.join(run_dir, "figures", "samples.png"), title=title)
-    # conditions.png (guided: two UNet calls a step) is predict.py's, which `make demo` runs next.
+    # The samples are predict.py's (`make demo` runs it next); TensorBoard has some every --sample-every epochs.
     return model
 
 
@@ -764,7 +759,7 @@ def run(argv: list[str]) -> None:
         cond, mask = training_conditions(config, labels), training_masks(config, train_masks)
         scaled = latents * config.scale_factor
         train_diffusion(config, autoencoder, scaled, strategy, resumed=resumed, cond=cond, mask=mask)
-    print(f"done: {run_dir}")
+    print(f"done: {run_dir}" + (f"; samples: python predict.py --run {run_dir}" if train_diffusion_now else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
