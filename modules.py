@@ -279,7 +279,10 @@ class _UNetBase(keras.Model):
 
     ``dim``: the base width; ``dim_mults``: one width multiplier per level; ``channels``: the
     latent's; ``resnet_groups``: the ResnetBlocks' GroupNorm groups; ``attn_heads``,
-    ``attn_dim_head``: the attention layers'; ``cond_categories``: per condition variable
+    ``attn_dim_head``: the attention layers'; ``attn_from_level``: the first level (0: the
+    input's resolution) whose blocks are followed by a LinearAttention; the levels above it
+    have an identity there instead (their linear attentions cost about a third of a small
+    UNet's step: BENCHMARKS.md); ``cond_categories``: per condition variable
     its category count, 0 for a continuous one (empty: unconditional); ``mask_classes``: M,
     the classes of a tissue mask the network is conditioned on (0: none). ``init_dim`` is
     the subclass's width after ``init_conv`` (a conv7x7).
@@ -306,6 +309,7 @@ class _UNetBase(keras.Model):
         resnet_groups=8,
         attn_heads=4,
         attn_dim_head=32,
+        attn_from_level=0,
         cond_categories=(),
         mask_classes=0,
         *,
@@ -318,6 +322,7 @@ class _UNetBase(keras.Model):
         self.mask_classes = int(mask_classes)
         self.resnet_groups = resnet_groups
         self.attn_heads, self.attn_dim_head = attn_heads, attn_dim_head
+        self.attn_from_level = int(attn_from_level)
         if not self.dim_mults:
             raise ValueError(f"{type(self).__name__}: dim_mults must not be empty")
         self.downsample_factor = 2 ** (len(self.dim_mults) - 1)
@@ -358,6 +363,12 @@ class _UNetBase(keras.Model):
             raise ValueError(f"{name}: this network was built without conditioning (cond_categories=())")
         return x, time_emb
 
+    def _level_attention(self, level, width, name):
+        """Level `level`'s LinearAttention at `width` channels, or an identity above `attn_from_level`."""
+        if level < self.attn_from_level:
+            return keras.layers.Identity(name=name)
+        return LinearAttention(width, heads=self.attn_heads, dim_head=self.attn_dim_head, name=name)
+
     def build_for(self, latent_shape):
         """Create the weights by one call on zeros of shape (1, *latent_shape); returns self."""
         self(ops.zeros((1, *latent_shape)), ops.zeros((1,), dtype="int32"))
@@ -373,6 +384,7 @@ class _UNetBase(keras.Model):
             "resnet_groups": self.resnet_groups,
             "attn_heads": self.attn_heads,
             "attn_dim_head": self.attn_dim_head,
+            "attn_from_level": self.attn_from_level,
             "cond_categories": list(self.cond_categories),
             "mask_classes": self.mask_classes,
         }
@@ -417,7 +429,7 @@ class UNet(_UNetBase):
                 [
                     ResnetBlock(width, width, **block, name=f"down{i}_block1"),
                     ResnetBlock(width, width, **block, name=f"down{i}_block2"),
-                    LinearAttention(width, **attn, name=f"down{i}_attn"),
+                    self._level_attention(i, width, f"down{i}_attn"),
                     keras.layers.Conv2D(next_width, 3, strides=stride, padding="same", name=name),
                 ]
             )
@@ -433,7 +445,7 @@ class UNet(_UNetBase):
                 [
                     ResnetBlock(next_width + width, next_width, **block, name=f"up{i}_block1"),
                     ResnetBlock(next_width + width, next_width, **block, name=f"up{i}_block2"),
-                    LinearAttention(next_width, **attn, name=f"up{i}_attn"),
+                    self._level_attention(i, next_width, f"up{i}_attn"),
                     keras.layers.Conv2D(width, 3, padding="same", name=f"up{i}_proj")
                     if i == 0  # full resolution: no upsampling
                     else keras.layers.Conv2DTranspose(width, 4, strides=2, padding="same", name=f"up{i}_upsample"),
@@ -502,7 +514,7 @@ class OriginalUNet(_UNetBase):
             level = [
                 ResnetBlock(dim_in, dim_out, **block, name=f"down{i}_block1"),
                 ResnetBlock(dim_out, dim_out, **block, name=f"down{i}_block2"),
-                LinearAttention(dim_out, **attn, name=f"down{i}_attn"),
+                self._level_attention(i, dim_out, f"down{i}_attn"),
             ]
             if i < len(levels) - 1:  # the last level keeps its resolution (the original's Identity)
                 level.append(keras.layers.Conv2D(dim_out, 4, strides=2, padding="same", name=f"down{i}_downsample"))
@@ -519,7 +531,7 @@ class OriginalUNet(_UNetBase):
                 [
                     ResnetBlock(2 * dim_out, dim_in, **block, name=f"up{i}_block1"),
                     ResnetBlock(dim_in, dim_in, **block, name=f"up{i}_block2"),
-                    LinearAttention(dim_in, **attn, name=f"up{i}_attn"),
+                    self._level_attention(i, dim_in, f"up{i}_attn"),
                     keras.layers.Conv2DTranspose(dim_in, 4, strides=2, padding="same", name=f"up{i}_upsample"),
                 ]
             )

@@ -23,6 +23,8 @@ def test_every_field_becomes_a_flag_with_help():
         for f in dataclasses.fields(section):
             assert f.name in flags, f.name
             assert flags[f.name].help and "default" in flags[f.name].help
+    text = parser.format_help()  # what --help prints: argparse %-formats every help line
+    assert "cosine decay to 5 % of the rate" in text and "--attn-from-level" in text
 
 
 def test_flags_default_to_the_preset_and_override_it():
@@ -165,6 +167,7 @@ def test_unknown_preset():
         (["--ldm-epochs", "-1"], "--ldm-epochs must be positive"),
         (["--lr", "0"], "--lr must be positive"),
         (["--unet-groups", "7"], "--unet-groups 7 must divide"),
+        (["--attn-from-level", "-1"], r"--attn-from-level must be 0 \(every level\) or more, got -1"),
     ],
 )
 def test_validate_rejects(argv, message):

@@ -115,6 +115,33 @@ def test_unet_config_round_trip_rebuilds_same_architecture():
     np.testing.assert_array_equal(clone(x, t).numpy(), unet(x, t).numpy())
 
 
+@pytest.mark.parametrize("network", [UNet, modules.OriginalUNet])
+def test_attn_from_level_leaves_the_levels_above_it_without_linear_attention(network):
+    """attn_from_level=k: levels 0..k-1 (down and up) hold an identity where LinearAttention
+    was; the levels from k on, and the middle's FullAttention, are unchanged; the default 0
+    builds every level's attention (the weights of runs made before the option)."""
+    kw = dict(SMALL_UNET, channels=1)
+    x, t = _images((2, 16, 16, 1)), _timesteps(2)
+    full = network(**kw).build_for((16, 16, 1))
+    some = network(**kw, attn_from_level=1).build_for((16, 16, 1))
+    assert some(x, t).shape == full(x, t).shape == (2, 16, 16, 1)
+
+    def attentions(net):
+        return {layer.name: type(layer).__name__ for layer in net._flatten_layers() if layer.name.endswith("_attn")}
+
+    assert set(attentions(full).values()) == {"LinearAttention", "FullAttention"}
+    assert attentions(some)["mid_attn"] == "FullAttention"
+    for name, kind in attentions(some).items():
+        if name != "mid_attn":  # "down0_attn" -> level 0
+            assert kind == ("Identity" if name[name.index("_") - 1] == "0" else "LinearAttention"), name
+    dropped = [w for layer in full._flatten_layers() if layer.name in ("down0_attn", "up0_attn") for w in layer.weights]
+    assert some.count_params() == full.count_params() - sum(int(np.prod(w.shape)) for w in dropped)
+    assert dropped
+    none = network(**kw, attn_from_level=len(kw["dim_mults"])).build_for((16, 16, 1))
+    assert "LinearAttention" not in attentions(none).values()
+    assert network.from_config(json.loads(json.dumps(some.get_config()))).attn_from_level == 1
+
+
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 def test_unet_mixed_precision_gives_float32_finite_output(policy):
     keras.config.set_dtype_policy(policy)
