@@ -139,7 +139,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, n: int) -> None:
         choices=cfg.PRECISIONS,
         default="float32",
         help="compute precision of the UNet and decoder; the sampler state stays float32; auto: mixed_bfloat16 "
-        "on a CPU with native bf16, else float32 (default: float32)",
+        "on a CPU with AMX (as train.py's --precision auto), else float32 (default: float32)",
     )
 
 

@@ -192,8 +192,8 @@ class TrainConfig:
         "auto",
         "compute precision, variables stay float32; auto: on a GPU mixed_bfloat16 from compute capability "
         "8.0 (A100, H100, RTX 30xx and newer), mixed_float16 on 7.x (V100, T4, RTX 20xx), float32 below; on a "
-        "CPU mixed_bfloat16 with AMX, float32 without AVX512-BF16, and with AVX512-BF16 but no AMX whichever a "
-        "~2 s convolution probe finds faster (cached per CPU model). A resume keeps the optimizer "
+        "CPU mixed_bfloat16 with AMX, else float32 (also with AVX512-BF16 but no AMX: too little gain). A resume "
+        "keeps the optimizer "
         "kind: a mixed_float16 run (loss scaling) resumes only in mixed_float16, any other only in another",
         choices=PRECISIONS,
     )

@@ -8,19 +8,10 @@ bench.py), from what the machine reports, never from a global: see `resolve_prec
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import statistics
-import time
 
 import keras
 import tensorflow as tf
-
-from config import write_json_atomic
-
-# --precision auto on a CPU with AVX512-BF16 but no AMX: bf16 must run the probe this much faster.
-BF16_MIN_GAIN = 1.1
-PROBE_FILE = "cpu_precision.json"  # in `cache_dir()`: the probe's verdict per CPU model and TensorFlow
 
 
 def resolve_precision(precision: str) -> str:
@@ -30,10 +21,11 @@ def resolve_precision(precision: str) -> str:
       (Ampere, Hopper, ...: bf16 tensor cores, float32's exponent range, no loss scaling),
       mixed_float16 on 7.x (Volta, Turing: fp16 tensor cores only; with loss scaling),
       float32 below 7.0 or when TensorFlow does not report it;
-    * on a CPU-only machine: mixed_bfloat16 with AMX (its bf16 tile units), float32 without
-      AVX512-BF16; in between, on a CPU with AVX512-BF16 but no AMX, whichever of the two ran
-      a convolution's training step faster on this machine (`probe_cpu_precision`, measured
-      once and cached): such CPUs differ (BENCHMARKS.md has one of each way).
+    * on a CPU-only machine: mixed_bfloat16 with AMX (its bf16 tile units: 1.3–2.4× float32's
+      training throughput), else float32. A CPU with AVX512-BF16 but no AMX gains too little
+      from bf16 for what it costs (BENCHMARKS.md: an Intel one ran the UNet's step slower in
+      bf16, an AMD EPYC the whole demo 1.02× faster, with samples that followed their
+      conditions less well).
     """
     if precision != "auto":
         return precision
@@ -41,87 +33,7 @@ def resolve_precision(precision: str) -> str:
     if gpus:
         major = gpu_compute_capability(gpus[0])[0]
         return "mixed_bfloat16" if major >= 8 else "mixed_float16" if major == 7 else "float32"
-    flags = cpu_flags()
-    if "amx_bf16" in flags:
-        return "mixed_bfloat16"
-    if "avx512_bf16" not in flags:
-        return "float32"
-    return probe_cpu_precision()
-
-
-def cache_dir() -> str:
-    """Where machine measurements are kept: $OASIS_LDM_CACHE, else $XDG_CACHE_HOME/oasis-ldm
-    (~/.cache/oasis-ldm)."""
-    if os.environ.get("OASIS_LDM_CACHE"):
-        return os.environ["OASIS_LDM_CACHE"]
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "oasis-ldm")
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo ("unknown CPU" where there is none)."""
-    for line in cpu_flags().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
-def probe_cpu_precision(measure=None) -> str:
-    """mixed_bfloat16 if a bf16 convolution training step runs at least `BF16_MIN_GAIN` times as
-    fast as the float32 one on this CPU, else float32. Measured once per CPU model, core count,
-    TensorFlow version and oneDNN setting (`measure_conv_step`, about 2 s), then read from
-    `PROBE_FILE` in `cache_dir()`; an unreadable cache is measured anew. `measure`: a
-    replacement for `measure_conv_step` (tests)."""
-    key = f"{cpu_model()} | {os.cpu_count()} cores | TF {tf.__version__} | oneDNN {'on' if onednn_enabled() else 'off'}"
-    path = os.path.join(cache_dir(), PROBE_FILE)
-    try:
-        with open(path) as f:
-            known = json.load(f)
-        if not isinstance(known, dict):
-            known = {}
-    except (OSError, ValueError):
-        known = {}
-    entry = known.get(key)
-    if isinstance(entry, dict) and entry.get("precision") in ("float32", "mixed_bfloat16"):
-        return entry["precision"]
-    seconds = (measure or measure_conv_step)()
-    gain = seconds["float32"] / seconds["bfloat16"]
-    choice = "mixed_bfloat16" if gain >= BF16_MIN_GAIN else "float32"
-    print(f"--precision auto: bf16 ran a convolution step {gain:.2f}× as fast as float32 here: {choice}", flush=True)
-    known[key] = {"precision": choice, "bf16_gain": round(gain, 3), "seconds": seconds}
-    try:
-        os.makedirs(cache_dir(), exist_ok=True)
-        write_json_atomic(known, path)
-    except OSError:  # a read-only home: measured again next time
-        pass
-    return choice
-
-
-def measure_conv_step(rounds: int = 5, calls: int = 3) -> dict[str, float]:
-    """Median seconds of `calls` forward + backward passes of a 3×3 convolution (batch 16, 32×32,
-    64 → 64 channels, the shape of the UNet's first level), in float32 and in bfloat16,
-    interleaved over `rounds` so that a noisy neighbour slows both alike."""
-    steps = {}
-    for dtype in (tf.float32, tf.bfloat16):
-        x = tf.random.stateless_normal((16, 32, 32, 64), seed=(0, 1), dtype=dtype)
-        w = tf.random.stateless_normal((3, 3, 64, 64), seed=(0, 2), dtype=dtype) * 0.05
-
-        @tf.function
-        def step(x=x, w=w):
-            with tf.GradientTape() as tape:
-                tape.watch([x, w])
-                loss = tf.reduce_sum(tf.square(tf.nn.conv2d(x, w, 1, "SAME")))
-            return tape.gradient(loss, [x, w])
-
-        step()  # trace
-        steps[dtype.name] = step
-    times = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                step()[0].numpy()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return "mixed_bfloat16" if "amx_bf16" in cpu_flags() else "float32"
 
 
 def gpu_compute_capability(gpu) -> tuple[int, int]:

@@ -43,8 +43,8 @@ Writes to --out:
 
 Sampling uses the EMA UNet (unet_ema.weights.h5) and the decoder (decoder.weights.h5) of
 the run, rebuilt from its config.json, in float32 whatever precision the run trained in
-(its weights are float32); `--precision mixed_bfloat16` (or `auto` on a CPU with bf16
-units) runs the two networks in bf16 with the sampler's state in float32: faster, and
+(its weights are float32); `--precision mixed_bfloat16` (or `auto` on a CPU with AMX)
+runs the two networks in bf16 with the sampler's state in float32: faster, and
 slightly other images (README, "Samplers"). Batch b is
 sampled with a seed derived from (--seed, b), so the same --seed and --batch-size give
 byte-identical files.

@@ -5,11 +5,8 @@ import csv
 import hashlib
 import os
 import shutil
-import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# Machine measurements (hardware.probe_cpu_precision) go to a folder of this test session, not ~/.cache.
-os.environ["OASIS_LDM_CACHE"] = tempfile.mkdtemp(prefix="oasis-ldm-cache-")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

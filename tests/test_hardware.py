@@ -1,7 +1,6 @@
 """hardware.py: what `--precision auto` and `--xla auto` pick on each kind of device (GPUs
 stood in for by monkeypatched device lists), and the oneDNN probe."""
 
-import json
 import os
 import subprocess
 import sys
@@ -33,50 +32,14 @@ def fake_machine(monkeypatch, gpus=(), onednn=False, flags=""):
         ([(7, 5)], "avx512_bf16", "mixed_float16"),  # T4 (a GPU wins over the CPU's bf16)
         ([(6, 1)], "", "float32"),  # P100/GTX 10xx: no tensor cores
         ([], "avx512_bf16 amx_bf16", "mixed_bfloat16"),
+        ([], "avx512f avx512_bf16", "float32"),  # bf16 without AMX: too little gain (BENCHMARKS.md)
         ([], "avx2 fma", "float32"),
     ],
 )
 def test_precision_auto_per_device(monkeypatch, gpus, flags, expected):
-    """No probe on these: a GPU, AMX or no AVX512-BF16 decide alone."""
     fake_machine(monkeypatch, gpus, flags=flags)
-    monkeypatch.setattr(hardware, "probe_cpu_precision", lambda: pytest.fail("probed"))
     assert hardware.resolve_precision("auto") == expected
     assert hardware.resolve_precision("float32") == "float32"  # given: kept
-
-
-def test_avx512_bf16_without_amx_is_probed_once_and_cached(monkeypatch, tmp_path, capsys):
-    """bf16 1.5× faster: mixed_bfloat16, printed once, cached per CPU model and oneDNN setting (a
-    second call measures nothing); on another CPU model a bf16 only 1.05× faster gives float32;
-    a damaged cache file is measured anew and rewritten."""
-    monkeypatch.setenv("OASIS_LDM_CACHE", str(tmp_path))
-    fake_machine(monkeypatch, flags="model name\t: Fast bf16 CPU\nflags : avx512f avx512_bf16\n")
-    calls = []
-
-    def measure(gain):
-        def run():
-            calls.append(gain)
-            return {"float32": 0.3 * gain, "bfloat16": 0.3}
-
-        return run
-
-    monkeypatch.setattr(hardware, "measure_conv_step", measure(1.5))
-    assert hardware.resolve_precision("auto") == "mixed_bfloat16"
-    assert "1.50× as fast as float32 here: mixed_bfloat16" in capsys.readouterr().out
-    assert hardware.resolve_precision("auto") == "mixed_bfloat16" and calls == [1.5]
-    monkeypatch.setattr(hardware, "cpu_flags", lambda: "model name\t: Slow bf16 CPU\nflags : avx512_bf16\n")
-    monkeypatch.setattr(hardware, "measure_conv_step", measure(1.05))
-    assert hardware.resolve_precision("auto") == "float32" and calls == [1.5, 1.05]
-    cached = json.loads((tmp_path / hardware.PROBE_FILE).read_text())
-    assert sorted(entry["precision"] for entry in cached.values()) == ["float32", "mixed_bfloat16"]
-    assert all(key.endswith("oneDNN off") for key in cached)
-    (tmp_path / hardware.PROBE_FILE).write_text("{not json")
-    assert hardware.resolve_precision("auto") == "float32" and calls == [1.5, 1.05, 1.05]
-    assert len(json.loads((tmp_path / hardware.PROBE_FILE).read_text())) == 1
-
-
-def test_the_conv_probe_measures_both_dtypes():
-    seconds = hardware.measure_conv_step(rounds=1, calls=1)
-    assert set(seconds) == {"float32", "bfloat16"} and all(0 < s < 60 for s in seconds.values())
 
 
 def test_gpu_without_a_reported_compute_capability_trains_in_float32(monkeypatch):
