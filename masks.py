@@ -153,14 +153,17 @@ def resize_mask(classes: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(classes).resize((size, size), Image.Resampling.NEAREST))
 
 
-def load_masks(paths, size: int) -> np.ndarray:
+def load_masks(paths, size: int, images=None) -> np.ndarray:
     """The masks at `paths` as uint8 class indices (N, size, size), each resized by nearest
-    neighbour (`resize_mask`): the masks of a split at the run's image size."""
-    return (
-        np.stack([resize_mask(read_mask(path), size) for path in paths])
-        if paths
-        else np.zeros((0, size, size), np.uint8)
-    )
+    neighbour (`resize_mask`): the masks of a split at the run's image size. With `images`
+    (the masks' images, in the same order) each mask is checked against its image as it is
+    read (`read_paired_mask`)."""
+    if images is None:
+        read = [read_mask(path) for path in paths]
+    else:
+        read = [read_paired_mask(image, path) for image, path in zip(images, paths, strict=True)]
+    classes = [resize_mask(c, size) for c in read]
+    return np.stack(classes) if classes else np.zeros((0, size, size), np.uint8)
 
 
 def mask_fractions(classes: np.ndarray, size: int) -> np.ndarray:

@@ -373,34 +373,40 @@ class Samples:
     timesteps: np.ndarray | None = None
 
 
+def _in_batches(fn, x: np.ndarray, batch_size: int, empty: np.ndarray) -> np.ndarray:
+    """fn applied to x in slices of `batch_size` along the first axis, as one NumPy array;
+    `empty` when x is."""
+    out = [np.asarray(fn(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
+    return np.concatenate(out) if out else empty
+
+
 def decode(run: Run, latents: np.ndarray, batch_size: int) -> np.ndarray:
     """Images (N, H, W, 1) in [-1, 1] of scaled latents (N, h, w, c): decoder(latents / scale_factor)."""
-    out = [
-        run.autoencoder.decoder(latents[i : i + batch_size] / run.config.scale_factor, training=False).numpy()
-        for i in range(0, len(latents), batch_size)
-    ]
-    return np.concatenate(out) if out else np.zeros((0, *latents.shape[1:3], 1), np.float32)
+    return _in_batches(
+        lambda z: run.autoencoder.decoder(z / run.config.scale_factor, training=False),
+        latents,
+        batch_size,
+        np.zeros((0, *latents.shape[1:3], 1), np.float32),
+    )
 
 
 def reconstruct(run: Run, images: np.ndarray, batch_size: int) -> np.ndarray:
     """decoder(encoder(images)) of images (N, H, W, 1) in [-1, 1], in batches (the run loaded
     with its encoder)."""
-    out = [
-        run.autoencoder(images[i : i + batch_size], training=False).numpy() for i in range(0, len(images), batch_size)
-    ]
-    return np.concatenate(out) if out else np.zeros_like(images)
+    return _in_batches(lambda x: run.autoencoder(x, training=False), images, batch_size, np.zeros_like(images))
 
 
 def decode_masks(run: Run, latents: np.ndarray, batch_size: int) -> np.ndarray:
     """Tissue masks, uint8 class indices (N, H, W), of scaled latents (N, h, w, c): the argmax of
     mask_decoder(latents / scale_factor), the mask of the image `decode` gives (a loaded
     `run.mask_decoder` needed)."""
-    out = [
-        np.argmax(run.mask_decoder(latents[i : i + batch_size] / run.config.scale_factor, training=False), -1)
-        for i in range(0, len(latents), batch_size)
-    ]
     size = run.config.data.image_size
-    return np.concatenate(out).astype(np.uint8) if out else np.zeros((0, size, size), np.uint8)
+    return _in_batches(
+        lambda z: np.argmax(run.mask_decoder(z / run.config.scale_factor, training=False), -1).astype(np.uint8),
+        latents,
+        batch_size,
+        np.zeros((0, size, size), np.uint8),
+    )
 
 
 def network_conditions(run: Run, condition: dict | None, n: int) -> np.ndarray | None:

@@ -547,7 +547,7 @@ def find_training_masks(config: cfg.RunConfig, data_dir, splits: dict) -> np.nda
     (nearest neighbour) in the order of splits["train"], for a run conditioned on masks or
     training a mask decoder (`mask_decoder_steps`); None for neither, or for a mask decoder
     on data without masks. Every split's masks are paired and read first (`masks.find_masks`,
-    `masks.check_masks`; the training split's once, by `masks.read_paired_mask`): a missing,
+    `masks.check_masks`; the training split's once, by `masks.load_masks`): a missing,
     orphaned, mis-sized or mis-valued mask is one error line naming the file, before anything
     is written."""
     if not (config.mask_classes or config.train.mask_decoder_steps):
@@ -563,9 +563,7 @@ def find_training_masks(config: cfg.RunConfig, data_dir, splits: dict) -> np.nda
         )
     for split in ("validate", "test"):
         masks.check_masks(splits[split], paths[split])
-    size = config.data.image_size
-    classes = [masks.read_paired_mask(image, mask) for image, mask in zip(splits["train"], paths["train"], strict=True)]
-    return np.stack([masks.resize_mask(c, size) for c in classes]) if classes else np.zeros((0, size, size), np.uint8)
+    return masks.load_masks(paths["train"], config.data.image_size, images=splits["train"])
 
 
 def training_masks(config: cfg.RunConfig, train_masks: np.ndarray | None) -> np.ndarray | None:
