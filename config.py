@@ -178,11 +178,21 @@ class TrainConfig:
     lr: float = option(5e-4, "diffusion learning rate (Adam)")
     lr_schedule: str = option(
         "constant",
-        "both stages' learning rate: constant, or cosine (linear warm-up over the first 5 % of the stage's "
-        "steps, then cosine decay to 5 % of the rate at its last step)",
+        "the diffusion stage's learning rate: constant, or cosine (linear warm-up over the first 5 % of the "
+        "stage's steps, then cosine decay to 5 % of the rate at its last step)",
+        choices=LR_SCHEDULES,
+    )
+    ae_lr_schedule: str | None = option(
+        None,
+        "the autoencoder's learning-rate schedule, as --lr-schedule; None: --lr-schedule's",
         choices=LR_SCHEDULES,
     )
     batch_size: int = option(16, "global batch size (split across devices)")
+    ae_batch_size: int | None = option(
+        None,
+        "the autoencoder's global batch size; None: --batch-size (the demo preset: 4, for more, smaller steps "
+        "in the same time on a CPU)",
+    )
     scale_with_replicas: bool = option(
         False,
         "a fresh run on several replicas: global batch = --batch-size × replicas, learning rates × "
@@ -235,6 +245,17 @@ class TrainConfig:
         "resumed or not (slower); on a GPU TensorFlow then uses deterministic cuDNN kernels and raises for an "
         "op that has none; the bitwise claim is tested on CPU only",
     )
+
+    @property
+    def autoencoder_batch_size(self) -> int:
+        """The autoencoder stage's global batch: `ae_batch_size`, or `batch_size` when None (also
+        what runs made before `ae_batch_size` existed trained with)."""
+        return self.batch_size if self.ae_batch_size is None else self.ae_batch_size
+
+    @property
+    def autoencoder_lr_schedule(self) -> str:
+        """The autoencoder stage's schedule: `ae_lr_schedule`, or `lr_schedule` when None."""
+        return self.lr_schedule if self.ae_lr_schedule is None else self.ae_lr_schedule
 
 
 SECTIONS = {
@@ -330,6 +351,7 @@ class RunConfig:
             "ae_epochs": self.train.ae_epochs,
             "ldm_epochs": self.train.ldm_epochs,
             "batch_size": self.train.batch_size,
+            "ae_batch_size": self.train.autoencoder_batch_size,
             "lr": self.train.lr,
             "ae_lr": self.train.ae_lr,
             "timesteps": self.diffusion.timesteps,
@@ -375,7 +397,7 @@ def _preset_demo() -> RunConfig:
         unet=UNetConfig(attn_from_level=2),
         diffusion=DiffusionConfig(min_snr_gamma=5.0),
         condition=ConditionConfig(condition=("slice", MASK)),
-        train=TrainConfig(ldm_epochs=15, lr=1e-3),
+        train=TrainConfig(ldm_epochs=15, lr=1e-3, ae_batch_size=4, ae_steps_per_epoch=200, ae_lr_schedule="cosine"),
     )
 
 

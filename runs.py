@@ -187,13 +187,13 @@ def epoch_steps(steps_per_epoch: int, examples: int, batch_size: int, requested:
 def compile_autoencoder(
     autoencoder: AutoEncoder, config: cfg.RunConfig, steps_per_execution: int = 1, total_steps: int = 0
 ) -> None:
-    """Adam on --ae-loss (`metrics.RECONSTRUCTION_LOSSES`) at --ae-lr along --lr-schedule over
+    """Adam on --ae-loss (`metrics.RECONSTRUCTION_LOSSES`) at --ae-lr along --ae-lr-schedule (None: --lr-schedule) over
     `total_steps`; per-image SSIM and PSNR, whole and in the brain's box, as metrics; XLA per
     --xla; `steps_per_execution` (`epoch_steps`). Call inside the strategy's scope (bench.py
     times this step)."""
     t = config.train
     autoencoder.compile(
-        optimizer=make_optimizer(learning_rate(t.ae_lr, t.lr_schedule, total_steps)),
+        optimizer=make_optimizer(learning_rate(t.ae_lr, t.autoencoder_lr_schedule, total_steps)),
         loss=metrics.RECONSTRUCTION_LOSSES[t.ae_loss],
         metrics=[metrics.ssim, metrics.psnr, metrics.brain_ssim, metrics.brain_psnr],
         jit_compile=train_with_xla(config),

@@ -119,6 +119,7 @@ RESUMABLE_FLAGS = {
     "ldm_steps_per_epoch",
     "lr",
     "batch_size",
+    "ae_batch_size",
     "precision",
     "xla",
     "strategy",
@@ -265,9 +266,9 @@ def restore_latest(model: keras.Model, directory: str, learning_rate: float | No
     )
 
 
-def constant_rate(t: cfg.TrainConfig, rate: float) -> float | None:
+def constant_rate(schedule: str, rate: float) -> float | None:
     """`rate` for restore_latest when the stage trains at a constant rate; None under a schedule."""
-    return rate if t.lr_schedule == "constant" else None
+    return rate if schedule == "constant" else None
 
 
 def check_loss_scaling(directory: str, precision: str) -> None:
@@ -369,16 +370,18 @@ def train_autoencoder(config: cfg.RunConfig, splits: dict, strategy, resumed: bo
     run would.
     """
     run_dir, t = config.train.out, config.train
-    size = config.data.image_size
+    size, batch = config.data.image_size, t.autoencoder_batch_size
     chief = is_chief(strategy)
     with strategy.scope():
         steps, per_execution = runs.epoch_steps(
-            t.ae_steps_per_epoch, len(splits["train"]), t.batch_size, t.steps_per_execution
+            t.ae_steps_per_epoch, len(splits["train"]), batch, t.steps_per_execution
         )
         autoencoder = runs.build_autoencoder(config)
         runs.compile_autoencoder(autoencoder, config, per_execution, total_steps=t.ae_epochs * steps)
         initial_epoch = (
-            restore_latest(autoencoder, os.path.join(run_dir, "checkpoints", AE), constant_rate(t, t.ae_lr))
+            restore_latest(
+                autoencoder, os.path.join(run_dir, "checkpoints", AE), constant_rate(t.autoencoder_lr_schedule, t.ae_lr)
+            )
             if resumed
             else 0
         )
@@ -386,18 +389,18 @@ def train_autoencoder(config: cfg.RunConfig, splits: dict, strategy, resumed: bo
     train_ds = dataset.make_dataset(
         splits["train"],
         size,
-        t.batch_size,
+        batch,
         flip=config.data.flip,
         augment=dataset.Augmentation() if config.data.augment else None,
         seed=t.seed,
         repeat=True,
         drop_remainder=True,
-        skip=initial_epoch * steps * t.batch_size,
+        skip=initial_epoch * steps * batch,
         in_memory=None,  # decoded once when it fits (the demo set: 1.5 MB as float32; OASIS: 158 MB as uint8)
     ).map(lambda x: (x, x))
     val_ds = None
     if splits["validate"]:
-        val_ds = dataset.make_dataset(splits["validate"], size, t.batch_size, shuffle=False, in_memory=None)
+        val_ds = dataset.make_dataset(splits["validate"], size, batch, shuffle=False, in_memory=None)
         val_ds = val_ds.map(lambda x: (x, x))
     history_csv = os.path.join(run_dir, f"history_{AE}.csv")
     if chief:
@@ -411,7 +414,7 @@ def train_autoencoder(config: cfg.RunConfig, splits: dict, strategy, resumed: bo
         x=train_ds,
         validation_data=val_ds,
         # ignore_errors() hides the dataset's length from Keras, which would warn at its end
-        validation_steps=-(-len(splits["validate"]) // t.batch_size) if val_ds else None,
+        validation_steps=-(-len(splits["validate"]) // batch) if val_ds else None,
         epochs=t.ae_epochs,
         initial_epoch=initial_epoch,
         steps_per_epoch=steps,
@@ -607,7 +610,9 @@ def train_diffusion(
         model = runs.build_diffusion(config)
         runs.compile_diffusion(model, config, per_execution, total_steps=t.ldm_epochs * steps)
         initial_epoch = (
-            restore_latest(model, os.path.join(run_dir, "checkpoints", LDM), constant_rate(t, t.lr)) if resumed else 0
+            restore_latest(model, os.path.join(run_dir, "checkpoints", LDM), constant_rate(t.lr_schedule, t.lr))
+            if resumed
+            else 0
         )
     print(
         f"diffusion: {len(latents)} latents of shape {latents.shape[1:]}, {steps} steps per epoch, "
@@ -656,10 +661,15 @@ def scale_with_replicas(config: cfg.RunConfig, replicas: int) -> None:
     Algorithms"); config.json records the scaled values, which a resume keeps."""
     t = config.train
     t.batch_size *= replicas
+    if t.ae_batch_size is not None:
+        t.ae_batch_size *= replicas
     t.lr *= math.sqrt(replicas)
     t.ae_lr *= math.sqrt(replicas)
     t.scale_with_replicas = False  # applied: a resume must not scale again
-    print(f"scaled for {replicas} replicas: global batch {t.batch_size}, lr {t.lr:.3g}, ae lr {t.ae_lr:.3g}")
+    print(
+        f"scaled for {replicas} replicas: global batch {t.batch_size} (autoencoder {t.autoencoder_batch_size}), "
+        f"lr {t.lr:.3g}, ae lr {t.ae_lr:.3g}"
+    )
 
 
 def run(argv: list[str]) -> None:

@@ -154,6 +154,18 @@ def test_unknown_keys_are_refused(tmp_path):
         cfg.from_dict(raw)
 
 
+def test_autoencoder_batch_size_defaults_to_the_batch_size():
+    """--ae-batch-size None (and a config.json from before it) trains the autoencoder at --batch-size."""
+    demo = cfg.preset("demo")
+    assert (demo.train.batch_size, demo.train.ae_batch_size, demo.train.autoencoder_batch_size) == (16, 4, 4)
+    assert parse("demo", ["--ae-batch-size", "8"]).train.autoencoder_batch_size == 8
+    raw = cfg.to_dict(cfg.preset("oasis"))
+    del raw["train"]["ae_batch_size"]
+    old = cfg.from_dict(raw)
+    assert old.train.ae_batch_size is None and old.train.autoencoder_batch_size == old.train.batch_size == 64
+    assert old == cfg.preset("oasis")
+
+
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset 'big'"):
         cfg.preset("big")
@@ -164,6 +176,7 @@ def test_unknown_preset():
     [
         (["--image-size", "60"], "must be divisible by 16"),
         (["--batch-size", "0"], "--batch-size must be positive"),
+        (["--ae-batch-size", "0"], "--ae-batch-size must be positive, got 0"),
         (["--ldm-epochs", "-1"], "--ldm-epochs must be positive"),
         (["--lr", "0"], "--lr must be positive"),
         (["--unet-groups", "7"], "--unet-groups 7 must divide"),

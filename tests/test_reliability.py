@@ -45,6 +45,8 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_run(tiny_data, tmp
     epoch in the histories exactly once, no partial file, and, with --deterministic, the
     very weights of a run that was never interrupted."""
     flags = RUN_FLAGS + ["--data", tiny_data, "--ae-epochs", "2", "--ldm-epochs", "2", "--deterministic"]
+    # The autoencoder at a batch size of its own: a resumed stream must skip in its units.
+    flags += ["--ae-batch-size", "2"]
     # One step per call into TensorFlow, so that the mid-epoch kill point (a batch's end) exists.
     flags += ["--steps-per-execution", "1"]
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")

@@ -35,3 +35,18 @@ def test_cosine_learning_rate_warms_up_then_decays_to_its_floor():
     assert at[105] == pytest.approx(2e-3 * (f + (1 - f) * (1 + np.cos(np.pi * 95 / 190)) / 2), rel=1e-5)
     assert at[200] == pytest.approx(2e-3 * f, rel=1e-5)
     assert runs.learning_rate(2e-3, "constant", 200) == 2e-3 and runs.learning_rate(2e-3, "cosine", 0) == 2e-3
+
+
+def test_each_stage_compiles_with_its_own_schedule():
+    """--ae-lr-schedule for the autoencoder (None: --lr-schedule's), --lr-schedule for the UNet."""
+    config = cfg.preset("demo")  # autoencoder cosine, diffusion constant
+    config.autoencoder.ae_base_channels = 4
+    autoencoder = runs.build_autoencoder(config)
+    runs.compile_autoencoder(autoencoder, config, total_steps=100)
+    assert float(autoencoder.optimizer.learning_rate) == 0.0  # the warm-up's first step
+    config.train.ae_lr_schedule = None
+    runs.compile_autoencoder(autoencoder, config, total_steps=100)
+    assert float(autoencoder.optimizer.learning_rate) == pytest.approx(config.train.ae_lr)
+    config.train.lr_schedule = "cosine"
+    runs.compile_autoencoder(autoencoder, config, total_steps=100)
+    assert float(autoencoder.optimizer.learning_rate) == 0.0

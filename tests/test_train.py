@@ -13,6 +13,7 @@ import tensorflow as tf
 
 import cli
 import config as cfg
+import dataset
 import hardware
 import runs
 import train
@@ -20,11 +21,16 @@ from conftest import RUN_FLAGS, TINY, copy_of, history_epochs, snapshot
 
 
 def test_end_to_end_run_directory(tiny_data, tmp_path, capsys):
-    """Both stages with XLA on (what `auto` picks on an AVX2 CPU in float32)."""
+    """Both stages with XLA on (what `auto` picks on an AVX2 CPU in float32); the autoencoder
+    one pass over the training images at a batch size of its own."""
     out = tmp_path / "run"
     argv = TINY + ["--data", tiny_data, "--out", str(out), "--ae-epochs", "1", "--ldm-epochs", "2", "--xla", "on"]
+    argv += ["--ae-batch-size", "2", "--ae-steps-per-epoch", "0"]
     assert train.main(argv) == 0
-    assert "XLA: on" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "XLA: on" in printed
+    steps = len(dataset.find_splits(tiny_data)["train"]) // 2
+    assert f"\n{steps}/{steps} - " in printed  # Keras' line for the autoencoder's epoch
     assert cfg.load_config(out / "config.json").train.xla == "on"
     saved = json.loads((out / "config.json").read_text())
     assert saved["scale_factor"] > 0 and saved["data"]["image_size"] == 16
@@ -125,6 +131,18 @@ def test_steps_per_execution_divides_the_epoch(given, examples, expected):
     assert runs.epoch_steps(given, examples, 64, 32) == expected
 
 
+def test_scale_with_replicas_scales_both_batches_and_rates_once():
+    config = cfg.preset("demo")
+    train.scale_with_replicas(config, 4)
+    t = config.train
+    assert (t.batch_size, t.ae_batch_size) == (64, 16)
+    assert (t.lr, t.ae_lr) == pytest.approx((2e-3, 2e-3))
+    assert t.scale_with_replicas is False
+    config = cfg.preset("oasis")  # no autoencoder batch of its own: it follows --batch-size
+    train.scale_with_replicas(config, 2)
+    assert (config.train.ae_batch_size, config.train.autoencoder_batch_size) == (None, 128)
+
+
 def test_steps_per_execution_is_one_under_a_strategy():
     with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
         assert runs.epoch_steps(50, 800, 64, 32) == (50, 1)
@@ -177,11 +195,8 @@ def test_restore_keeps_a_loss_scale_optimizer_built_once(tmp_path):
 def test_restore_under_a_cosine_schedule_continues_along_it(tmp_path):
     """--lr-schedule cosine: the restored step counter drives the schedule (restore_latest gets
     None, constant_rate), so the rate after the restore is the schedule's at that step."""
-    config = cfg.preset("demo")
-    config.train.lr_schedule = "cosine"
-    assert train.constant_rate(config.train, 1e-3) is None
-    config.train.lr_schedule = "constant"
-    assert train.constant_rate(config.train, 1e-3) == 1e-3
+    assert train.constant_rate("cosine", 1e-3) is None
+    assert train.constant_rate("constant", 1e-3) == 1e-3
 
     def model():
         m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
