@@ -44,6 +44,7 @@ STAGES = ("all", "ae", "ldm")
 XLA_SETTINGS = ("auto", "on", "off")
 AE_LOSSES = ("mse", "l1", "l1_ssim")
 LR_SCHEDULES = ("constant", "cosine")
+MASK_INPUTS = ("pixels", "area")  # how the UNet sees a tissue mask: masks.mask_input
 # `--condition mask`: the UNet sees the image's tissue mask (masks.py) instead of a label column.
 MASK = "mask"
 MASK_CLASSES = 4  # masks.CLASS_NAMES: background, CSF, grey matter, white matter
@@ -149,6 +150,13 @@ class ConditionConfig:
     )
     cond_dropout: float = option(
         0.1, "classifier-free guidance training: probability of replacing each condition by 'unknown'"
+    )
+    mask_input: str = option(
+        "pixels",
+        "how the UNet sees the tissue mask at the latent's resolution: pixels (each latent cell holds the "
+        "one-hot classes of all its f × f image pixels, ÷ f²: 4 f² channels) or area (each class's share of "
+        "the cell: 4 channels)",
+        choices=MASK_INPUTS,
     )
 
 
@@ -321,7 +329,7 @@ class RunConfig:
             attn_dim_head=u.attn_dim_head,
             attn_from_level=u.attn_from_level,
             cond_categories=self.cond_categories(),
-            mask_classes=self.mask_classes,
+            mask_channels=self.mask_channels,
         )
 
     def cond_categories(self) -> tuple[int, ...]:
@@ -336,9 +344,13 @@ class RunConfig:
         return tuple(name for name in self.condition.condition if name != MASK)
 
     @property
-    def mask_classes(self) -> int:
-        """The UNet's mask_classes: `MASK_CLASSES` for a run conditioned on the tissue mask, else 0."""
-        return MASK_CLASSES if MASK in self.condition.condition else 0
+    def mask_channels(self) -> int:
+        """The UNet's mask_channels: the channels of `masks.mask_input` for a run conditioned on the
+        tissue mask (`MASK_CLASSES`, × f² for `mask_input` pixels), else 0."""
+        if MASK not in self.condition.condition:
+            return 0
+        cell = self.data.image_size // self.latent_size
+        return MASK_CLASSES * (cell * cell if self.condition.mask_input == "pixels" else 1)
 
     @property
     def latent_size(self) -> int:
@@ -538,6 +550,7 @@ def to_dict(config: RunConfig) -> dict:
 # trained: a config.json without them (an older run) gets these, not the current defaults.
 ADDED_SETTINGS = {
     "data": {"augment": False},
+    "condition": {"mask_input": "area"},
     "diffusion": {"min_snr_gamma": 0.0},
     "train": {"ae_loss": "mse", "lr_schedule": "constant", "mask_decoder_steps": 0},
 }

@@ -9,8 +9,8 @@ the noise predictor is passed in as ``network`` and only has to honour the contr
         x_t      (B, h, w, c) float32 latents at noise level t
         t        (B,) int32 schedule indices in [0, T)
         cond     (B, K) float32 normalised condition variables, NaN = unknown
-        tissue   (B, h, w, M) float32 tissue-mask class fractions per latent cell
-                 (masks.mask_fractions), all zeros = unknown
+        tissue   (B, h, w, M) float32 tissue mask per latent cell (masks.mask_input),
+                 all zeros = unknown
         eps_hat  (B, h, w, c) predicted noise (any float dtype; cast to float32 here)
 
 Indexing convention (used everywhere, samplers.py included)
@@ -218,7 +218,7 @@ def epsilon_mse(
         training: passed to the network.
         cond: (B, K) float32 conditions (NaN = unknown) for a conditional network, or None.
         min_snr_gamma: γ of the Min-SNR weighting; 0: unweighted.
-        tissue: (B, h, w, M) float32 mask class fractions (zeros = unknown) for a
+        tissue: (B, h, w, M) float32 tissue mask (masks.mask_input; zeros = unknown) for a
             mask-conditioned network, or None.
 
     Returns:
@@ -270,7 +270,7 @@ class LatentDiffusion(FitFixes, keras.Model):
     Data: each batch is x0, float32 latents (B, h, w, c) already multiplied by the latent
     scale factor; or a dict ``{"latents": x0, "cond": c, "tissue": m, "t": t, "noise": eps}``,
     every key but "latents" optional: c (B, K) float32 conditions of a conditional network
-    (NaN = unknown), m (B, h, w, M) float32 mask class fractions of a mask-conditioned one
+    (NaN = unknown), m (B, h, w, M) float32 tissue mask (masks.mask_input) of a mask-conditioned one
     (zeros = unknown), t (B,) int32 and eps like x0 fix the draws (for tests and debugging). Otherwise, per step,
     t ~ U{0, ..., T-1} and eps ~ N(0, I) are drawn with stateless TF ops (XLA-friendly)
     from the seed in ``train_seed``, folded with the replica id so that replicas of a

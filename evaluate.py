@@ -552,7 +552,7 @@ def evaluate(
         cond_scores = conditioned_metrics(
             run, data, samples, real, nearest, references, sample, guidance, oracle_steps, batch_size
         )
-    mask_scores = pairs.mask_metrics(run, n, options, guidance, segmenter_steps) if config.mask_classes else {}
+    mask_scores = pairs.mask_metrics(run, n, options, guidance, segmenter_steps) if config.mask_channels else {}
     pair_scores = pairs.pair_metrics(run, options, segmenter_steps) if run.mask_decoder is not None else {}
     sample_nn, real_nn = nearest.scores[: len(samples)], nearest.scores[len(samples) :]
     figure = os.path.join(run.directory, "figures", "memorisation.png")

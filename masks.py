@@ -166,19 +166,47 @@ def load_masks(paths, size: int, images=None) -> np.ndarray:
     return np.stack(classes) if classes else np.zeros((0, size, size), np.uint8)
 
 
+def mask_input(classes: np.ndarray, size: int, kind: str) -> np.ndarray:
+    """What the UNet of a mask-conditioned run takes (modules.UNet's ``tissue``, where all zeros
+    means "unknown"): class indices (N, S, S) on a size × size grid of cells (the latent's),
+    `kind` "pixels" (`mask_pixels`) or "area" (`mask_fractions`). Every cell sums to 1."""
+    if kind == "pixels":
+        return mask_pixels(classes, size)
+    if kind == "area":
+        return mask_fractions(classes, size)
+    raise ValueError(f"unknown mask input {kind!r}")
+
+
+def mask_pixels(classes: np.ndarray, size: int) -> np.ndarray:
+    """Class indices (N, S, S) in 0..3 → float32 (N, size, size, 4 f²), f = S / size: the one-hot
+    map, each f × f cell's pixels stacked in its channels (space-to-depth: channel 4 (f·i + j)
+    + k is class k at pixel (i, j) of the cell), ÷ f², so a cell sums to 1 as in
+    `mask_fractions`, which is the sum of its f² groups of 4 channels. Unlike the fractions it
+    keeps every pixel: thin CSF is rarely any cell's largest share. ValueError when S is not a
+    multiple of `size`."""
+    one_hot, f = _cells(classes, size)
+    n, c = len(one_hot), len(CLASS_VALUES)
+    return one_hot.transpose(0, 1, 3, 2, 4, 5).reshape(n, size, size, f * f * c) / (f * f)
+
+
 def mask_fractions(classes: np.ndarray, size: int) -> np.ndarray:
     """Class indices (N, S, S) in 0..3 → float32 (N, size, size, 4): in each cell of a size × size
     grid, the fraction of its (S / size)² pixels in each class (the one-hot map averaged over
-    the cell, "area" downsampling). Every cell sums to 1; the UNet of a mask-conditioned run
-    takes this at latent resolution (modules.UNet, where all zeros means "unknown").
-    ValueError when S is not a multiple of `size`."""
+    the cell, "area" downsampling). Every cell sums to 1. ValueError when S is not a multiple
+    of `size`."""
+    one_hot, _ = _cells(classes, size)
+    return one_hot.mean(axis=(2, 4))
+
+
+def _cells(classes: np.ndarray, size: int) -> tuple[np.ndarray, int]:
+    """The one-hot map of class indices (N, S, S) as (N, size, f, size, f, 4) float32, and f = S / size."""
     classes = np.asarray(classes)
     n, height, width = classes.shape
     if height != width or height % size:
         raise ValueError(f"masks of {height}x{width} cannot be pooled onto a {size}x{size} grid")
     f = height // size
     one_hot = np.eye(len(CLASS_VALUES), dtype=np.float32)[classes]
-    return one_hot.reshape(n, size, f, size, f, len(CLASS_VALUES)).mean(axis=(2, 4))
+    return one_hot.reshape(n, size, f, size, f, len(CLASS_VALUES)), f
 
 
 def read_paired_mask(image: str, mask: str) -> np.ndarray:

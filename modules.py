@@ -12,8 +12,8 @@ a run's config describes. Conventions:
 
 ``UNet(dim=64, dim_mults=(1, 2, 4, 8), channels=1, ...)``, ``OriginalUNet`` (same arguments)
     ``net(x_t, t)`` or, conditioned, ``net(x_t, t, cond, tissue=m)`` (cond (B, K) float32,
-    NaN = unknown; m (B, h, w, mask_classes) float32 tissue-mask class fractions, all 0 =
-    unknown)
+    NaN = unknown; m (B, h, w, mask_channels) float32 tissue mask at the latent's resolution,
+    ``masks.mask_input``, all 0 = unknown)
     -> the predicted noise, float32 of x_t's shape. ``UNet`` is this project's
     wiring (two skips per level), ``OriginalUNet`` the original design's (one skip per
     level; the ``seed`` preset's). Subclassed: ``net.build_for((h, w, c))`` creates the
@@ -283,8 +283,8 @@ class _UNetBase(keras.Model):
     input's resolution) whose blocks are followed by a LinearAttention; the levels above it
     have an identity there instead (their linear attentions cost about a third of a small
     UNet's step: BENCHMARKS.md); ``cond_categories``: per condition variable
-    its category count, 0 for a continuous one (empty: unconditional); ``mask_classes``: M,
-    the classes of a tissue mask the network is conditioned on (0: none). ``init_dim`` is
+    its category count, 0 for a continuous one (empty: unconditional); ``mask_channels``: M,
+    the channels of the tissue mask the network is conditioned on (0: none). ``init_dim`` is
     the subclass's width after ``init_conv`` (a conv7x7).
 
     The time MLP, sinusoid(t, dim) -> Dense(4 dim, GELU) -> Dense(4 dim), conditions every
@@ -293,10 +293,10 @@ class _UNetBase(keras.Model):
 
     A tissue mask enters as the LDM paper's semantic synthesis does (Rombach et al. 2022,
     sec. 4.3.2: the map at latent resolution concatenated to z_t): ``tissue`` (B, h, w, M)
-    holds, per latent cell, the fraction of its image pixels in each class
-    (``masks.mask_fractions``), and init_conv sees [x_t, tissue] (c + M channels). A known
-    mask sums to 1 in every cell, so all zeros is free to mean "unknown" (classifier-free
-    guidance drops it to that); ``tissue=None`` is all zeros.
+    is ``masks.mask_input``, per latent cell the classes of its image pixels (one-hot, M = 4
+    f², or the classes' shares of the cell, M = 4), and init_conv sees [x_t, tissue] (c + M
+    channels). A known mask sums to 1 in every cell, so all zeros is free to mean "unknown"
+    (classifier-free guidance drops it to that); ``tissue=None`` is all zeros.
     """
 
     layout = None  # the subclass's config.unet.unet_layout: "project" or "original"
@@ -311,7 +311,7 @@ class _UNetBase(keras.Model):
         attn_dim_head=32,
         attn_from_level=0,
         cond_categories=(),
-        mask_classes=0,
+        mask_channels=0,
         *,
         init_dim,
         **kwargs,
@@ -319,7 +319,7 @@ class _UNetBase(keras.Model):
         super().__init__(**kwargs)
         self.dim, self.dim_mults, self.channels = dim, tuple(dim_mults), channels
         self.cond_categories = tuple(int(c) for c in cond_categories)
-        self.mask_classes = int(mask_classes)
+        self.mask_channels = int(mask_channels)
         self.resnet_groups = resnet_groups
         self.attn_heads, self.attn_dim_head = attn_heads, attn_dim_head
         self.attn_from_level = int(attn_from_level)
@@ -343,16 +343,16 @@ class _UNetBase(keras.Model):
         if x_t.shape[-1] is not None and x_t.shape[-1] != self.channels:
             raise ValueError(f"{name}: expected {self.channels} input channels, got {x_t.shape[-1]}")
         x = ops.cast(x_t, self.compute_dtype)
-        if self.mask_classes:
+        if self.mask_channels:
             if tissue is None:  # no mask known: the unconditional model
-                tissue = ops.zeros((*ops.shape(x_t)[:-1], self.mask_classes))
-            elif tissue.shape[-1] is not None and tissue.shape[-1] != self.mask_classes:
+                tissue = ops.zeros((*ops.shape(x_t)[:-1], self.mask_channels))
+            elif tissue.shape[-1] is not None and tissue.shape[-1] != self.mask_channels:
                 raise ValueError(
-                    f"{name}: expected a tissue mask of {self.mask_classes} classes, got {tissue.shape[-1]}"
+                    f"{name}: expected a tissue mask of {self.mask_channels} channels, got {tissue.shape[-1]}"
                 )
             x = ops.concatenate([x, ops.cast(tissue, self.compute_dtype)], axis=-1)
         elif tissue is not None:
-            raise ValueError(f"{name}: this network was built without a tissue-mask input (mask_classes=0)")
+            raise ValueError(f"{name}: this network was built without a tissue-mask input (mask_channels=0)")
         x = self.init_conv(x)
         time_emb = self.time_dense2(self.time_dense1(self.time_embedding(t)))
         if self.cond_embedding is not None:
@@ -386,7 +386,7 @@ class _UNetBase(keras.Model):
             "attn_dim_head": self.attn_dim_head,
             "attn_from_level": self.attn_from_level,
             "cond_categories": list(self.cond_categories),
-            "mask_classes": self.mask_classes,
+            "mask_channels": self.mask_channels,
         }
 
 
@@ -396,7 +396,7 @@ class UNet(_UNetBase):
 
     ``UNet(dim=64, dim_mults=(1, 2, 4, 8), channels=1, ...)`` (the arguments: ``_UNetBase``).
     ``unet(x_t, t, cond=None, tissue=None)``: x_t (B, h, w, channels), t (B,) int32, cond (B, K)
-    float32 (NaN = unknown), tissue (B, h, w, mask_classes) float32 -> eps, float32 of x_t's
+    float32 (NaN = unknown), tissue (B, h, w, mask_channels) float32 -> eps, float32 of x_t's
     shape; h and w must be multiples of 2 ** (len(dim_mults) - 1). With dims = [dim] +
     [dim * m for m in dim_mults], level i works at dims[i] and hands dims[i + 1] on; every
     ResnetBlock takes the time embedding:

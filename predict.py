@@ -352,7 +352,7 @@ def write_predictions(
         path = os.path.join(out_dir, "conditions.png")
         runs.conditions_figure(run, path, options, sweep, fixed)
         written.append("conditions.png")
-    if run.config.mask_classes:
+    if run.config.mask_channels:
         if tissue_masks is None:
             shown, names = validation_masks(run, MASK_ROWS)
         else:
@@ -419,7 +419,7 @@ def run(argv: list[str]) -> None:
         conditioning.requested_values(config.condition_stats, condition, 1)
     if args.sweep and args.sweep not in (config.condition_stats or {}):
         raise cli.UserError(f"--sweep {args.sweep}: the run is not conditioned on it")
-    if args.mask and not config.mask_classes:
+    if args.mask and not config.mask_channels:
         raise cli.UserError(f"--mask: {run_dir} was trained without tissue masks (--condition {cfg.MASK})")
     if args.pairs is not None:
         if args.pairs < 1:

@@ -420,13 +420,13 @@ def network_conditions(run: Run, condition: dict | None, n: int) -> np.ndarray |
 
 
 def network_masks(run: Run, classes: np.ndarray | None, n: int) -> np.ndarray | None:
-    """The UNet's mask input (n, h, w, M) float32 (`masks.mask_fractions` at the latent size) of
+    """The UNet's mask input (n, h, w, M) float32 (`masks.mask_input` at the latent size) of
     tissue masks `classes`: uint8 class indices (n, S, S), or one mask (S, S) for all n, at any
     square size (resized to the run's image size by nearest neighbour); None: no mask asked for.
     UserError for a run trained without masks or a wrong number of masks."""
     if classes is None:
         return None
-    if not run.config.mask_classes:
+    if not run.config.mask_channels:
         raise UserError("this run was trained without tissue masks (--condition mask); it cannot take a mask")
     classes = np.asarray(classes)
     if classes.ndim == 2:
@@ -434,7 +434,8 @@ def network_masks(run: Run, classes: np.ndarray | None, n: int) -> np.ndarray | 
     if classes.ndim != 3 or len(classes) != n:
         raise UserError(f"expected one mask or {n} masks, got an array of shape {classes.shape}")
     size = run.config.data.image_size
-    return masks.mask_fractions(np.stack([masks.resize_mask(c, size) for c in classes]), run.config.latent_size)
+    resized = np.stack([masks.resize_mask(c, size) for c in classes])
+    return masks.mask_input(resized, run.config.latent_size, run.config.condition.mask_input)
 
 
 def generate(

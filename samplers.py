@@ -177,8 +177,8 @@ class Sampler:
             guidance: classifier-free guidance weight w, used when ``cond`` or ``tissue`` is
                 given: eps_hat = eps_u + w (eps_c - eps_u); w = 1 (the default) makes one
                 plain conditional call per step, any other w one call on the doubled batch.
-            tissue: (B, h, w, M) float32 tissue-mask class fractions per latent cell
-                (masks.mask_fractions) for a mask-conditioned network, or None (the
+            tissue: (B, h, w, M) float32 tissue mask per latent cell (masks.mask_input)
+                for a mask-conditioned network, or None (the
                 network then sees the mask as unknown).
 
         Returns:

@@ -487,7 +487,7 @@ def latent_batches(
     tissue: np.ndarray | None = None,
 ) -> tf.data.Dataset:
     """Endless batches (B, h, w, C) of `latents`, in a seeded order that changes every pass;
-    with `cond` (N, K) and/or `tissue` (N, h, w, M) mask fractions, dicts {"latents":
+    with `cond` (N, K) and/or `tissue` (N, h, w, M) tissue masks (masks.mask_input), dicts {"latents":
     (B, h, w, C), "cond": (B, K), "tissue": (B, h, w, M)} of matching rows.
 
     The shuffle and `skip` act on indices, so skipping the latents that the done epochs
@@ -553,10 +553,10 @@ def find_training_masks(config: cfg.RunConfig, data_dir, splits: dict) -> np.nda
     `masks.check_masks`; the training split's once, by `masks.load_masks`): a missing,
     orphaned, mis-sized or mis-valued mask is one error line naming the file, before anything
     is written."""
-    if not (config.mask_classes or config.train.mask_decoder_steps):
+    if not (config.mask_channels or config.train.mask_decoder_steps):
         return None
     paths = masks.find_masks(data_dir, splits)
-    if paths is None and not config.mask_classes:
+    if paths is None and not config.mask_channels:
         return None
     if paths is None:
         raise cli.UserError(
@@ -570,12 +570,12 @@ def find_training_masks(config: cfg.RunConfig, data_dir, splits: dict) -> np.nda
 
 
 def training_masks(config: cfg.RunConfig, train_masks: np.ndarray | None) -> np.ndarray | None:
-    """The UNet's mask input (N, h, w, M) float32 of every training image (`masks.mask_fractions`
+    """The UNet's mask input (N, h, w, M) float32 of every training image (`masks.mask_input`
     at the latent size), in the order of the latents of `encode_training_set`: with `flip`,
     the mirror images' masks, mirrored, follow. None for a run not conditioned on masks."""
     if train_masks is None:
         return None
-    return masks.mask_fractions(masks_in_latent_order(config, train_masks), config.latent_size)
+    return masks.mask_input(masks_in_latent_order(config, train_masks), config.latent_size, config.condition.mask_input)
 
 
 def masks_in_latent_order(config: cfg.RunConfig, train_masks: np.ndarray) -> np.ndarray:

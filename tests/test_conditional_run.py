@@ -130,7 +130,7 @@ def test_a_conditioned_run_records_its_statistics_and_samples_every_subset(cond_
     assert not os.path.exists(os.path.join(cond_run, "figures", "conditions.png"))  # predict.py renders it
 
     run = runs.load_run(cond_run)
-    assert run.diffusion.ema_network.mask_classes == 4
+    assert run.diffusion.ema_network.mask_channels == 16  # 4 classes × the 2 × 2 pixels of a latent cell
     _, mask_paths = runs.split_masks(run.config)
     tissue = masks.read_mask(mask_paths[len(mask_paths) // 2])  # 256 px: generate resizes it
     asked = {"slice": 0.6, "age": 80.0, "sex": 1.0, "cdr": 1.0, "mask": tissue}

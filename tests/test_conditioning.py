@@ -221,7 +221,7 @@ def test_new_conditions_and_weights_reuse_the_trace():
 def conditional_model(dropout, seed=3):
     """A LatentDiffusion whose UNet takes one continuous condition and a tissue mask."""
     keras.utils.set_random_seed(0)
-    unet = modules.UNet(**UNET_KW, cond_categories=(0,), mask_classes=MASK)
+    unet = modules.UNet(**UNET_KW, cond_categories=(0,), mask_channels=MASK)
     model = D.LatentDiffusion(unet, D.make_schedule("linear", 20, 0.005, 0.2), seed=seed, cond_dropout=dropout)
     model.build((None, *LATENT))
     # Eager steps: the same train_step, without tracing a graph per model (3 tiny steps).
@@ -297,7 +297,7 @@ def tissue(seed=0, n=3):
 
 
 def test_mask_unet_none_means_a_zero_mask_and_a_mask_changes_the_prediction():
-    unet = modules.UNet(**UNET_KW, mask_classes=MASK)
+    unet = modules.UNet(**UNET_KW, mask_channels=MASK)
     x, t = tf.random.normal((3, *LATENT), seed=1), tf.constant([0, 5, 9])
     zero = unet(x, t, tissue=np.zeros((3, *LATENT[:2], MASK), np.float32))
     np.testing.assert_array_equal(unet(x, t).numpy(), zero.numpy())
@@ -305,15 +305,16 @@ def test_mask_unet_none_means_a_zero_mask_and_a_mask_changes_the_prediction():
     # init_conv sees the latent's channels and the mask's.
     assert unet.init_conv.kernel.shape == (7, 7, LATENT[2] + MASK, UNET_KW["dim"])
     clone = modules.UNet.from_config(unet.get_config())
-    assert clone.mask_classes == MASK
-    with pytest.raises(ValueError, match="expected a tissue mask of 3 classes, got 4"):
+    assert clone.mask_channels == MASK
+    with pytest.raises(ValueError, match="expected a tissue mask of 3 channels, got 4"):
         unet(x, t, tissue=np.zeros((3, *LATENT[:2], 4), np.float32))
     plain = modules.UNet(**UNET_KW)
     plain(x, t)
     with pytest.raises(ValueError, match="built without a tissue-mask input"):
         plain(x, t, tissue=tissue())
     assert (
-        modules.UNet.from_config({k: v for k, v in plain.get_config().items() if k != "mask_classes"}).mask_classes == 0
+        modules.UNet.from_config({k: v for k, v in plain.get_config().items() if k != "mask_channels"}).mask_channels
+        == 0
     )
 
 
@@ -349,7 +350,7 @@ def test_guidance_with_a_mask_is_eps_u_plus_w_times_the_difference_and_zero_is_u
 def test_guidance_zero_with_a_mask_samples_the_unconditional_unet():
     """A real mask-conditioned UNet: w = 0 with a mask (one call on the doubled batch) gives the
     samples of the same network asked for nothing (its zero-mask half alone)."""
-    unet = modules.UNet(**UNET_KW, cond_categories=(0,), mask_classes=MASK)
+    unet = modules.UNet(**UNET_KW, cond_categories=(0,), mask_channels=MASK)
     sampler = S.Sampler(unet, D.make_schedule("linear", 20, 0.005, 0.2))
     with_mask = sampler.ddim((3, *LATENT), steps=4, seed=1, tissue=tissue(), cond=np.ones((3, 1)), guidance=0.0)
     unconditional = sampler.ddim((3, *LATENT), steps=4, seed=1)

@@ -166,6 +166,19 @@ def test_autoencoder_batch_size_defaults_to_the_batch_size():
     assert old == cfg.preset("oasis")
 
 
+def test_mask_input_channels_and_older_mask_runs():
+    """A mask run's UNet takes 4 f² channels (pixels, the default) or 4 (area); config.json files
+    of mask runs made before `mask_input` existed trained on the area shares."""
+    demo = cfg.preset("demo")  # 64 px images, 16 × 16 latents: f = 4
+    assert (demo.condition.mask_input, demo.mask_channels) == ("pixels", 64)
+    assert parse("demo", ["--mask-input", "area"]).mask_channels == 4
+    assert parse("demo", ["--condition", "slice"]).mask_channels == 0
+    raw = cfg.to_dict(demo)
+    del raw["condition"]["mask_input"]
+    old = cfg.from_dict(raw)
+    assert (old.condition.mask_input, old.mask_channels) == ("area", 4)
+
+
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset 'big'"):
         cfg.preset("big")

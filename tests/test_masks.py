@@ -268,3 +268,21 @@ def test_mask_fractions_are_the_class_shares_of_each_cell():
     np.testing.assert_array_equal(masks.mask_fractions(classes, 4)[0].argmax(-1), classes[0])  # one pixel a cell
     with pytest.raises(ValueError, match="masks of 4x4 cannot be pooled onto a 3x3 grid"):
         masks.mask_fractions(classes, 3)
+
+
+def test_mask_pixels_keep_every_pixel_and_sum_to_the_fractions():
+    classes = np.random.default_rng(0).integers(0, 4, (3, 8, 8)).astype(np.uint8)
+    pixels = masks.mask_pixels(classes, 2)  # cells of 4 × 4 pixels
+    assert pixels.shape == (3, 2, 2, 64) and pixels.dtype == np.float32
+    # channel 4 (4 i + j) + k: class k at pixel (i, j) of the cell, one-hot ÷ 16
+    cell = pixels[1, 1, 0].reshape(4, 4, 4)  # the cell of rows 4..7, columns 0..3
+    np.testing.assert_array_equal(cell.argmax(-1), classes[1, 4:, :4])
+    np.testing.assert_allclose(cell.max(-1), 1 / 16)
+    # its 16 groups of 4 channels sum to the class shares of the cell
+    np.testing.assert_allclose(pixels.reshape(3, 2, 2, 16, 4).sum(3), masks.mask_fractions(classes, 2), atol=1e-6)
+    np.testing.assert_allclose(masks.mask_input(classes, 2, "pixels"), pixels)
+    np.testing.assert_allclose(masks.mask_input(classes, 2, "area"), masks.mask_fractions(classes, 2))
+    with pytest.raises(ValueError, match="masks of 8x8 cannot be pooled onto a 3x3 grid"):
+        masks.mask_pixels(classes, 3)
+    with pytest.raises(ValueError, match="unknown mask input 'nearest'"):
+        masks.mask_input(classes, 2, "nearest")
