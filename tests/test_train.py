@@ -15,6 +15,7 @@ import cli
 import config as cfg
 import dataset
 import hardware
+import masks
 import runs
 import train
 from conftest import RUN_FLAGS, TINY, copy_of, history_epochs, snapshot
@@ -231,13 +232,18 @@ def test_resume_with_mixed_float16_over_float32_checkpoints_is_one_line_and_chan
 
 def test_training_masks_follow_the_latents_order_mirrors_included():
     """encode_training_set lists the images, then their mirror images (with --flip): the UNet's
-    mask input must list their masks the same way, pooled onto the latent grid."""
+    mask input must list their masks the same way, on the latent grid (`--mask-input`)."""
     config = cfg.preset("demo")
     config.data.image_size = 8
     config.autoencoder.ae_channel_mults = (1, 2)  # ×2: a 4×4 latent
     classes = np.zeros((2, 8, 8), np.uint8)
     classes[0, :, :2] = 3  # image 0: white matter in its two left columns
     classes[1, :4] = 1  # image 1: CSF in its top half
+    pixels = train.training_masks(config, classes)  # the default: 4 classes × 2 × 2 pixels a cell
+    in_latent_order = np.concatenate([classes, classes[:, :, ::-1]])
+    np.testing.assert_array_equal(pixels, masks.mask_pixels(in_latent_order, 4))
+    assert pixels.shape == (4, 4, 4, 16)
+    config.condition.mask_input = "area"
     tissue = train.training_masks(config, classes)
     assert tissue.shape == (4, 4, 4, 4)
     np.testing.assert_array_equal(tissue[0, :, 0, 3], 1.0)  # left column of cells: all white matter
