@@ -151,6 +151,11 @@ class ConditionConfig:
     cond_dropout: float = option(
         0.1, "classifier-free guidance training: probability of replacing each condition by 'unknown'"
     )
+    mask_dropout: float | None = option(
+        None,
+        "classifier-free guidance training: probability of replacing the tissue mask by 'unknown' (all "
+        "zeros), drawn apart from the labels'; None: --cond-dropout",
+    )
     mask_input: str = option(
         "pixels",
         "how the UNet sees the tissue mask at the latent's resolution: pixels (each latent cell holds the "
@@ -392,6 +397,8 @@ class RunConfig:
             raise ValueError(f"--min-snr-gamma must be 0 (off) or more, got {self.diffusion.min_snr_gamma}")
         if not 0.0 <= self.condition.cond_dropout <= 1.0:
             raise ValueError(f"--cond-dropout must be in [0, 1], got {self.condition.cond_dropout}")
+        if self.condition.mask_dropout is not None and not 0.0 <= self.condition.mask_dropout <= 1.0:
+            raise ValueError(f"--mask-dropout must be in [0, 1], got {self.condition.mask_dropout}")
         if self.unet.attn_from_level < 0:
             raise ValueError(f"--attn-from-level must be 0 (every level) or more, got {self.unet.attn_from_level}")
         width = self.unet.unet_dim

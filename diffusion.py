@@ -32,7 +32,8 @@ w_t = min(SNR_t, γ) / SNR_t with SNR_t = alpha_bar_t / (1 - alpha_bar_t), which
 weight off the nearly clean steps (high SNR), whose gradients conflict with the rest.
 For classifier-free guidance (Ho & Salimans 2022) a conditional network is trained with
 each condition (each label variable, and the tissue mask as a whole) replaced by "unknown"
-(NaN; a zero mask) with probability ``cond_dropout``, so that it also predicts
+(NaN; a zero mask) with probability ``cond_dropout`` (the mask: ``mask_dropout``, by
+default the same), so that it also predicts
 eps_u = eps(x_t, t, unknown); samplers.py combines the two predictions.
 
 ``LatentDiffusion`` is a ``keras.Model`` with a custom ``train_step`` (in the spirit of the
@@ -277,8 +278,9 @@ class LatentDiffusion(FitFixes, keras.Model):
     ``tf.distribute`` strategy draw different noise.
 
     Classifier-free guidance training: in ``train_step`` each condition of each example is
-    replaced by unknown (NaN) with probability ``cond_dropout``, and so is each example's
-    tissue mask as a whole (by zeros, an independent draw), drawn from the same seed as t and eps
+    replaced by unknown (NaN) with probability ``cond_dropout``, and each example's tissue
+    mask as a whole (by zeros, an independent draw) with probability ``mask_dropout``, drawn
+    from the same seed as t and eps
     (so the dropouts are part of the saved random stream); ``test_step`` keeps them.
 
     ``train_seed`` / ``val_seed`` are int64 (2,) model variables [seed, counter]; each
@@ -307,6 +309,8 @@ class LatentDiffusion(FitFixes, keras.Model):
         seed: initial seed of the training draws; None lets Keras pick one (set
             ``keras.utils.set_random_seed`` for reproducibility).
         cond_dropout: probability in [0, 1] of dropping each condition in training.
+        mask_dropout: probability in [0, 1] of dropping the tissue mask in training; None:
+            ``cond_dropout``.
         min_snr_gamma: γ ≥ 0 of the Min-SNR loss weighting (`epsilon_mse`); 0: plain ε-MSE.
         **kwargs: for ``keras.Model`` (name, dtype...).
     """
@@ -320,6 +324,7 @@ class LatentDiffusion(FitFixes, keras.Model):
         seed: int | None = None,
         cond_dropout: float = 0.1,
         min_snr_gamma: float = 0.0,
+        mask_dropout: float | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -331,6 +336,9 @@ class LatentDiffusion(FitFixes, keras.Model):
         if not 0.0 <= cond_dropout <= 1.0:
             raise ValueError(f"LatentDiffusion: cond_dropout must be in [0, 1], got {cond_dropout}")
         self.cond_dropout = float(cond_dropout)
+        self.mask_dropout = self.cond_dropout if mask_dropout is None else float(mask_dropout)
+        if not 0.0 <= self.mask_dropout <= 1.0:
+            raise ValueError(f"LatentDiffusion: mask_dropout must be in [0, 1], got {mask_dropout}")
         self.network = network
         self.schedule = schedule
         self.ema_decay = float(ema_decay)
@@ -409,10 +417,10 @@ class LatentDiffusion(FitFixes, keras.Model):
         # Listing the tracker here makes Keras reset it at every epoch and evaluate().
         return [self.loss_tracker]
 
-    def _draws(self, data, seed_variable, dropout: float = 0.0):
+    def _draws(self, data, seed_variable, dropout: float = 0.0, mask_dropout: float = 0.0):
         """(x0, t, eps, cond, tissue) for a batch: from the data if given, else drawn (see the
-        class docstring); each condition, and each tissue mask, dropped to unknown with probability
-        `dropout`."""
+        class docstring); each condition dropped to unknown with probability `dropout`, each
+        tissue mask with probability `mask_dropout`, independently."""
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         if isinstance(x, dict):
             x0, t, noise, cond, tissue = x["latents"], x.get("t"), x.get("noise"), x.get("cond"), x.get("tissue")
@@ -422,7 +430,7 @@ class LatentDiffusion(FitFixes, keras.Model):
         if not self.built:
             self.build(x0.shape)
         conditioned = cond is not None or tissue is not None
-        if t is None or noise is None or (conditioned and dropout > 0):
+        if t is None or noise is None or (conditioned and max(dropout, mask_dropout) > 0):
             state = tf.convert_to_tensor(seed_variable)  # read before the increment below
             seed_variable.assign_add(tf.constant([0, 1], tf.int64))
             # Stateless ops want int32 seeds under XLA (Keras' random ops cast the same way).
@@ -446,14 +454,15 @@ class LatentDiffusion(FitFixes, keras.Model):
                 cond = tf.where(drop, tf.constant(float("nan")), cond)
         if tissue is not None:
             tissue = tf.cast(tissue, tf.float32)
-            if dropout > 0:
-                drop = tf.random.stateless_uniform(tf.shape(tissue)[:1], seed=fold_seed(seed, 3), alg=RNG_ALG) < dropout
+            if mask_dropout > 0:
+                drop = tf.random.stateless_uniform(tf.shape(tissue)[:1], seed=fold_seed(seed, 3), alg=RNG_ALG)
+                drop = drop < mask_dropout
                 tissue = tf.where(drop[:, None, None, None], 0.0, tissue)
         return x0, tf.cast(t, tf.int32), tf.cast(noise, tf.float32), cond, tissue
 
     def train_step(self, data):
         """One optimizer step on the epsilon-MSE, then one EMA update; returns {"loss": running mean}."""
-        x0, t, noise, cond, tissue = self._draws(data, self.train_seed, self.cond_dropout)
+        x0, t, noise, cond, tissue = self._draws(data, self.train_seed, self.cond_dropout, self.mask_dropout)
         with tf.GradientTape() as tape:
             loss = epsilon_mse(
                 self.network,

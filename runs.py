@@ -218,6 +218,7 @@ def build_diffusion(config: cfg.RunConfig) -> LatentDiffusion:
         min_snr_gamma=config.diffusion.min_snr_gamma,
         seed=config.train.seed,
         cond_dropout=config.condition.cond_dropout,
+        mask_dropout=config.condition.mask_dropout,
     )
     h, c = config.latent_size, config.autoencoder.latent_channels
     model.build((None, h, h, c))

@@ -218,11 +218,12 @@ def test_new_conditions_and_weights_reuse_the_trace():
 # --------------------------------------------------------------------------- training
 
 
-def conditional_model(dropout, seed=3):
+def conditional_model(dropout, seed=3, mask_dropout=None):
     """A LatentDiffusion whose UNet takes one continuous condition and a tissue mask."""
     keras.utils.set_random_seed(0)
     unet = modules.UNet(**UNET_KW, cond_categories=(0,), mask_channels=MASK)
-    model = D.LatentDiffusion(unet, D.make_schedule("linear", 20, 0.005, 0.2), seed=seed, cond_dropout=dropout)
+    schedule = D.make_schedule("linear", 20, 0.005, 0.2)
+    model = D.LatentDiffusion(unet, schedule, seed=seed, cond_dropout=dropout, mask_dropout=mask_dropout)
     model.build((None, *LATENT))
     # Eager steps: the same train_step, without tracing a graph per model (3 tiny steps).
     model.compile(optimizer=keras.optimizers.Adam(1e-3), run_eagerly=True)
@@ -250,6 +251,21 @@ def test_dropout_one_trains_exactly_the_unconditional_model_and_zero_does_not():
         np.testing.assert_array_equal(a, b)
     kept = fit(conditional_model(0.0), known, mask=mask)
     assert max(float(np.max(np.abs(a - b))) for a, b in zip(kept, unknown, strict=True)) > 0
+
+
+def test_the_mask_drops_at_its_own_rate():
+    """mask_dropout apart from cond_dropout: 1 and 0 zero every mask and keep every label, as a
+    batch of zero masks; 0 and 1 keep every mask and drop every label. None: cond_dropout's."""
+    known, mask = [[0.5], [-0.5], [1.0], [0.0]], tissue(1, n=4)
+    masks_dropped = fit(conditional_model(0.0, mask_dropout=1.0), known, mask=mask)
+    zero_masks = fit(conditional_model(0.0, mask_dropout=0.0), known, mask=np.zeros_like(mask))
+    labels_dropped = fit(conditional_model(1.0, mask_dropout=0.0), known, mask=mask)
+    unknown_labels = fit(conditional_model(0.0, mask_dropout=0.0), [[NAN]] * 4, mask=mask)
+    for a, b in [*zip(masks_dropped, zero_masks, strict=True), *zip(labels_dropped, unknown_labels, strict=True)]:
+        np.testing.assert_array_equal(a, b)
+    assert conditional_model(0.3).mask_dropout == 0.3 and conditional_model(0.3, mask_dropout=0.5).mask_dropout == 0.5
+    with pytest.raises(ValueError, match="mask_dropout must be in"):
+        conditional_model(0.1, mask_dropout=1.5)
 
 
 def test_dropout_masks_come_from_the_saved_seed_stream():

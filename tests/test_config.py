@@ -177,6 +177,7 @@ def test_mask_input_channels_and_older_mask_runs():
     del raw["condition"]["mask_input"]
     old = cfg.from_dict(raw)
     assert (old.condition.mask_input, old.mask_channels) == ("area", 4)
+    assert old.condition.mask_dropout is None  # the mask drops at --cond-dropout's rate, as it did
 
 
 def test_unknown_preset():
@@ -190,6 +191,7 @@ def test_unknown_preset():
         (["--image-size", "60"], "must be divisible by 16"),
         (["--batch-size", "0"], "--batch-size must be positive"),
         (["--ae-batch-size", "0"], "--ae-batch-size must be positive, got 0"),
+        (["--mask-dropout", "1.5"], r"--mask-dropout must be in \[0, 1\], got 1.5"),
         (["--ldm-epochs", "-1"], "--ldm-epochs must be positive"),
         (["--lr", "0"], "--lr must be positive"),
         (["--unet-groups", "7"], "--unet-groups 7 must divide"),
