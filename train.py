@@ -484,26 +484,46 @@ def latent_batches(
     seed: int,
     skip: int = 0,
     cond: np.ndarray | None = None,
-    tissue: np.ndarray | None = None,
+    tissue_classes: np.ndarray | None = None,
+    mask_input: str = "pixels",
 ) -> tf.data.Dataset:
     """Endless batches (B, h, w, C) of `latents`, in a seeded order that changes every pass;
-    with `cond` (N, K) and/or `tissue` (N, h, w, M) tissue masks (masks.mask_input), dicts {"latents":
-    (B, h, w, C), "cond": (B, K), "tissue": (B, h, w, M)} of matching rows.
+    with `cond` (N, K) and/or `tissue_classes` (N, S, S) uint8 tissue masks (class indices),
+    dicts {"latents": (B, h, w, C), "cond": (B, K), "tissue": (B, h, w, M)} of matching rows,
+    "tissue" being the UNet's mask input `masks.mask_input(classes, h, mask_input)`.
 
     The shuffle and `skip` act on indices, so skipping the latents that the done epochs
     used (a resumed run) costs no copying: with the same seed, skip = k·B starts exactly
-    at batch k of the unskipped stream.
+    at batch k of the unskipped stream. The masks stay class indices in memory and become
+    the UNet's input batch by batch: as pixels (16 float32 channels a class at f = 4) a
+    table of them would take 64 × the indices' bytes (5 GB for 10,000 OASIS slices and
+    their mirror images at 128 × 128).
     """
     with tf.device("/CPU:0"):  # not on GPU:0 first: tf.data captures the table on the host
         latents = tf.constant(latents)
-        tables = {"cond": cond, "tissue": tissue}
-        tables = {key: tf.constant(table, tf.float32) for key, table in tables.items() if table is not None}
+        cond_table = None if cond is None else tf.constant(cond, tf.float32)
+        class_table = None if tissue_classes is None else tf.constant(tissue_classes, tf.uint8)
+    size = int(latents.shape[1])
+    if tissue_classes is not None:
+        channels = masks.mask_input(np.zeros((0, *tissue_classes.shape[1:]), np.uint8), size, mask_input).shape[-1]
+
+    def tissue_of(index):
+        # masks.mask_input itself (NumPy), so training sees exactly what sampling passes the UNet
+        tissue = tf.numpy_function(
+            lambda classes: masks.mask_input(classes, size, mask_input), [tf.gather(class_table, index)], tf.float32
+        )
+        return tf.ensure_shape(tissue, (None, size, size, channels))
 
     def gather(index):
         batch = tf.gather(latents, index)
-        if not tables:
+        if cond_table is None and class_table is None:
             return batch
-        return {"latents": batch, **{key: tf.gather(table, index) for key, table in tables.items()}}
+        batch = {"latents": batch}
+        if cond_table is not None:
+            batch["cond"] = tf.gather(cond_table, index)
+        if class_table is not None:
+            batch["tissue"] = tissue_of(index)
+        return batch
 
     return (
         dataset.seeded_passes(len(latents), seed)
@@ -570,12 +590,12 @@ def find_training_masks(config: cfg.RunConfig, data_dir, splits: dict) -> np.nda
 
 
 def training_masks(config: cfg.RunConfig, train_masks: np.ndarray | None) -> np.ndarray | None:
-    """The UNet's mask input (N, h, w, M) float32 of every training image (`masks.mask_input`
-    at the latent size), in the order of the latents of `encode_training_set`: with `flip`,
-    the mirror images' masks, mirrored, follow. None for a run not conditioned on masks."""
-    if train_masks is None:
+    """The training masks the UNet is conditioned on, uint8 class indices (N, S, S) in the order
+    of the latents of `encode_training_set` (`masks_in_latent_order`; `latent_batches` makes
+    them the UNet's input, `--mask-input`). None for a run not conditioned on masks."""
+    if train_masks is None or not config.mask_channels:
         return None
-    return masks.mask_input(masks_in_latent_order(config, train_masks), config.latent_size, config.condition.mask_input)
+    return masks_in_latent_order(config, train_masks)
 
 
 def masks_in_latent_order(config: cfg.RunConfig, train_masks: np.ndarray) -> np.ndarray:
@@ -619,7 +639,9 @@ def train_diffusion(
         f"{per_execution} per execution"
     )
     skip = initial_epoch * steps * t.batch_size
-    latent_ds = latent_batches(latents, t.batch_size, t.seed, skip=skip, cond=cond, tissue=mask)
+    latent_ds = latent_batches(
+        latents, t.batch_size, t.seed, skip=skip, cond=cond, tissue_classes=mask, mask_input=config.condition.mask_input
+    )
     history_csv = os.path.join(run_dir, f"history_{LDM}.csv")
     if chief:
         truncate_history(history_csv, initial_epoch)
