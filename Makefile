@@ -14,10 +14,16 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 install: $(STAMP)
 
+# The demo data set, made when missing or when prepare.py (which writes it) is newer than its
+# manifest (`dataset.py demo` replaces an older version, and leaves a current one as it is).
+DEMO_DATA := data/demo/manifest.json
+$(DEMO_DATA): prepare.py | $(STAMP)
+	$(PY) dataset.py demo
+	touch $@
+
 # The main job: demo data set (once), train the demo preset (resumed if runs/demo exists), render
 # samples with their tissue masks (image + mask pairs) and the figures of its conditions and masks.
-demo: $(STAMP)
-	$(PY) dataset.py demo
+demo: $(STAMP) $(DEMO_DATA)
 	$(PY) train.py --out runs/demo $(if $(wildcard runs/demo/config.json),--resume)
 	$(PY) predict.py --run runs/demo --pairs 16
 

@@ -780,7 +780,7 @@ def run(argv: list[str]) -> None:
             masks_in_latent_order(config, train_masks),
             os.path.join(run_dir, runs.MASK_DECODER_WEIGHTS),
             t.mask_decoder_steps,
-            t.batch_size,
+            t.autoencoder_batch_size,  # small steps learn more per second here, as for the autoencoder
             t.seed,
         )
 

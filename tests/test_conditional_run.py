@@ -90,11 +90,23 @@ def release(tmp_path_factory):
     return str(out)
 
 
+MASK_DECODER_BATCH_SIZES = []  # what cond_run's mask decoder was trained at
+
+
 @pytest.fixture(scope="session")
 def cond_run(release, tmp_path_factory):
+    """A run of every condition (the mask too), its autoencoder at a batch size of its own."""
     out = str(tmp_path_factory.mktemp("runs") / "cond")
-    flags = RUN_FLAGS + CONDITION + ["--data", release, "--out", out]
-    assert train.main(flags) == 0
+    flags = RUN_FLAGS + CONDITION + ["--data", release, "--out", out, "--ae-batch-size", "2"]
+    batches_of = pairs.mask_decoder_batches
+
+    def mask_decoder_batches(latents, train_masks, batch_size, seed):
+        MASK_DECODER_BATCH_SIZES.append(batch_size)
+        return batches_of(latents, train_masks, batch_size, seed)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pairs, "mask_decoder_batches", mask_decoder_batches)
+        assert train.main(flags) == 0
     return out
 
 
@@ -277,6 +289,7 @@ def test_pairs_are_written_in_the_release_format_and_read_back_through_the_pairi
     assert predict.main(argv) == 0
     assert {"pairs.png", "sample_002.png", "sample_002_seg.png", "sample_002_seg.nii.gz"} <= set(os.listdir(out))
     assert not (out / "sample_003.png").exists()
+    assert MASK_DECODER_BATCH_SIZES == [2]  # trained once, at the autoencoder's batch size
     # The masks are the mask decoder's of the samples' latents (the same seed: the same samples).
     run = runs.load_run(cond_run, mask_decoder=True)
     samples = runs.generate(run, 3, cfg.SamplingOptions(steps=3), progress=False)
