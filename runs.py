@@ -533,12 +533,24 @@ def condition_grid(
 def _seeded_rows(run: Run, rows: int, columns: int, options: cfg.SamplingOptions, **asked) -> np.ndarray:
     """Decoded samples (rows, columns, H, W, 1) of `generate(run, rows × columns, options,
     **asked)` (its condition and tissue_masks given per sample, row by row), column c
-    starting every row from the same initial noise, seeded by `options.seed`."""
+    starting every row from the same initial noise, seeded by `options.seed`.
+
+    In batches of `equal_batch_size` (at most options.batch_size): a last, smaller batch
+    would trace the sampler's graph once more (seconds on a CPU), and with the initial noise
+    given the samples do not depend on the batching."""
     noise = np.random.default_rng(options.seed).standard_normal((columns, *run.latent_shape)).astype(np.float32)
+    options = dataclasses.replace(options, batch_size=equal_batch_size(rows * columns, options.batch_size))
     images = generate(
         run, rows * columns, options, progress=False, initial_noise=np.tile(noise, (rows, 1, 1, 1)), **asked
     ).images
     return images.reshape((rows, columns, *images.shape[1:]))
+
+
+def equal_batch_size(n: int, most: int) -> int:
+    """The smallest batch size that covers n items in as few batches as `most` does:
+    ceil(n / ceil(n / most)); every batch has that size when it divides n (36 at most 16 a
+    batch: 3 batches of 12, not 16 + 16 + 4)."""
+    return -(-n // -(-n // most))
 
 
 CONDITION_ROWS = 6  # values of the swept variable in conditions.png (a categorical one: its categories)

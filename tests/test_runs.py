@@ -1,5 +1,6 @@
 """runs.py: run folders made by earlier versions of the code still load and sample as they did."""
 
+import dataclasses
 import os
 
 import numpy as np
@@ -50,3 +51,25 @@ def test_each_stage_compiles_with_its_own_schedule():
     config.train.lr_schedule = "cosine"
     runs.compile_autoencoder(autoencoder, config, total_steps=100)
     assert float(autoencoder.optimizer.learning_rate) == 0.0
+
+
+def test_seeded_rows_sample_in_equal_batches_and_the_batching_changes_no_image(monkeypatch):
+    """The figures' grids (conditions.png, masks.png) start every row from the same noises:
+    equal batches (one traced sampler graph), the same images as in one batch."""
+    assert [runs.equal_batch_size(n, 16) for n in (36, 30, 16, 17, 5)] == [12, 15, 16, 9, 5]
+    run = runs.load_run(os.path.join(FIXTURES, "seed_run"))
+    shapes, sample = [], run.sampler.sample
+
+    def recorded(shape, *args, **kwargs):
+        shapes.append(shape[0])
+        return sample(shape, *args, **kwargs)
+
+    monkeypatch.setattr(run.sampler, "sample", recorded)
+    options = cfg.SamplingOptions(steps=3, eta=0.0, seed=4)
+    grid = runs._seeded_rows(run, 3, 6, dataclasses.replace(options, batch_size=8))
+    assert shapes == [6, 6, 6] and grid.shape == (3, 6, 16, 16, 1)
+    whole = runs._seeded_rows(run, 3, 6, dataclasses.replace(options, batch_size=18))
+    assert shapes[3:] == [18]
+    np.testing.assert_allclose(grid, whole, atol=1e-5)
+    np.testing.assert_allclose(grid[0], grid[2], atol=1e-5)  # unconditional: every row the same noises
+    assert not np.allclose(grid[0, 0], grid[0, 1])
