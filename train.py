@@ -495,9 +495,9 @@ def latent_batches(
     The shuffle and `skip` act on indices, so skipping the latents that the done epochs
     used (a resumed run) costs no copying: with the same seed, skip = k·B starts exactly
     at batch k of the unskipped stream. The masks stay class indices in memory and become
-    the UNet's input batch by batch: as pixels (16 float32 channels a class at f = 4) a
-    table of them would take 64 × the indices' bytes (5 GB for 10,000 OASIS slices and
-    their mirror images at 128 × 128).
+    the UNet's input batch by batch: as pixels (4 f² float32 channels a latent cell) a table
+    of them would take 16 × the indices' bytes (5 GB for 10,000 OASIS slices and their
+    mirror images at 128 × 128).
     """
     with tf.device("/CPU:0"):  # not on GPU:0 first: tf.data captures the table on the host
         latents = tf.constant(latents)
@@ -614,7 +614,8 @@ def train_diffusion(
     mask: np.ndarray | None = None,
 ) -> LatentDiffusion:
     """Fit the UNet on `latents` (N, h, w, C), already × scale factor, conditioned on `cond`
-    (N, K) and `mask` (N, h, w, M) when given; EMA weights are kept for sampling."""
+    (N, K) and the tissue masks `mask` (N, S, S) uint8 class indices (`training_masks`) when
+    given; EMA weights are kept for sampling."""
     for table in (cond, mask):
         if table is not None and len(table) != len(latents):  # an image failed to decode since it was checked
             raise cli.UserError(f"{len(latents)} training latents but {len(table)} conditions; check the data folder")
