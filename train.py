@@ -9,9 +9,9 @@ fit, latent scale factor) → stage 2 (encode the training set once, LatentDiffu
 with EMA) → final weights and loss figures (samples: predict.py).
 
 Writes the run directory (its layout: runs.py) through runs.py, which also builds the
-models a config describes; this file owns only the training itself: flags, the two
-fits with their callbacks (checkpoints, resume, NaN stop), the condition labels of a
-conditioned run, and the distribution strategy. In a multi-worker cluster
+models a config describes, and gets the diffusion stage's training rows (latents, labels,
+masks) from latent_data.py; this file owns only the training itself: flags, the two fits
+with their callbacks (checkpoints, resume, NaN stop), and the distribution strategy. In a multi-worker cluster
 (--strategy multiworker) every worker runs this same file, and only the chief writes.
 """
 
@@ -36,12 +36,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import conditioning  # noqa: E402
 import config as cfg  # noqa: E402
 import dataset  # noqa: E402
 import figures  # noqa: E402
 import hardware  # noqa: E402
-import masks  # noqa: E402
+import latent_data  # noqa: E402
 import pairs  # noqa: E402
 import prepare  # noqa: E402
 import runs  # noqa: E402
@@ -445,19 +444,6 @@ def train_autoencoder(config: cfg.RunConfig, splits: dict, strategy, resumed: bo
     return autoencoder
 
 
-def encode_training_set(encoder: keras.Model, config: cfg.RunConfig, paths: list[str]) -> np.ndarray:
-    """Unscaled latents (N, h, w, C) float32 of every training image, plus their mirror
-    images when `flip` is on (the diffusion stage's augmentation, computed once).
-
-    Kept in memory for the whole stage instead of re-encoding every epoch: 16 KB per
-    slice at 32×32×4, so about 300 MB for OASIS's ~9,600 training slices and their flips.
-    """
-    images = dataset.make_dataset(paths, config.data.image_size, config.train.batch_size, shuffle=False)
-    if config.data.flip:
-        images = dataset.with_mirrors(images)
-    return np.concatenate([encoder(x, training=False).numpy() for x in images])
-
-
 # ---------------------------------------------------------------------------- stage 2
 
 
@@ -478,132 +464,6 @@ class TensorBoardSamples(keras.callbacks.Callback):
             tf.summary.image("samples", (images + 1.0) / 2.0, step=epoch + 1, max_outputs=self.n)
 
 
-def latent_batches(
-    latents: np.ndarray,
-    batch_size: int,
-    seed: int,
-    skip: int = 0,
-    cond: np.ndarray | None = None,
-    tissue_classes: np.ndarray | None = None,
-    mask_input: str = "pixels",
-) -> tf.data.Dataset:
-    """Endless batches (B, h, w, C) of `latents`, in a seeded order that changes every pass;
-    with `cond` (N, K) and/or `tissue_classes` (N, S, S) uint8 tissue masks (class indices),
-    dicts {"latents": (B, h, w, C), "cond": (B, K), "tissue": (B, h, w, M)} of matching rows,
-    "tissue" being the UNet's mask input `masks.mask_input(classes, h, mask_input)`.
-
-    The shuffle and `skip` act on indices, so skipping the latents that the done epochs
-    used (a resumed run) costs no copying: with the same seed, skip = k·B starts exactly
-    at batch k of the unskipped stream. The masks stay class indices in memory and become
-    the UNet's input batch by batch: as pixels (4 f² float32 channels a latent cell) a table
-    of them would take 16 × the indices' bytes (5 GB for 10,000 OASIS slices and their
-    mirror images at 128 × 128).
-    """
-    with tf.device("/CPU:0"):  # not on GPU:0 first: tf.data captures the table on the host
-        latents = tf.constant(latents)
-        cond_table = None if cond is None else tf.constant(cond, tf.float32)
-        class_table = None if tissue_classes is None else tf.constant(tissue_classes, tf.uint8)
-    size = int(latents.shape[1])
-    if tissue_classes is not None:
-        channels = masks.mask_input(np.zeros((0, *tissue_classes.shape[1:]), np.uint8), size, mask_input).shape[-1]
-
-    def tissue_of(index):
-        # masks.mask_input itself (NumPy), so training sees exactly what sampling passes the UNet
-        tissue = tf.numpy_function(
-            lambda classes: masks.mask_input(classes, size, mask_input), [tf.gather(class_table, index)], tf.float32
-        )
-        return tf.ensure_shape(tissue, (None, size, size, channels))
-
-    def gather(index):
-        batch = tf.gather(latents, index)
-        if cond_table is None and class_table is None:
-            return batch
-        batch = {"latents": batch}
-        if cond_table is not None:
-            batch["cond"] = tf.gather(cond_table, index)
-        if class_table is not None:
-            batch["tissue"] = tissue_of(index)
-        return batch
-
-    return (
-        dataset.seeded_passes(len(latents), seed)
-        .map(lambda index, _: index)
-        .skip(skip)
-        .batch(batch_size, drop_remainder=True)
-        .map(gather, num_parallel_calls=tf.data.AUTOTUNE)
-        .prefetch(tf.data.AUTOTUNE)
-        .with_options(dataset.without_autotune())
-    )
-
-
-def training_conditions(config: cfg.RunConfig, labels) -> np.ndarray | None:
-    """The UNet's cond input (N, K) float32 of every training image, in the order of the
-    latents of `encode_training_set` (so twice over when `flip` adds mirror images: a mirror
-    keeps its slice position, age, ...); None for a run not conditioned on labels."""
-    names = config.label_conditions
-    if not names:
-        return None
-    raw = labels.values["train"][:, [labels.columns.index(name) for name in names]]
-    cond = conditioning.normalise(config.condition_stats, raw)
-    return np.concatenate([cond, cond]) if config.data.flip else cond
-
-
-def find_conditions(config: cfg.RunConfig, data_dir, splits: dict):
-    """The data's labels (dataset.Labels) for a run conditioned on labels, with its condition
-    statistics measured on the training split when not saved yet; None otherwise."""
-    names = config.label_conditions
-    if not names:
-        return None
-    labels = dataset.find_labels(data_dir, splits)
-    if labels is None:
-        raise cli.UserError(
-            f"--condition {','.join(names)} needs labels, but {data_dir} has no {dataset.LABELS} (and its file "
-            f"names carry no slice index); add one, or train unconditionally with --condition none"
-        )
-    if config.condition_stats is None:
-        config.condition_stats = conditioning.condition_stats(names, labels.columns, labels.values["train"])
-    return labels
-
-
-def find_training_masks(config: cfg.RunConfig, data_dir, splits: dict) -> np.ndarray | None:
-    """The training split's tissue masks, uint8 class indices (N, S, S) at the run's image size
-    (nearest neighbour) in the order of splits["train"], for a run conditioned on masks or
-    training a mask decoder (`mask_decoder_steps`); None for neither, or for a mask decoder
-    on data without masks. Every split's masks are paired and read first (`masks.find_masks`,
-    `masks.check_masks`; the training split's once, by `masks.load_masks`): a missing,
-    orphaned, mis-sized or mis-valued mask is one error line naming the file, before anything
-    is written."""
-    if not (config.mask_channels or config.train.mask_decoder_steps):
-        return None
-    paths = masks.find_masks(data_dir, splits)
-    if paths is None and not config.mask_channels:
-        return None
-    if paths is None:
-        raise cli.UserError(
-            f"--condition {cfg.MASK} needs tissue masks, but {data_dir} has no "
-            f"{masks.SEG_FOLDER.format('<split>')} folders; train without it (--condition "
-            f"{','.join(config.label_conditions) or 'none'})"
-        )
-    for split in ("validate", "test"):
-        masks.check_masks(splits[split], paths[split])
-    return masks.load_masks(paths["train"], config.data.image_size, images=splits["train"])
-
-
-def training_masks(config: cfg.RunConfig, train_masks: np.ndarray | None) -> np.ndarray | None:
-    """The training masks the UNet is conditioned on, uint8 class indices (N, S, S) in the order
-    of the latents of `encode_training_set` (`masks_in_latent_order`; `latent_batches` makes
-    them the UNet's input, `--mask-input`). None for a run not conditioned on masks."""
-    if train_masks is None or not config.mask_channels:
-        return None
-    return masks_in_latent_order(config, train_masks)
-
-
-def masks_in_latent_order(config: cfg.RunConfig, train_masks: np.ndarray) -> np.ndarray:
-    """The training masks (N, S, S) in the order of the latents of `encode_training_set`: with
-    `flip`, the mirror images' masks, mirrored, follow (2N, S, S)."""
-    return np.concatenate([train_masks, train_masks[:, :, ::-1]]) if config.data.flip else train_masks
-
-
 def train_diffusion(
     config: cfg.RunConfig,
     autoencoder: AutoEncoder,
@@ -614,7 +474,7 @@ def train_diffusion(
     mask: np.ndarray | None = None,
 ) -> LatentDiffusion:
     """Fit the UNet on `latents` (N, h, w, C), already × scale factor, conditioned on `cond`
-    (N, K) and the tissue masks `mask` (N, S, S) uint8 class indices (`training_masks`) when
+    (N, K) and the tissue masks `mask` (N, S, S) uint8 class indices (`latent_data.training_masks`) when
     given; EMA weights are kept for sampling."""
     for table in (cond, mask):
         if table is not None and len(table) != len(latents):  # an image failed to decode since it was checked
@@ -640,7 +500,7 @@ def train_diffusion(
         f"{per_execution} per execution"
     )
     skip = initial_epoch * steps * t.batch_size
-    latent_ds = latent_batches(
+    latent_ds = latent_data.latent_batches(
         latents, t.batch_size, t.seed, skip=skip, cond=cond, tissue_classes=mask, mask_input=config.condition.mask_input
     )
     history_csv = os.path.join(run_dir, f"history_{LDM}.csv")
@@ -705,8 +565,8 @@ def run(argv: list[str]) -> None:
     # Find the data before anything is written: a bad --data leaves no run directory behind.
     data_dir = prepare.resolve_data_dir(config.data.data)
     splits = dataset.find_splits(data_dir, seed=config.train.seed)
-    labels = find_conditions(config, data_dir, splits)  # and bad labels neither
-    train_masks = find_training_masks(config, data_dir, splits)  # nor bad masks
+    labels = latent_data.find_conditions(config, data_dir, splits)  # and bad labels neither
+    train_masks = latent_data.find_training_masks(config, data_dir, splits)  # nor bad masks
     replicas = strategy.num_replicas_in_sync
     reopened = args.resume or config.train.stage == "ldm"
     if config.train.scale_with_replicas and not reopened:
@@ -760,7 +620,7 @@ def run(argv: list[str]) -> None:
     latents = None
     if config.scale_factor is None or train_diffusion_now:
         # Encoded once, for both the scale factor and stage 2 (with the mirror images if --flip).
-        latents = encode_training_set(autoencoder.encoder, config, splits["train"])
+        latents = latent_data.encode_training_set(autoencoder.encoder, config, splits["train"])
     if config.scale_factor is None:
         config.scale_factor = float(1.0 / latents.std())
         config.latent_max_abs = float(np.abs(latents).max() * config.scale_factor)
@@ -774,11 +634,11 @@ def run(argv: list[str]) -> None:
     decoder_done = os.path.exists(os.path.join(run_dir, runs.MASK_DECODER_WEIGHTS))
     if train_masks is not None and config.train.mask_decoder_steps and chief and not decoder_done:
         if latents is None:  # --stage ae on a run whose scale factor is measured: encode for it alone
-            latents = encode_training_set(autoencoder.encoder, config, splits["train"])
+            latents = latent_data.encode_training_set(autoencoder.encoder, config, splits["train"])
         t = config.train
         pairs.train_mask_decoder(
             latents,
-            masks_in_latent_order(config, train_masks),
+            latent_data.masks_in_latent_order(config, train_masks),
             os.path.join(run_dir, runs.MASK_DECODER_WEIGHTS),
             t.mask_decoder_steps,
             t.autoencoder_batch_size,  # small steps learn more per second here, as for the autoencoder
@@ -787,7 +647,7 @@ def run(argv: list[str]) -> None:
 
     if train_diffusion_now:
         resumed = args.resume or config.train.stage == "ldm"
-        cond, mask = training_conditions(config, labels), training_masks(config, train_masks)
+        cond, mask = latent_data.training_conditions(config, labels), latent_data.training_masks(config, train_masks)
         scaled = latents * config.scale_factor
         train_diffusion(config, autoencoder, scaled, strategy, resumed=resumed, cond=cond, mask=mask)
     print(f"done: {run_dir}" + (f"; samples: python predict.py --run {run_dir}" if train_diffusion_now else ""))

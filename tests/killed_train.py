@@ -12,6 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import latent_data  # noqa: E402
 import train  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def kill_between_stages():
     def encode(*args, **kwargs):
         die()
 
-    train.encode_training_set = encode
+    latent_data.encode_training_set = encode
 
 
 def kill_after_diffusion_checkpoint_1():
