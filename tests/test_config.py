@@ -134,7 +134,7 @@ def test_linear_betas_scale_with_T_unless_set():
     )
     assert cfg.preset("seed").diffusion.beta_range() == (1e-4, 0.02)
     with pytest.raises(ValueError, match="--beta-start and --beta-end need 0 < start <= end < 1, got 0.1 and 0.05"):
-        parse("demo", ["--beta-start", "0.1", "--beta-end", "0.05"]).validate()
+        parse("demo", ["--schedule", "linear", "--beta-start", "0.1", "--beta-end", "0.05"]).validate()
 
 
 def test_json_round_trip(tmp_path):
