@@ -26,6 +26,7 @@ def test_end_to_end_run_directory(tiny_data, tmp_path, capsys):
     out = tmp_path / "run"
     argv = TINY + ["--data", tiny_data, "--out", str(out), "--ae-epochs", "1", "--ldm-epochs", "2", "--xla", "on"]
     argv += ["--ae-batch-size", "2", "--ae-steps-per-epoch", "0"]
+    argv += ["--schedule", "linear"]  # the β range written below (the demo preset's is cosine)
     assert train.main(argv) == 0
     printed = capsys.readouterr().out
     assert "XLA: on" in printed
@@ -136,7 +137,7 @@ def test_scale_with_replicas_scales_both_batches_and_rates_once():
     train.scale_with_replicas(config, 4)
     t = config.train
     assert (t.batch_size, t.ae_batch_size) == (64, 16)
-    assert (t.lr, t.ae_lr) == pytest.approx((2e-3, 2e-3))
+    assert (t.lr, t.ae_lr) == pytest.approx((4e-3, 2e-3))  # the demo's 2e-3 and 1e-3, × sqrt(4)
     assert t.scale_with_replicas is False
     config = cfg.preset("oasis")  # no autoencoder batch of its own: it follows --batch-size
     train.scale_with_replicas(config, 2)
