@@ -172,6 +172,19 @@ class ResnetBlock(keras.layers.Layer):
         self.norm2 = keras.layers.GroupNormalization(groups, epsilon=1e-5, name="norm2")
         self.skip = keras.layers.Conv2D(out_channels, 1, name="skip") if in_channels != out_channels else None
 
+    def build(self, x_shape, time_emb_shape):
+        # Every sublayer from the input shapes: without this method Keras would build the block by
+        # tracing call() once more on symbolic inputs (the initial values are the same either way:
+        # each initializer's seed is drawn when the sublayer is made, in __init__).
+        out_shape = (*x_shape[:-1], self.out_channels)
+        self.time_scale_shift.build(time_emb_shape)
+        self.conv1.build(x_shape)
+        self.norm1.build(out_shape)
+        self.conv2.build(out_shape)
+        self.norm2.build(out_shape)
+        if self.skip is not None:
+            self.skip.build(x_shape)
+
     def call(self, x, time_emb):
         scale_shift = self.time_scale_shift(ops.silu(time_emb))[:, None, None, :]
         scale, shift = ops.split(scale_shift, 2, axis=-1)
@@ -208,6 +221,12 @@ class _Attention(keras.layers.Layer):
         self.to_qkv = keras.layers.Conv2D(3 * heads * dim_head, 1, use_bias=False, name="to_qkv")
         self.to_out = keras.layers.Conv2D(channels, 1, name="to_out")
 
+    def build(self, x_shape):
+        # From the shape, not by a trace of call() (see ResnetBlock.build).
+        self.pre_norm.build(x_shape)
+        self.to_qkv.build(x_shape)
+        self.to_out.build((*x_shape[:-1], self.heads * self.dim_head))
+
     def _attended(self, x):
         """pre_norm, to_qkv, ``attend`` and the head merge: (B, h, w, heads * dim_head)."""
         height, width = ops.shape(x)[1], ops.shape(x)[2]
@@ -240,6 +259,10 @@ class LinearAttention(_Attention):
     def __init__(self, channels, heads=4, dim_head=32, **kwargs):
         super().__init__(channels, heads, dim_head, **kwargs)
         self.out_norm = keras.layers.GroupNormalization(1, epsilon=1e-5, name="out_norm")
+
+    def build(self, x_shape):
+        super().build(x_shape)
+        self.out_norm.build(x_shape)
 
     def attend(self, q, k, v):
         q = ops.softmax(q, axis=-1) * self.dim_head**-0.5
@@ -368,6 +391,12 @@ class _UNetBase(keras.Model):
         if level < self.attn_from_level:
             return keras.layers.Identity(name=name)
         return LinearAttention(width, heads=self.attn_heads, dim_head=self.attn_dim_head, name=name)
+
+    def build(self, x_t_shape, t_shape=None, cond_shape=None, tissue_shape=None):
+        # Nothing of its own to create: every sublayer builds itself from its input's shape during
+        # the first call (`build_for`). Without this method Keras would first trace call() on
+        # symbolic inputs to build the network, and then run it.
+        pass
 
     def build_for(self, latent_shape):
         """Create the weights by one call on zeros of shape (1, *latent_shape); returns self."""

@@ -279,6 +279,43 @@ def test_original_unet_loads_weights_saved_before_the_split():
         loaded.set_weights(kept)
 
 
+@pytest.mark.parametrize("layer", ["resnet", "linear_attention", "full_attention"])
+def test_explicit_builds_create_the_weights_a_traced_build_would(layer):
+    """ResnetBlock and the attentions build their sublayers from the input shapes: the same
+    weights, shapes and seeded initial values as Keras' default build, which traces call() on
+    symbolic inputs first (the class with its build() removed)."""
+    x, t = _images((2, 4, 4, 8)), np.ones((2, 16), "float32")
+    cls, args, kwargs = {
+        "resnet": (ResnetBlock, (8, 12), {"groups": 4}),
+        "linear_attention": (LinearAttention, (8,), {"heads": 2, "dim_head": 4}),
+        "full_attention": (FullAttention, (8,), {"heads": 2, "dim_head": 4}),
+    }[layer]
+    traced_cls = type("Traced", (cls,), {"build": keras.layers.Layer.build})  # Keras' default build
+    weights = []
+    for build_kind in (cls, traced_cls):
+        keras.utils.set_random_seed(0)
+        block = build_kind(*args, **kwargs)
+        block(x, t) if layer == "resnet" else block(x)
+        weights.append([w.numpy() for w in block.weights])
+    assert len(weights[0]) == len(weights[1]) > 4
+    for ours, traced in zip(*weights, strict=True):
+        np.testing.assert_array_equal(ours, traced)
+
+
+def test_unets_build_in_one_eager_call_without_tracing(monkeypatch):
+    """build_for runs the network once on zeros; no layer is built by Keras' symbolic trace of
+    its call(), which would run the whole network once more (and each block once more again)."""
+    from keras.src import backend
+
+    traced = []
+    original = backend.compute_output_spec
+    monkeypatch.setattr(backend, "compute_output_spec", lambda fn, *a, **k: traced.append(fn) or original(fn, *a, **k))
+    for cls in (UNet, OriginalUNet):
+        unet = cls(**SMALL_UNET, cond_categories=(0,), mask_channels=4).build_for((8, 8, 1))
+        assert unet.built and len(unet.weights) > 20
+    assert traced == []
+
+
 def test_resnet_block_groups_need_only_divide_the_normalised_width():
     """Both GroupNorms act on out_channels: the original layout's first block takes 42 channels to 64."""
     block = ResnetBlock(42, 64, groups=8)
