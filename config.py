@@ -408,16 +408,15 @@ class RunConfig:
 
 
 def _preset_demo() -> RunConfig:
-    # Min-SNR-γ weighting (Hang et al. 2023): measured on the demo against the
-    # plain ε-MSE in BENCHMARKS.md, "The demo end to end"; the cosine noise schedule, whose masks
-    # are followed better than the linear one's at the same cost, and at a rate of 2e-3 better still
-    # ("The demo's noise schedule").
-    # Linear attention at the 4×4 level only: faster steps that learn more per step here ("The demo
-    # UNet's attention"). Conditioned on the slice position and the tissue mask (the demo set
-    # ships masks), so one demo run shows both.
-    # The autoencoder and the mask decoder at batch 4: more, smaller steps learn more per CPU
-    # second ("The demo autoencoder's batch"). No TensorBoard samples: `make demo` runs
-    # predict.py right after training, which draws them.
+    # Min-SNR-γ weighting (Hang et al. 2023): measured on the demo against the plain ε-MSE in
+    # BENCHMARKS.md, "The demo end to end". The cosine noise schedule at a rate of 2e-3: the masks
+    # are followed better than with the linear one at 1e-3, at the same cost ("The demo's noise
+    # schedule and rate"). Linear attention at the 4×4 level only: faster steps that learn more
+    # per step here ("The demo UNet's attention"). Conditioned on the slice position and the
+    # tissue mask (the demo set ships masks), so one demo run shows both. The autoencoder and
+    # the mask decoder at batch 4: more, smaller steps learn more per CPU second ("The demo
+    # autoencoder's batch"). No TensorBoard samples: `make demo` runs predict.py right after
+    # training, which draws them.
     return RunConfig(
         preset="demo",
         unet=UNetConfig(attn_from_level=2),

@@ -11,8 +11,9 @@ with EMA) → final weights and loss figures (samples: predict.py).
 Writes the run directory (its layout: runs.py) through runs.py, which also builds the
 models a config describes, and gets the diffusion stage's training rows (latents, labels,
 masks) from latent_data.py; this file owns only the training itself: flags, the two fits
-with their callbacks (checkpoints, resume, NaN stop), and the distribution strategy. In a multi-worker cluster
-(--strategy multiworker) every worker runs this same file, and only the chief writes.
+with their callbacks (checkpoints, resume, NaN stop), and the distribution strategy. In a
+multi-worker cluster (--strategy multiworker) every worker runs this same file, and only
+the chief writes.
 """
 
 from __future__ import annotations
@@ -474,8 +475,8 @@ def train_diffusion(
     mask: np.ndarray | None = None,
 ) -> LatentDiffusion:
     """Fit the UNet on `latents` (N, h, w, C), already × scale factor, conditioned on `cond`
-    (N, K) and the tissue masks `mask` (N, S, S) uint8 class indices (`latent_data.training_masks`) when
-    given; EMA weights are kept for sampling."""
+    (N, K) and the tissue masks `mask` (N, S, S), uint8 class indices
+    (`latent_data.training_masks`), when given; EMA weights are kept for sampling."""
     for table in (cond, mask):
         if table is not None and len(table) != len(latents):  # an image failed to decode since it was checked
             raise cli.UserError(f"{len(latents)} training latents but {len(table)} conditions; check the data folder")
