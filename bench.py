@@ -194,9 +194,12 @@ def variant_name(precision: str, xla: bool) -> str:
     return f"{precision}{', XLA' if xla else ''}"
 
 
-def default_variant(machine: dict) -> str:
-    """The variant train.py runs on the measured machine."""
-    return variant_name(machine["train_py_precision"], machine["train_py_xla"])
+def default_variant(machine: dict, measured=()) -> str:
+    """The variant train.py runs on the measured machine. Given the `measured` variant names:
+    when train.py would use XLA (a CPU without oneDNN, e.g. an AVX2 one) but the run measured
+    no XLA variants (`--no-xla`, the quick and smoke modes), the same precision without it."""
+    name = variant_name(machine["train_py_precision"], machine["train_py_xla"])
+    return name if not measured or name in measured else variant_name(machine["train_py_precision"], False)
 
 
 def run_config(bench: BenchConfig, precision: str = "float32", xla: bool = False) -> cfg.RunConfig:
@@ -481,7 +484,8 @@ def headline(results: dict) -> dict:
     """The ratios the README quotes. Training speedups are for train.py's CPU/GPU defaults
     (precision and XLA "auto"), the configuration users get."""
     figures = {}
-    default = default_variant(results["machine"])
+    measured = {name for part in ("unet", "ae") if part in results for name in results[part]["ours"]}
+    default = default_variant(results["machine"], measured)
     if "unet" in results:
         u = results["unet"]
         figures["unet_train_speedup"] = u["ours"][default]["median"] / u["baseline"]["median"]

@@ -55,6 +55,23 @@ def test_headline_ratios_use_train_py_defaults_and_the_same_run_baseline():
     assert h["data_over_ae_train_rate"] == pytest.approx(20.0)
 
 
+def test_headline_without_xla_variants_uses_the_same_precision_without_xla():
+    """A run without XLA variants (smoke, quick, --no-xla) on a machine where train.py would use
+    XLA (oneDNN off, as on an AVX2 CPU): the headline takes the default precision without XLA."""
+    machine = {"train_py_precision": "float32", "train_py_xla": True}
+    assert bench.default_variant(machine) == "float32, XLA"
+    assert bench.default_variant(machine, {"float32, XLA", "float32"}) == "float32, XLA"
+    assert bench.default_variant(machine, {"float32", "mixed_bfloat16"}) == "float32"
+    ours = {"float32": stats(25.0), "mixed_bfloat16": stats(30.0)}
+    results = {
+        "machine": machine,
+        "unet": {"baseline": stats(10.0), "original_compiled": stats(20.0), "ours": ours},
+        "ae": {"baseline": stats(5.0), "ours": ours},
+    }
+    h = bench.headline(results)
+    assert h["unet_train_speedup"] == pytest.approx(2.5) and h["ae_train_speedup"] == pytest.approx(5.0)
+
+
 def test_original_compiled_row_headline_and_plain_tables():
     unet = {
         "baseline": stats(10.0),
