@@ -3,13 +3,18 @@
 ``build_mask_decoder(latent_channels, downsample_factor)``: latent -> tissue-mask logits at
 the image's size, the other half of an image + mask pair.
 
+``build_decoder(..., mask_classes=4)``: the SPADE decoder, the image decoder that is also
+given the tissue mask, (latent, one-hot mask) -> image: every level's features modulated
+by the mask (``MaskModulation``), so an image generated for a mask draws its tissue
+boundaries where the mask has them (spade.py trains it from the run's decoder).
+
 ``AutoEncoder(image_channels=1, base_channels=64, channel_mults=(1, 2, 4), ..., layout="project")``
     ``encoder``: (B, H, W, image_channels) -> (B, H/f, W/f, latent_channels), float32;
     ``decoder``: back to (B, H, W, image_channels), float32 in [-1, 1]; f = 2 **
     (len(channel_mults) - 1). Functional models, built by the constructor. ``layout=
     "original"`` gives the original design's one-conv blocks.
 
-Its layers: ``DivisibilityCheck``, ``ResidualBlock``. The conventions are modules.py's
+Its layers: ``DivisibilityCheck``, ``ResidualBlock``, ``MaskModulation``. The conventions are modules.py's
 (NHWC, images in [-1, 1], float32 outputs under a mixed policy; weights keyed by attribute
 names and creation order, so renaming or reordering layers breaks existing runs' weights).
 The classes are registered under the same Keras package as the UNets.
@@ -20,6 +25,7 @@ from __future__ import annotations
 import math
 
 import keras
+from keras import ops
 
 from config import AUTOENCODER_ACTIVATIONS, AUTOENCODER_NORMS, LAYOUTS
 from keras_fixes import FitFixes
@@ -127,6 +133,50 @@ class ResidualBlock(keras.layers.Layer):
         }
 
 
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MaskModulation(keras.layers.Layer):
+    """Spatially-adaptive modulation by a tissue mask (SPADE, Park et al. 2019, eq. 1, without
+    its normalisation: the decoder's blocks normalise already).
+
+    x (B, h, w, C), tissue (B, h·p, w·p, classes) float, the mask (one-hot, or class shares)
+    -> (B, h, w, C):
+
+        m     = AveragePool_p(tissue)            # the mask's class shares at x's resolution
+        γ, β  = split(conv3x3(m), 2)             # each (B, h, w, C)
+        out   = x · (1 + γ) + β
+
+    The conv starts at zero, so a new modulation leaves x as it is: a SPADE decoder made from
+    a trained decoder (its weights copied) decodes exactly as that decoder before training.
+    ``pool`` p: how many mask pixels a side of one of x's cells holds. (The argument is not
+    called ``mask``: Keras reserves that name for its own masking.)
+    """
+
+    def __init__(self, channels, pool, **kwargs):
+        super().__init__(**kwargs)
+        self.channels, self.pool = int(channels), int(pool)
+        self.pooling = keras.layers.AveragePooling2D(self.pool, name="pool") if self.pool > 1 else None
+        self.gamma_beta = keras.layers.Conv2D(
+            2 * self.channels, 3, padding="same", kernel_initializer="zeros", name="gamma_beta"
+        )
+
+    def build(self, x_shape, tissue_shape):
+        # From the shapes, not by a trace of call() (modules.ResnetBlock.build says why).
+        self.gamma_beta.build((*x_shape[:-1], tissue_shape[-1]))
+
+    def call(self, x, tissue):
+        m = ops.cast(tissue, self.compute_dtype)
+        if self.pooling is not None:
+            m = self.pooling(m)
+        gamma, beta = ops.split(self.gamma_beta(m), 2, axis=-1)
+        return x * (1.0 + gamma) + beta
+
+    def compute_output_shape(self, x_shape, tissue_shape):
+        return x_shape
+
+    def get_config(self):
+        return {**super().get_config(), "channels": self.channels, "pool": self.pool}
+
+
 def _is_original(layout):
     """True for the original design's layout, False for the project's; a ValueError otherwise."""
     if layout not in LAYOUTS:
@@ -192,6 +242,7 @@ def build_decoder(
     activation,
     layout,
     synchronized=False,
+    mask_classes=0,
 ):
     """Functional decoder mirroring ``build_encoder``: latent -> (B, H, W, image_channels).
 
@@ -207,9 +258,15 @@ def build_decoder(
     (``ResidualBlock(convs=1)``) and stride-2 Conv2DTranspose 3x3, the original's; the
     same narrowing 256 -> 128 -> 64 (the first block of a level narrows, 1x1 skip), then
     conv3x3 to ``image_channels`` and tanh.
+
+    ``mask_classes`` M > 0 makes the SPADE decoder: inputs [latent, mask (B, H, W, M)], and
+    after each level's blocks a ``MaskModulation`` by the mask (``level{i}_modulation``).
+    Every other layer has the plain decoder's name and shape, so its weights copy over
+    (`copy_weights`).
     """
     original = _is_original(layout)
     z_in = keras.Input((None, None, latent_channels), name="latent")
+    mask_in = keras.Input((None, None, mask_classes), name="tissue") if mask_classes else None
     x = z_in
     if not original:
         x = keras.layers.Conv2D(base_channels * channel_mults[-1], 3, padding="same", name="from_latent")(x)
@@ -225,13 +282,25 @@ def build_decoder(
                 synchronized=synchronized,
                 name=f"level{level}_block{b}",
             )(x)
+        if mask_in is not None:  # level `level` works at 1 / 2**level of the image's side
+            x = MaskModulation(width, 2**level, name=f"level{level}_modulation")(x, mask_in)
         if step < len(levels) - 1:
             x = keras.layers.Conv2DTranspose(
                 width, 3 if original else 4, strides=2, padding="same", name=f"level{level}_upsample"
             )(x)
     x = keras.layers.Conv2D(image_channels, 3, padding="same", dtype="float32", name="to_image")(x)
     image = keras.layers.Activation("tanh", dtype="float32", name="tanh")(x)
+    if mask_in is not None:
+        return keras.Model([z_in, mask_in], image, name="spade_decoder")
     return keras.Model(z_in, image, name="decoder")
+
+
+def copy_weights(source: keras.Model, target: keras.Model) -> None:
+    """Copy every layer's weights of the functional model `source` into the layer of the same
+    name in `target` (a SPADE decoder from its decoder); ValueError when `target` lacks one."""
+    for layer in source.layers:
+        if layer.weights:
+            target.get_layer(layer.name).set_weights(layer.get_weights())
 
 
 def build_mask_decoder(latent_channels, downsample_factor, classes=4, width=32, groups=8):

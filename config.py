@@ -185,6 +185,12 @@ class TrainConfig:
         "after the autoencoder at the autoencoder's batch size when the data has masks (the demo preset: 500); "
         "0: none",
     )
+    spade_decoder_steps: int = option(
+        250,
+        "steps of the SPADE decoder (the image decoder also given the tissue mask, which decodes the images "
+        "generated for a mask: spade.py), fine-tuned from the decoder after the autoencoder at its batch size when "
+        "the run is conditioned on the mask; 0: none (the plain decoder decodes them)",
+    )
     ldm_epochs: int = option(20, "diffusion epochs")
     ldm_steps_per_epoch: int = option(
         100, "diffusion steps per epoch (0: one pass over the latents, rounded down to whole --steps-per-execution)"
@@ -573,7 +579,7 @@ ADDED_SETTINGS = {
     "data": {"augment": False},
     "condition": {"mask_input": "area"},
     "diffusion": {"min_snr_gamma": 0.0},
-    "train": {"ae_loss": "mse", "lr_schedule": "constant", "mask_decoder_steps": 0},
+    "train": {"ae_loss": "mse", "lr_schedule": "constant", "mask_decoder_steps": 0, "spade_decoder_steps": 0},
 }
 
 

@@ -75,8 +75,9 @@ occurs, and mean_dice's mean over the three classes:
         mask_dice_real                Dice(validation mask, oracle(its image)): the oracle's
                                       own accuracy, the ceiling
         mask_dice_autoencoder         Dice(validation mask, oracle(the autoencoder's
-                                      reconstruction of its image)): what the run's decoder
-                                      keeps of the tissue, the ceiling of its samples
+                                      reconstruction of its image, decoded as a sample for
+                                      that mask is: by the SPADE decoder, given the mask,
+                                      when the run has one)): the ceiling of its samples
         mask_dice_<kind>_<class>      the same per class (csf, grey_matter, white_matter)
 
 A run with a mask decoder (trained when its data has masks) is also measured on image +

@@ -198,7 +198,9 @@ def mask_metrics(run: runs.Run, n: int, options: cfg.SamplingOptions, guidance: 
         **dice_scores(requested, judge.segment(unconditional), "mask_dice_unconditional"),
         **dice_scores(real_masks, judge.segment(real), "mask_dice_real"),
         **dice_scores(
-            real_masks, judge.segment(runs.reconstruct(run, real, options.batch_size)), "mask_dice_autoencoder"
+            real_masks,
+            judge.segment(runs.reconstruct(run, real, options.batch_size, tissue_masks=real_masks)),
+            "mask_dice_autoencoder",
         ),
         "mask_requests": f"the masks of the {len(real)} real (validation) images, cycled to {n}; labels unknown",
         "segmenter": {key: judge.info.get(key) for key in ("steps", "seconds", "loss")},

@@ -4,6 +4,7 @@ A run directory (runs/NAME/) holds everything one training run made:
 
     config.json                                   RunConfig, with the latent scale factor
     encoder.weights.h5, decoder.weights.h5         stage 1 result
+    mask_decoder.weights.h5, spade_decoder.weights.h5   after stage 1, when the data has masks
     unet.weights.h5, unet_ema.weights.h5           stage 2 result (sampling uses the EMA)
     checkpoints/{autoencoder,diffusion}/epoch-NNNN.weights.h5    model + optimizer state
     history_autoencoder.csv, history_diffusion.csv
@@ -40,6 +41,7 @@ import keras_fixes
 import masks
 import metrics
 import prepare
+import spade
 from autoencoder import AutoEncoder, build_mask_decoder
 from cli import UserError
 from diffusion import LatentDiffusion, NoiseSchedule, make_schedule
@@ -281,14 +283,16 @@ def load_weights(model: keras.Model, path: str, built_from: str = "config.json")
 class Run:
     """A trained run, ready to sample: `diffusion.ema_network` holds unet_ema.weights.h5,
     `autoencoder.decoder` holds decoder.weights.h5 (the encoder and the mask decoder are
-    loaded only on request), and `sampler` samples with the EMA network (one per run, so its
-    traces are reused)."""
+    loaded only on request), `spade_decoder` spade_decoder.weights.h5 when the run has one
+    (it decodes the latents generated for a mask), and `sampler` samples with the EMA network
+    (one per run, so its traces are reused)."""
 
     directory: str
     config: cfg.RunConfig
     autoencoder: keras.Model
     diffusion: keras.Model
     mask_decoder: keras.Model | None = None  # mask_decoder.weights.h5, when loaded (load_run(masks=True))
+    spade_decoder: keras.Model | None = None  # spade_decoder.weights.h5 (`has_spade_decoder`)
     sampler: Sampler = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self):
@@ -318,6 +322,7 @@ def load_run(run_dir: str, encoder: bool = False, precision: str = "float32", ma
     """
     config = read_config(run_dir)
     needed = ["decoder.weights.h5", "unet_ema.weights.h5"] + (["encoder.weights.h5"] if encoder else [])
+    needed += [spade.WEIGHTS] if has_spade_decoder(config) else []
     missing = [name for name in needed if not os.path.exists(os.path.join(run_dir, name))]
     if missing or config.scale_factor is None:
         what = ", ".join(missing) if missing else "no latent scale factor in config.json"
@@ -343,7 +348,18 @@ def load_run(run_dir: str, encoder: bool = False, precision: str = "float32", ma
         with hardware.dtype_policy("float32"):
             decoder_of_masks = build_mask_decoder(config.autoencoder.latent_channels, autoencoder.downsample_factor)
         load_weights(decoder_of_masks, path)
-    return Run(run_dir, config, autoencoder, diffusion, decoder_of_masks)
+    spade_decoder = None
+    if has_spade_decoder(config):
+        with hardware.dtype_policy(hardware.resolve_precision(precision)):
+            spade_decoder = spade.build(config)
+        load_weights(spade_decoder, os.path.join(run_dir, spade.WEIGHTS))
+    return Run(run_dir, config, autoencoder, diffusion, decoder_of_masks, spade_decoder)
+
+
+def has_spade_decoder(config: cfg.RunConfig) -> bool:
+    """Whether the run trains (and then has) a SPADE decoder: conditioned on the tissue mask,
+    with --spade-decoder-steps."""
+    return bool(config.mask_channels and config.train.spade_decoder_steps)
 
 
 # ---------------------------------------------------------------------------- sampling a run
@@ -381,20 +397,33 @@ def _in_batches(fn, x: np.ndarray, batch_size: int, empty: np.ndarray) -> np.nda
     return np.concatenate(out) if out else empty
 
 
-def decode(run: Run, latents: np.ndarray, batch_size: int) -> np.ndarray:
-    """Images (N, H, W, 1) in [-1, 1] of scaled latents (N, h, w, c): decoder(latents / scale_factor)."""
+def decode(run: Run, latents: np.ndarray, batch_size: int, tissue_masks: np.ndarray | None = None) -> np.ndarray:
+    """Images (N, H, W, 1) in [-1, 1] of scaled latents (N, h, w, c): decoder(latents / scale_factor),
+    or, with `tissue_masks` (uint8 class indices (N, H, W) at the run's image size) and a run
+    that has a SPADE decoder, spade_decoder(latents / scale_factor, one_hot(masks))."""
+    empty = np.zeros((0, *latents.shape[1:3], 1), np.float32)
+    z = latents / run.config.scale_factor
+    if tissue_masks is None or run.spade_decoder is None:
+        return _in_batches(lambda z: run.autoencoder.decoder(z, training=False), z, batch_size, empty)
+    rows = np.arange(len(z))
     return _in_batches(
-        lambda z: run.autoencoder.decoder(z / run.config.scale_factor, training=False),
-        latents,
+        lambda r: run.spade_decoder([tf.constant(z[r]), spade.one_hot(tissue_masks[r])], training=False),
+        rows,
         batch_size,
-        np.zeros((0, *latents.shape[1:3], 1), np.float32),
+        empty,
     )
 
 
-def reconstruct(run: Run, images: np.ndarray, batch_size: int) -> np.ndarray:
+def reconstruct(run: Run, images: np.ndarray, batch_size: int, tissue_masks: np.ndarray | None = None) -> np.ndarray:
     """decoder(encoder(images)) of images (N, H, W, 1) in [-1, 1], in batches (the run loaded
-    with its encoder)."""
-    return _in_batches(lambda x: run.autoencoder(x, training=False), images, batch_size, np.zeros_like(images))
+    with its encoder); with `tissue_masks` (uint8 (N, H, W)), decoded as `decode` decodes a
+    latent generated for those masks (by the SPADE decoder when the run has one)."""
+    if tissue_masks is None or run.spade_decoder is None:
+        return _in_batches(lambda x: run.autoencoder(x, training=False), images, batch_size, np.zeros_like(images))
+    latents = _in_batches(
+        lambda x: run.autoencoder.encoder(x, training=False), images, batch_size, np.zeros((0, 1, 1, 1), np.float32)
+    )
+    return decode(run, latents * run.config.scale_factor, batch_size, tissue_masks)
 
 
 def decode_masks(run: Run, latents: np.ndarray, batch_size: int) -> np.ndarray:
@@ -422,9 +451,17 @@ def network_conditions(run: Run, condition: dict | None, n: int) -> np.ndarray |
 
 def network_masks(run: Run, classes: np.ndarray | None, n: int) -> np.ndarray | None:
     """The UNet's mask input (n, h, w, M) float32 (`masks.mask_input` at the latent size) of
-    tissue masks `classes`: uint8 class indices (n, S, S), or one mask (S, S) for all n, at any
-    square size (resized to the run's image size by nearest neighbour); None: no mask asked for.
-    UserError for a run trained without masks or a wrong number of masks."""
+    tissue masks `classes` (`image_masks`); None: no mask asked for."""
+    resized = image_masks(run, classes, n)
+    if resized is None:
+        return None
+    return masks.mask_input(resized, run.config.latent_size, run.config.condition.mask_input)
+
+
+def image_masks(run: Run, classes: np.ndarray | None, n: int) -> np.ndarray | None:
+    """Tissue masks `classes`, uint8 class indices (n, S, S) or one mask (S, S) for all n, at any
+    square size, as n masks (n, S', S') at the run's image size S' (nearest neighbour); None
+    for None. UserError for a run trained without masks or a wrong number of masks."""
     if classes is None:
         return None
     if not run.config.mask_channels:
@@ -435,8 +472,7 @@ def network_masks(run: Run, classes: np.ndarray | None, n: int) -> np.ndarray | 
     if classes.ndim != 3 or len(classes) != n:
         raise UserError(f"expected one mask or {n} masks, got an array of shape {classes.shape}")
     size = run.config.data.image_size
-    resized = np.stack([masks.resize_mask(c, size) for c in classes])
-    return masks.mask_input(resized, run.config.latent_size, run.config.condition.mask_input)
+    return np.stack([masks.resize_mask(c, size) for c in classes])
 
 
 def generate(
@@ -480,7 +516,8 @@ def generate(
     options = options.resolved(T)
     options.validate(T, n)
     cond = network_conditions(run, condition, n)
-    mask = network_masks(run, tissue_masks, n)
+    classes = image_masks(run, tissue_masks, n)
+    mask = network_masks(run, classes, n)
     batch = options.batch_size
     sizes = [min(batch, n - start) for start in range(0, n, batch)]
     bar = keras.utils.Progbar(len(sizes), unit_name="batch") if progress else None
@@ -504,7 +541,7 @@ def generate(
             bar.update(b + 1)
     latents = np.concatenate(latents)
     return Samples(
-        images=decode(run, latents, batch),
+        images=decode(run, latents, batch, tissue_masks=classes),
         latents=latents,
         states=np.concatenate(states, axis=1) if num_states else None,
         timesteps=timesteps,

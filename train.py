@@ -42,9 +42,11 @@ import dataset  # noqa: E402
 import figures  # noqa: E402
 import hardware  # noqa: E402
 import latent_data  # noqa: E402
+import oracle  # noqa: E402
 import pairs  # noqa: E402
 import prepare  # noqa: E402
 import runs  # noqa: E402
+import spade  # noqa: E402
 from autoencoder import AutoEncoder  # noqa: E402
 from diffusion import LatentDiffusion  # noqa: E402
 
@@ -645,6 +647,20 @@ def run(argv: list[str]) -> None:
             t.autoencoder_batch_size,  # small steps learn more per second here, as for the autoencoder
             t.seed,
         )
+
+    spade_done = os.path.exists(os.path.join(run_dir, spade.WEIGHTS))
+    if runs.has_spade_decoder(config) and train_masks is not None and chief and not spade_done:
+        images, classes = oracle.load_segmentation_pairs(*runs.split_masks(config, "train"), config.data.image_size)
+        decoder, _ = spade.train(
+            config,
+            autoencoder.encoder,
+            autoencoder.decoder,
+            images,
+            classes,
+            config.train.spade_decoder_steps,
+            config.train.autoencoder_batch_size,
+        )
+        runs.save_weights(decoder, os.path.join(run_dir, spade.WEIGHTS))
 
     if train_diffusion_now:
         resumed = args.resume or config.train.stage == "ldm"

@@ -20,7 +20,7 @@ TINY = (
     "--image-size 16 --ae-base-channels 8 --ae-channel-mults 1 2 4 --latent-channels 2 "
     "--unet-dim 8 --unet-dim-mults 1 2 --unet-groups 4 --attn-heads 2 --attn-dim-head 8 --timesteps 20 "
     "--batch-size 4 --ae-steps-per-epoch 3 --ldm-steps-per-epoch 3 --sample-every 1 --precision float32 --xla off "
-    "--condition none --checkpoint-minutes 0 --mask-decoder-steps 10"
+    "--condition none --checkpoint-minutes 0 --mask-decoder-steps 10 --spade-decoder-steps 4"
 ).split()
 
 # A one-level UNet and a ×2 autoencoder (8×8×2 latents): fewer layers to trace than TINY

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 import modules
-from autoencoder import AutoEncoder, ResidualBlock
+from autoencoder import AutoEncoder, MaskModulation, ResidualBlock, build_decoder, copy_weights
 from config import load_config
 from modules import (
     FullAttention,
@@ -665,3 +665,50 @@ def test_original_seed_autoencoder_parameter_count():
     assert len(blocks) == 6 and all(isinstance(b.norm1, keras.layers.BatchNormalization) for b in blocks)
     assert n == 3_521_858  # BatchNorm statistics included (README: 3.5 M)
     assert tuple(ae.encoder(np.zeros((1, 128, 128, 1), "float32")).shape) == (1, 32, 32, 1)
+
+
+# --------------------------------------------------------------------------- the SPADE decoder
+
+
+def test_mask_modulation_scales_and_shifts_by_the_pooled_mask():
+    """out = x (1 + γ) + β with γ, β a conv3x3 of the mask average-pooled to x's cells: with
+    only the centre tap set (γ = 2 × class-1 share, β = −1 × class-0 share), a known answer."""
+    layer = MaskModulation(1, 2)
+    x = np.full((1, 2, 2, 1), 3.0, np.float32)
+    tissue = np.zeros((1, 4, 4, 2), np.float32)
+    tissue[..., 0] = 1.0
+    tissue[0, :2, :2] = [0.0, 1.0]  # the top-left cell: all class 1
+    tissue[0, 2, 2] = [0.0, 1.0]  # the bottom-right cell: a quarter class 1
+    assert np.array_equal(layer(x, tissue), x)  # the conv starts at zero: x unchanged
+    kernel = np.zeros((3, 3, 2, 2), np.float32)
+    kernel[1, 1, 1, 0], kernel[1, 1, 0, 1] = 2.0, -1.0  # γ from class 1, β from class 0
+    layer.gamma_beta.set_weights([kernel, np.zeros(2, np.float32)])
+    share = np.array([[1.0, 0.0], [0.0, 0.25]])
+    expected = 3.0 * (1.0 + 2.0 * share) - (1.0 - share)
+    np.testing.assert_allclose(layer(x, tissue)[0, ..., 0], expected, rtol=1e-6)
+
+
+def test_a_spade_decoder_made_from_a_decoder_decodes_as_it_until_its_modulations_learn():
+    arch = dict(
+        image_channels=1, base_channels=8, channel_mults=(1, 2, 4), blocks_per_level=1, latent_channels=2,
+        norm="group", activation="relu", layout="project",
+    )  # fmt: skip
+    decoder = build_decoder(**arch)
+    spade = build_decoder(**arch, mask_classes=4)
+    assert [layer.name for layer in spade.layers if isinstance(layer, MaskModulation)] == [
+        "level2_modulation",
+        "level1_modulation",
+        "level0_modulation",
+    ]
+    assert [layer.pool for layer in spade.layers if isinstance(layer, MaskModulation)] == [4, 2, 1]
+    copy_weights(decoder, spade)
+    rng = np.random.default_rng(0)
+    z = tf.constant(rng.normal(size=(2, 4, 4, 2)), tf.float32)
+    masks = tf.one_hot(rng.integers(0, 4, size=(2, 16, 16)), 4)
+    np.testing.assert_array_equal(spade([z, masks]), decoder(z))
+    # Once a modulation is not zero, the same latent decodes differently for another mask.
+    modulation = spade.get_layer("level0_modulation").gamma_beta
+    modulation.set_weights([rng.normal(scale=0.1, size=w.shape) for w in modulation.get_weights()])
+    other = tf.one_hot(rng.integers(0, 4, size=(2, 16, 16)), 4)
+    assert not np.allclose(spade([z, masks]), spade([z, other]))
+    assert not np.allclose(spade([z, masks]), decoder(z))
