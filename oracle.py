@@ -224,14 +224,17 @@ class Oracle:
         return np.asarray(normalised, np.float64) * self.std + self.mean
 
 
-def fit_steps(model: keras.Model, loss: keras.losses.Loss, train: tf.data.Dataset, steps: int, verbose=0):
+def fit_steps(
+    model: keras.Model, loss: keras.losses.Loss, train: tf.data.Dataset, steps: int, verbose=0, jit_compile=False
+):
     """Fit `model` for `steps` batches of the endless dataset `train` with `loss`, Adam at
-    `LEARNING_RATE` cosine-decayed to 0 over the steps (the oracles' and the mask decoder's
-    recipe); returns (seconds, the loss's mean over the steps)."""
+    `LEARNING_RATE` cosine-decayed to 0 over the steps (the oracles', the mask decoder's and
+    the SPADE decoder's recipe), compiled by XLA when `jit_compile`; returns (seconds, the
+    loss's mean over the steps)."""
     model.compile(
         optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(LEARNING_RATE, steps)),
         loss=loss,
-        jit_compile=False,
+        jit_compile=jit_compile,
     )
     model.optimizer.build(model.trainable_variables)  # now, not in the first trace: see keras_fixes.FitFixes
     start = time.perf_counter()

@@ -58,13 +58,15 @@ def train(
     classes: np.ndarray,
     steps: int,
     batch_size: int,
+    xla: bool = False,
 ) -> tuple[keras.Model, float]:
     """Fine-tune a SPADE decoder made from `decoder` for `steps` batches of the training pairs
     (images float32 (N, S, S, 1) in [-1, 1], masks uint8 (N, S, S); `oracle.segmentation_stream`:
     seeded order, mirrored together) with the autoencoder's loss (--ae-loss) and the oracles'
-    recipe (`oracle.fit_steps`: Adam from 1e-3, cosine-decayed to 0), in float32, `encoder`
-    frozen; initial weights of the modulations from config.train.seed. Returns (the SPADE
-    decoder, its last loss). UserError for a loss that is not finite."""
+    recipe (`oracle.fit_steps`: Adam from 1e-3, cosine-decayed to 0), in float32, compiled by
+    XLA when `xla`, `encoder` frozen; initial weights of the modulations from
+    config.train.seed. Returns (the SPADE decoder, its mean loss). UserError for a loss that
+    is not finite."""
     keras.utils.set_random_seed(config.train.seed)
     with hardware.dtype_policy("float32"):  # small: float32, as the mask decoder
         spade = build(config, decoder)
@@ -78,7 +80,8 @@ def train(
     print(f"SPADE decoder: {steps} steps on {len(images)} training images and their masks", flush=True)
     encoder.trainable = False  # its latents are what the UNet learned; only the decoder adapts
     try:
-        seconds, last = oracle.fit_steps(trainer, metrics.RECONSTRUCTION_LOSSES[config.train.ae_loss], batches, steps)
+        loss = metrics.RECONSTRUCTION_LOSSES[config.train.ae_loss]
+        seconds, last = oracle.fit_steps(trainer, loss, batches, steps, verbose=2, jit_compile=xla)
     finally:
         encoder.trainable = True
     print(f"SPADE decoder: loss {last:.4f}, {seconds:.0f} s", flush=True)

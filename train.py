@@ -659,6 +659,7 @@ def run(argv: list[str]) -> None:
             classes,
             config.train.spade_decoder_steps,
             config.train.autoencoder_batch_size,
+            xla=xla,
         )
         runs.save_weights(decoder, os.path.join(run_dir, spade.WEIGHTS))
 
