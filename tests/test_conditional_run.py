@@ -319,6 +319,11 @@ def test_pairs_are_written_in_the_release_format_and_read_back_through_the_pairi
     samples = runs.generate(run, 3, cfg.SamplingOptions(steps=3), progress=False)
     decoded = runs.decode_masks(run, samples.latents, 16)
     assert decoded.shape == (3, 16, 16) and decoded.dtype == np.uint8
+    # Their images are those latents decoded given those masks by the run's SPADE decoder.
+    images, classes = pairs.synthesize(run, 3, cfg.SamplingOptions(steps=3))
+    np.testing.assert_array_equal(classes, decoded)
+    np.testing.assert_allclose(images, runs.decode(run, samples.latents, 16, tissue_masks=decoded), atol=1e-6)
+    assert np.abs(images - samples.images).max() > 1e-4  # not the plain decoder's
     # Round trip: the pairs laid out as a data folder pair up and read back as the same classes.
     root = tmp_path / "data"
     for i in range(3):
