@@ -97,15 +97,11 @@ def synthesize(
     run: runs.Run, n: int, options: cfg.SamplingOptions, condition: dict | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """n pairs of the run: (images float32 (n, S, S, 1) in [-1, 1], masks uint8 (n, S, S) class
-    indices): the latents of `runs.generate` (unconditional, or under the label `condition`),
-    their masks from the run's mask decoder (`runs.decode_masks`; load the run with
-    mask_decoder=True), and their images, decoded given those masks by the run's SPADE
-    decoder when it has one (else the samples' images)."""
+    indices), `runs.paired` of the samples of `runs.generate` (unconditional, or under the
+    label `condition`): their masks from the run's mask decoder (load the run with
+    mask_decoder=True), their images decoded given those masks by its SPADE decoder, if any."""
     samples = runs.generate(run, n, options, condition=condition, progress=False)
-    classes = runs.decode_masks(run, samples.latents, options.batch_size)
-    if run.spade_decoder is None:
-        return samples.images, classes
-    return runs.decode(run, samples.latents, options.batch_size, tissue_masks=classes), classes
+    return runs.paired(run, samples, options.batch_size)
 
 
 def dice_scores(reference: np.ndarray, predicted: np.ndarray, key: str) -> dict:

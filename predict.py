@@ -18,9 +18,11 @@ samples), --guidance W (classifier-free guidance weight, default 3) and --sweep 
 variable conditions.png sweeps; default: the first one not given with --condition). A run
 trained with --condition mask takes --mask FILE ... (tissue masks in the OASIS release's
 format: 8-bit grey PNGs, 0/85/170/255 = background/CSF/grey/white matter, square, any size;
-sample i is generated for mask i mod the number of masks). --pairs N: N samples, each
-with its tissue mask, decoded from the sample's latent by the run's mask decoder (a run
-trained on data with masks; see train.py --mask-decoder-steps).
+sample i is generated for mask i mod the number of masks; a run with a SPADE decoder
+decodes them given their masks). --pairs N: N samples, each with its tissue mask, decoded
+from the sample's latent by the run's mask decoder (a run trained on data with masks; see
+train.py --mask-decoder-steps), and its image decoded given that mask by the run's SPADE
+decoder, if it has one.
 
 Writes to --out:
     samples.png          a grid of all samples
@@ -277,7 +279,8 @@ def write_predictions(
     conditions.png (runs conditioned on labels only); formats: of the per-sample files
     (`FORMATS`); tissue_masks: uint8 (M, S, S) masks of a mask-conditioned run, sample i
     generated for mask i mod M, with their `mask_names` (None: the mask is unknown); pairs:
-    write each sample's tissue mask from the run's mask decoder beside it, and pairs.png."""
+    write each sample's tissue mask from the run's mask decoder beside it, and pairs.png (the
+    images then are `runs.paired`'s)."""
     T = run.config.diffusion.timesteps
     options = options.resolved(T)
     seed, guidance, batch_size = options.seed, options.guidance, options.batch_size
@@ -292,7 +295,9 @@ def write_predictions(
     if condition or tissue_masks is not None:
         label += f", guidance {guidance:g}"
 
-    figures.image_grid(samples.images, os.path.join(out_dir, "samples.png"), title=label)
+    # With --pairs the images are those of the pairs (decoded given their masks when the run has a SPADE decoder).
+    images, pair_masks = runs.paired(run, samples, batch_size) if pairs else (samples.images, None)
+    figures.image_grid(images, os.path.join(out_dir, "samples.png"), title=label)
     written = ["samples.png"]
     asked = "".join(f" {k}={v:g}" for k, v in (condition or {}).items())
     guided = f" w={guidance:g}" if condition or tissue_masks is not None else ""
@@ -302,12 +307,11 @@ def write_predictions(
         f"{asked}{guided}"
         for i in range(n)
     ]
-    pair_masks = runs.decode_masks(run, samples.latents, batch_size) if pairs else None
-    pngs = save_samples(samples.images, out_dir, formats, descriptions, pair_masks)
+    pngs = save_samples(images, out_dir, formats, descriptions, pair_masks)
     if pairs:
         shown = min(n, PAIR_COLUMNS)
         figures.image_grid(
-            np.stack([samples.images[:shown], runs.mask_image(pair_masks[:shown])]),
+            np.stack([images[:shown], runs.mask_image(pair_masks[:shown])]),
             os.path.join(out_dir, "pairs.png"),
             title=f"{label}: image + mask pairs (the mask decoder's)",
             row_labels=["sample", "its mask"],

@@ -414,6 +414,17 @@ def decode(run: Run, latents: np.ndarray, batch_size: int, tissue_masks: np.ndar
     )
 
 
+def paired(run: Run, samples: Samples, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image + mask pairs of generated `samples`: (images (N, H, W, 1) in [-1, 1], masks uint8
+    (N, H, W)), the masks read off their latents by the run's mask decoder (`decode_masks`),
+    the images their latents decoded given those masks by the SPADE decoder when the run has
+    one (`decode`), else the samples' own images."""
+    classes = decode_masks(run, samples.latents, batch_size)
+    if run.spade_decoder is None:
+        return samples.images, classes
+    return decode(run, samples.latents, batch_size, tissue_masks=classes), classes
+
+
 def reconstruct(run: Run, images: np.ndarray, batch_size: int, tissue_masks: np.ndarray | None = None) -> np.ndarray:
     """decoder(encoder(images)) of images (N, H, W, 1) in [-1, 1], in batches (the run loaded
     with its encoder); with `tissue_masks` (uint8 (N, H, W)), decoded as `decode` decodes a
