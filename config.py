@@ -156,6 +156,11 @@ class ConditionConfig:
         "classifier-free guidance training: probability of replacing the tissue mask by 'unknown' (all "
         "zeros), drawn apart from the labels'; None: --cond-dropout",
     )
+    uncond_dropout: float = option(
+        0.0,
+        "classifier-free guidance training: probability of replacing every condition and the tissue mask of an "
+        "example by 'unknown' at once, on top of the drops above (which alone leave that case rare)",
+    )
     mask_input: str = option(
         "pixels",
         "how the UNet sees the tissue mask at the latent's resolution: pixels (each latent cell holds the "
@@ -406,6 +411,8 @@ class RunConfig:
             raise ValueError(f"--cond-dropout must be in [0, 1], got {self.condition.cond_dropout}")
         if self.condition.mask_dropout is not None and not 0.0 <= self.condition.mask_dropout <= 1.0:
             raise ValueError(f"--mask-dropout must be in [0, 1], got {self.condition.mask_dropout}")
+        if not 0.0 <= self.condition.uncond_dropout <= 1.0:
+            raise ValueError(f"--uncond-dropout must be in [0, 1], got {self.condition.uncond_dropout}")
         if self.unet.attn_from_level < 0:
             raise ValueError(f"--attn-from-level must be 0 (every level) or more, got {self.unet.attn_from_level}")
         width = self.unet.unet_dim
@@ -577,7 +584,7 @@ def to_dict(config: RunConfig) -> dict:
 # trained: a config.json without them (an older run) gets these, not the current defaults.
 ADDED_SETTINGS = {
     "data": {"augment": False},
-    "condition": {"mask_input": "area"},
+    "condition": {"mask_input": "area", "uncond_dropout": 0.0},
     "diffusion": {"min_snr_gamma": 0.0},
     "train": {"ae_loss": "mse", "lr_schedule": "constant", "mask_decoder_steps": 0, "spade_decoder_steps": 0},
 }

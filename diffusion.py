@@ -33,8 +33,10 @@ weight off the nearly clean steps (high SNR), whose gradients conflict with the 
 For classifier-free guidance (Ho & Salimans 2022) a conditional network is trained with
 each condition (each label variable, and the tissue mask as a whole) replaced by "unknown"
 (NaN; a zero mask) with probability ``cond_dropout`` (the mask: ``mask_dropout``, by
-default the same), so that it also predicts
-eps_u = eps(x_t, t, unknown); samplers.py combines the two predictions.
+default the same), and, with probability ``uncond_dropout``, all of them at once, so that
+it also predicts eps_u = eps(x_t, t, unknown); samplers.py combines the two predictions.
+(Independent drops alone leave the all-unknown case rare: with a label and a mask each
+dropped at 0.1, one example in a hundred.)
 
 ``LatentDiffusion`` is a ``keras.Model`` with a custom ``train_step`` (in the spirit of the
 keras.io DDIM example), so ``fit()`` gives callbacks, progress bars, ``tf.distribute``,
@@ -279,7 +281,8 @@ class LatentDiffusion(FitFixes, keras.Model):
 
     Classifier-free guidance training: in ``train_step`` each condition of each example is
     replaced by unknown (NaN) with probability ``cond_dropout``, and each example's tissue
-    mask as a whole (by zeros, an independent draw) with probability ``mask_dropout``, drawn
+    mask as a whole (by zeros, an independent draw) with probability ``mask_dropout``, and
+    every condition and the mask together with probability ``uncond_dropout``, drawn
     from the same seed as t and eps
     (so the dropouts are part of the saved random stream); ``test_step`` keeps them.
 
@@ -311,6 +314,8 @@ class LatentDiffusion(FitFixes, keras.Model):
         cond_dropout: probability in [0, 1] of dropping each condition in training.
         mask_dropout: probability in [0, 1] of dropping the tissue mask in training; None:
             ``cond_dropout``.
+        uncond_dropout: probability in [0, 1] of dropping every condition and the mask of an
+            example together (on top of the drops above).
         min_snr_gamma: γ ≥ 0 of the Min-SNR loss weighting (`epsilon_mse`); 0: plain ε-MSE.
         **kwargs: for ``keras.Model`` (name, dtype...).
     """
@@ -325,6 +330,7 @@ class LatentDiffusion(FitFixes, keras.Model):
         cond_dropout: float = 0.1,
         min_snr_gamma: float = 0.0,
         mask_dropout: float | None = None,
+        uncond_dropout: float = 0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -339,6 +345,9 @@ class LatentDiffusion(FitFixes, keras.Model):
         self.mask_dropout = self.cond_dropout if mask_dropout is None else float(mask_dropout)
         if not 0.0 <= self.mask_dropout <= 1.0:
             raise ValueError(f"LatentDiffusion: mask_dropout must be in [0, 1], got {mask_dropout}")
+        if not 0.0 <= uncond_dropout <= 1.0:
+            raise ValueError(f"LatentDiffusion: uncond_dropout must be in [0, 1], got {uncond_dropout}")
+        self.uncond_dropout = float(uncond_dropout)
         self.network = network
         self.schedule = schedule
         self.ema_decay = float(ema_decay)
@@ -417,10 +426,11 @@ class LatentDiffusion(FitFixes, keras.Model):
         # Listing the tracker here makes Keras reset it at every epoch and evaluate().
         return [self.loss_tracker]
 
-    def _draws(self, data, seed_variable, dropout: float = 0.0, mask_dropout: float = 0.0):
+    def _draws(self, data, seed_variable, dropout: float = 0.0, mask_dropout: float = 0.0, uncond: float = 0.0):
         """(x0, t, eps, cond, tissue) for a batch: from the data if given, else drawn (see the
         class docstring); each condition dropped to unknown with probability `dropout`, each
-        tissue mask with probability `mask_dropout`, independently."""
+        tissue mask with probability `mask_dropout`, independently, and every condition and
+        the mask of an example together with probability `uncond`."""
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         if isinstance(x, dict):
             x0, t, noise, cond, tissue = x["latents"], x.get("t"), x.get("noise"), x.get("cond"), x.get("tissue")
@@ -430,7 +440,7 @@ class LatentDiffusion(FitFixes, keras.Model):
         if not self.built:
             self.build(x0.shape)
         conditioned = cond is not None or tissue is not None
-        if t is None or noise is None or (conditioned and max(dropout, mask_dropout) > 0):
+        if t is None or noise is None or (conditioned and max(dropout, mask_dropout, uncond) > 0):
             state = tf.convert_to_tensor(seed_variable)  # read before the increment below
             seed_variable.assign_add(tf.constant([0, 1], tf.int64))
             # Stateless ops want int32 seeds under XLA (Keras' random ops cast the same way).
@@ -447,22 +457,31 @@ class LatentDiffusion(FitFixes, keras.Model):
             )
         if noise is None:
             noise = normal(tf.shape(x0), fold_seed(seed, 1))
+        everything = None  # (B,) bool: examples whose conditions and mask all become unknown
+        if conditioned and uncond > 0:
+            everything = tf.random.stateless_uniform(tf.shape(x0)[:1], seed=fold_seed(seed, 4), alg=RNG_ALG) < uncond
         if cond is not None:
             cond = tf.cast(cond, tf.float32)
             if dropout > 0:
                 drop = tf.random.stateless_uniform(tf.shape(cond), seed=fold_seed(seed, 2), alg=RNG_ALG) < dropout
                 cond = tf.where(drop, tf.constant(float("nan")), cond)
+            if everything is not None:
+                cond = tf.where(everything[:, None], tf.constant(float("nan")), cond)
         if tissue is not None:
             tissue = tf.cast(tissue, tf.float32)
             if mask_dropout > 0:
                 drop = tf.random.stateless_uniform(tf.shape(tissue)[:1], seed=fold_seed(seed, 3), alg=RNG_ALG)
                 drop = drop < mask_dropout
                 tissue = tf.where(drop[:, None, None, None], 0.0, tissue)
+            if everything is not None:
+                tissue = tf.where(everything[:, None, None, None], 0.0, tissue)
         return x0, tf.cast(t, tf.int32), tf.cast(noise, tf.float32), cond, tissue
 
     def train_step(self, data):
         """One optimizer step on the epsilon-MSE, then one EMA update; returns {"loss": running mean}."""
-        x0, t, noise, cond, tissue = self._draws(data, self.train_seed, self.cond_dropout, self.mask_dropout)
+        x0, t, noise, cond, tissue = self._draws(
+            data, self.train_seed, self.cond_dropout, self.mask_dropout, self.uncond_dropout
+        )
         with tf.GradientTape() as tape:
             loss = epsilon_mse(
                 self.network,

@@ -221,6 +221,7 @@ def build_diffusion(config: cfg.RunConfig) -> LatentDiffusion:
         seed=config.train.seed,
         cond_dropout=config.condition.cond_dropout,
         mask_dropout=config.condition.mask_dropout,
+        uncond_dropout=config.condition.uncond_dropout,
     )
     h, c = config.latent_size, config.autoencoder.latent_channels
     model.build((None, h, h, c))

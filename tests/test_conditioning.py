@@ -218,12 +218,14 @@ def test_new_conditions_and_weights_reuse_the_trace():
 # --------------------------------------------------------------------------- training
 
 
-def conditional_model(dropout, seed=3, mask_dropout=None):
+def conditional_model(dropout, seed=3, mask_dropout=None, uncond_dropout=0.0):
     """A LatentDiffusion whose UNet takes one continuous condition and a tissue mask."""
     keras.utils.set_random_seed(0)
     unet = modules.UNet(**UNET_KW, cond_categories=(0,), mask_channels=MASK)
     schedule = D.make_schedule("linear", 20, 0.005, 0.2)
-    model = D.LatentDiffusion(unet, schedule, seed=seed, cond_dropout=dropout, mask_dropout=mask_dropout)
+    model = D.LatentDiffusion(
+        unet, schedule, seed=seed, cond_dropout=dropout, mask_dropout=mask_dropout, uncond_dropout=uncond_dropout
+    )
     model.build((None, *LATENT))
     # Eager steps: the same train_step, without tracing a graph per model (3 tiny steps).
     model.compile(optimizer=keras.optimizers.Adam(1e-3), run_eagerly=True)
@@ -266,6 +268,31 @@ def test_the_mask_drops_at_its_own_rate():
     assert conditional_model(0.3).mask_dropout == 0.3 and conditional_model(0.3, mask_dropout=0.5).mask_dropout == 0.5
     with pytest.raises(ValueError, match="mask_dropout must be in"):
         conditional_model(0.1, mask_dropout=1.5)
+
+
+def test_uncond_dropout_drops_every_condition_and_the_mask_of_an_example_together():
+    """uncond_dropout: an example keeps all its labels and its mask, or loses them all at once;
+    1 trains exactly the unconditional model, as cond_dropout = 1 does."""
+    model = conditional_model(0.0, uncond_dropout=0.5)
+    n = 64
+    cond = np.tile(np.float32([[0.5, -1.0]]), (n, 1))
+    mask = np.full((n, *LATENT[:2], MASK), 1.0 / MASK, np.float32)
+    x0 = np.zeros((n, *LATENT), np.float32)
+    _, _, _, dropped_cond, dropped_mask = model._draws(
+        {"latents": x0, "cond": cond, "tissue": mask}, model.train_seed, 0.0, 0.0, model.uncond_dropout
+    )
+    labels_gone = np.isnan(dropped_cond.numpy())
+    mask_gone = (dropped_mask.numpy() == 0).all(axis=(1, 2, 3))
+    assert (labels_gone.all(axis=1) | ~labels_gone.any(axis=1)).all()  # both labels, or neither
+    np.testing.assert_array_equal(labels_gone[:, 0], mask_gone)  # the mask with them
+    assert 0.3 < mask_gone.mean() < 0.7
+    known, mask4 = [[0.5], [-0.5], [1.0], [0.0]], tissue(1, n=4)
+    everything = fit(conditional_model(0.0, uncond_dropout=1.0), known, mask=mask4)
+    unknown = fit(conditional_model(0.0), [[NAN]] * 4, mask=np.zeros_like(mask4))
+    for a, b in zip(everything, unknown, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="uncond_dropout must be in"):
+        conditional_model(0.1, uncond_dropout=-0.1)
 
 
 def test_dropout_masks_come_from_the_saved_seed_stream():
