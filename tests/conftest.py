@@ -2,6 +2,7 @@
 data set and tiny trained run that the train, predict and evaluate tests share."""
 
 import csv
+import fcntl
 import hashlib
 import os
 import shutil
@@ -37,16 +38,37 @@ def _fresh_keras_state():
     keras.config.set_dtype_policy("float32")
 
 
+def made_once(tmp_path_factory, name: str, make) -> str:
+    """The folder `name` that `make(path)` writes, made once per test session for all its
+    pytest-xdist workers (`make test` runs two): in the workers' common temporary folder, under
+    a file lock, so a worker that needs it while another makes it waits and then reuses it,
+    instead of training the same tiny run again. Without xdist, in this session's folder."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # each worker's folder lies in the session's
+    path, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)  # what a failed attempt left
+            make(str(path))
+            done.touch()
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """24 PNGs of bright ellipses of varying size on black, 32×32, in a flat folder."""
-    folder = tmp_path_factory.mktemp("pngs")
-    yy, xx = np.mgrid[:32, :32]
-    for i in range(24):
-        a, b = 6 + i % 5, 8 + i % 7
-        inside = ((xx - 16) / a) ** 2 + ((yy - 16) / b) ** 2 <= 1
-        Image.fromarray((inside * (120 + 5 * i)).astype(np.uint8)).save(folder / f"slice_{i:02d}.png")
-    return str(folder)
+
+    def make(folder):
+        os.makedirs(folder)
+        yy, xx = np.mgrid[:32, :32]
+        for i in range(24):
+            a, b = 6 + i % 5, 8 + i % 7
+            inside = ((xx - 16) / a) ** 2 + ((yy - 16) / b) ** 2 <= 1
+            Image.fromarray((inside * (120 + 5 * i)).astype(np.uint8)).save(f"{folder}/slice_{i:02d}.png")
+
+    return made_once(tmp_path_factory, "pngs", make)
 
 
 @pytest.fixture(scope="session")
@@ -54,9 +76,10 @@ def tiny_ae_run(tiny_data, tmp_path_factory):
     """A RUN_FLAGS run whose autoencoder stage is done (train.py --stage ae): copy it first."""
     import train
 
-    out = str(tmp_path_factory.mktemp("runs") / "tiny_ae")
-    assert train.main(RUN_FLAGS + ["--data", tiny_data, "--out", out, "--stage", "ae"]) == 0
-    return out
+    def make(out):
+        assert train.main(RUN_FLAGS + ["--data", tiny_data, "--out", out, "--stage", "ae"]) == 0
+
+    return made_once(tmp_path_factory, "tiny_ae", make)
 
 
 def copy_of(run_dir: str, dest) -> str:
@@ -71,9 +94,11 @@ def tiny_run(tiny_ae_run, tiny_data, tmp_path_factory):
     by the predict and evaluate tests: copy it before changing it."""
     import train
 
-    out = copy_of(tiny_ae_run, tmp_path_factory.mktemp("runs") / "tiny")
-    assert train.main(RUN_FLAGS + ["--data", tiny_data, "--out", out, "--stage", "ldm"]) == 0
-    return out
+    def make(out):
+        copy_of(tiny_ae_run, out)
+        assert train.main(RUN_FLAGS + ["--data", tiny_data, "--out", out, "--stage", "ldm"]) == 0
+
+    return made_once(tmp_path_factory, "tiny", make)
 
 
 def snapshot(folder) -> dict:

@@ -17,7 +17,7 @@ import evaluate
 import figures
 import metrics
 import runs
-from conftest import snapshot
+from conftest import copy_of, snapshot
 from test_metrics import images, numpy_ssim
 from test_predict import copy_run
 
@@ -178,10 +178,11 @@ def test_autoencoder_scores_average_over_images_not_batches(tiny_run):
     assert scores["ae_brain_psnr"] == pytest.approx(float(np.mean(metrics.brain_psnr(x, recon))), abs=1e-4)
 
 
-def test_evaluate_writes_metrics_json_and_the_memorisation_figure(tiny_run, no_keras_cache, capsys):
+def test_evaluate_writes_metrics_json_and_the_memorisation_figure(tiny_run, no_keras_cache, tmp_path, capsys):
     """The real-image metrics have known answers (no model involved): each validation image's best
     numpy_ssim over the training images and their mirror images (the run flips), and the SSIM of
     the two validation images (one MS-SSIM scale at 16 px)."""
+    tiny_run = copy_of(tiny_run, tmp_path / "tiny")  # it writes into the run: not into the shared one
     before = snapshot(tiny_run)
     assert evaluate.main(["--run", tiny_run, "--n", "6", "--steps", "3", "--batch-size", "6"]) == 0
     printed = capsys.readouterr().out

@@ -18,7 +18,7 @@ import cli
 import config as cfg
 import predict
 import runs
-from conftest import ROOT, snapshot
+from conftest import ROOT, copy_of, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +42,9 @@ FAST = ["--n", "4", "--steps", "4", "--batch-size", "4"]
 
 
 def test_writes_every_file_and_the_same_seed_gives_the_same_bytes(tiny_run, loaded, tmp_path, capsys):
-    assert predict.main(["--run", tiny_run, "--seed", "7"] + FAST) == 0
-    out = os.path.join(tiny_run, "predictions")
+    run_dir = copy_of(tiny_run, tmp_path / "tiny")  # the default --out writes into the run: not the shared one
+    assert predict.main(["--run", run_dir, "--seed", "7"] + FAST) == 0
+    out = os.path.join(run_dir, "predictions")
     assert f"wrote {out}" in capsys.readouterr().out
     names = sorted(os.listdir(out))
     assert names == [
@@ -68,7 +69,7 @@ def test_writes_every_file_and_the_same_seed_gives_the_same_bytes(tiny_run, load
             np.testing.assert_array_equal(np.asarray(png), expected[i, :, :, 0])
 
     # A second process-like call (models rebuilt from the files) with the same seed: the same bytes.
-    assert predict.main(["--run", tiny_run, "--seed", "7", "--out", str(tmp_path / "again")] + FAST) == 0
+    assert predict.main(["--run", run_dir, "--seed", "7", "--out", str(tmp_path / "again")] + FAST) == 0
     assert snapshot(tmp_path / "again") == snapshot(out)
 
 
