@@ -461,15 +461,6 @@ def network_conditions(run: Run, condition: dict | None, n: int) -> np.ndarray |
     return conditioning.normalise(run.config.condition_stats, raw)
 
 
-def network_masks(run: Run, classes: np.ndarray | None, n: int) -> np.ndarray | None:
-    """The UNet's mask input (n, h, w, M) float32 (`masks.mask_input` at the latent size) of
-    tissue masks `classes` (`image_masks`); None: no mask asked for."""
-    resized = image_masks(run, classes, n)
-    if resized is None:
-        return None
-    return masks.mask_input(resized, run.config.latent_size, run.config.condition.mask_input)
-
-
 def image_masks(run: Run, classes: np.ndarray | None, n: int) -> np.ndarray | None:
     """Tissue masks `classes`, uint8 class indices (n, S, S) or one mask (S, S) for all n, at any
     square size, as n masks (n, S', S') at the run's image size S' (nearest neighbour); None
@@ -506,7 +497,7 @@ def generate(
     options.guidance. condition: for a conditioned run, {variable: value} or {variable: n
     values} in the labels' units (e.g. {"slice": 0.6, "age": 80}); variables left out are
     unknown, and None samples unconditionally. tissue_masks: for a run conditioned on
-    masks, uint8 class indices (n, S, S) or one (S, S) mask for all (`network_masks`);
+    masks, uint8 class indices (n, S, S) or one (S, S) mask for all (`image_masks`);
     None: the mask is unknown. The guidance weight w of eps_u + w (eps_c − eps_u) applies
     only with a condition or a mask (1: conditional only; any other w doubles the UNet's
     batch). initial_noise: (n, h, w, c) starting noises x_T, or None to draw them from the
@@ -529,7 +520,10 @@ def generate(
     options.validate(T, n)
     cond = network_conditions(run, condition, n)
     classes = image_masks(run, tissue_masks, n)
-    mask = network_masks(run, classes, n)
+    # The UNet's mask input: the masks at the latent's size (`masks.mask_input`).
+    mask = (
+        None if classes is None else masks.mask_input(classes, run.config.latent_size, run.config.condition.mask_input)
+    )
     batch = options.batch_size
     sizes = [min(batch, n - start) for start in range(0, n, batch)]
     bar = keras.utils.Progbar(len(sizes), unit_name="batch") if progress else None

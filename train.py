@@ -649,9 +649,9 @@ def run(argv: list[str]) -> None:
         )
 
     spade_done = os.path.exists(os.path.join(run_dir, spade.WEIGHTS))
-    if runs.has_spade_decoder(config) and train_masks is not None and chief and not spade_done:
+    if runs.has_spade_decoder(config) and chief and not spade_done:  # conditioned on masks: the data has them
         images, classes = oracle.load_segmentation_pairs(*runs.split_masks(config, "train"), config.data.image_size)
-        decoder, _ = spade.train(
+        spade_decoder, _ = spade.train(
             config,
             autoencoder.encoder,
             autoencoder.decoder,
@@ -661,7 +661,7 @@ def run(argv: list[str]) -> None:
             config.train.autoencoder_batch_size,
             xla=xla,
         )
-        runs.save_weights(decoder, os.path.join(run_dir, spade.WEIGHTS))
+        runs.save_weights(spade_decoder, os.path.join(run_dir, spade.WEIGHTS))
 
     if train_diffusion_now:
         resumed = args.resume or config.train.stage == "ldm"
