@@ -174,7 +174,7 @@ def test_mask_input_channels_and_older_mask_runs():
     assert parse("demo", ["--mask-input", "area"]).mask_channels == 4
     assert parse("demo", ["--condition", "slice"]).mask_channels == 0
     raw = cfg.to_dict(demo)
-    del raw["condition"]["mask_input"]
+    del raw["condition"]["mask_input"], raw["condition"]["mask_dropout"]
     old = cfg.from_dict(raw)
     assert (old.condition.mask_input, old.mask_channels) == ("area", 4)
     assert old.condition.mask_dropout is None  # the mask drops at --cond-dropout's rate, as it did
