@@ -191,7 +191,7 @@ class TrainConfig:
         "0: none",
     )
     spade_decoder_steps: int = option(
-        150,
+        100,
         "steps of the SPADE decoder (the image decoder also given the tissue mask, which decodes the images "
         "generated for a mask: spade.py), fine-tuned from the decoder after the autoencoder at its batch size when "
         "the run is conditioned on the mask; 0: none (the plain decoder decodes them)",
