@@ -498,8 +498,15 @@ def load_segmentation_pairs(image_paths, mask_paths, image_size: int) -> tuple[n
     if len(image_paths) != len(mask_paths):
         raise ValueError(f"{len(image_paths)} images but {len(mask_paths)} masks")
     classes = masks.load_masks(mask_paths, image_size)
+    return load_images(image_paths, image_size), classes
+
+
+def load_images(image_paths, image_size: int) -> np.ndarray:
+    """Images float32 (N, S, S, 1) in [-1, 1] of `image_paths`, S = image_size, read as
+    `dataset.load_image` reads them (in parallel). UserError naming the first file that fails."""
+    image_paths = [str(p) for p in image_paths]
     if not image_paths:
-        return np.zeros((0, image_size, image_size, 1), np.float32), classes
+        return np.zeros((0, image_size, image_size, 1), np.float32)
     decoded = tf.data.Dataset.from_tensor_slices(image_paths).map(
         lambda path: dataset.load_image(path, image_size), num_parallel_calls=tf.data.AUTOTUNE
     )
@@ -512,7 +519,7 @@ def load_segmentation_pairs(image_paths, mask_paths, image_size: int) -> tuple[n
             except tf.errors.OpError as err:
                 raise UserError(f"cannot decode image {path}: {err.message.splitlines()[0]}") from None
         raise
-    return images, classes
+    return images
 
 
 def segmentation_stream(images: np.ndarray, classes: np.ndarray, batch_size: int, seed: int = 0, flip: bool = True):

@@ -649,14 +649,13 @@ def run(argv: list[str]) -> None:
         )
 
     spade_done = os.path.exists(os.path.join(run_dir, spade.WEIGHTS))
-    if runs.has_spade_decoder(config) and chief and not spade_done:  # conditioned on masks: the data has them
-        images, classes = oracle.load_segmentation_pairs(*runs.split_masks(config, "train"), config.data.image_size)
+    if runs.has_spade_decoder(config) and chief and not spade_done:  # conditioned on masks: train_masks is read
         spade_decoder, _ = spade.train(
             config,
             autoencoder.encoder,
             autoencoder.decoder,
-            images,
-            classes,
+            oracle.load_images(splits["train"], config.data.image_size),
+            train_masks,
             config.train.spade_decoder_steps,
             config.train.autoencoder_batch_size,
             xla=xla,
