@@ -136,7 +136,7 @@ def mse_loss(y_true, y_pred):
 RECONSTRUCTION_LOSSES = {"mse": mse_loss, "l1": l1_loss, "l1_ssim": l1_ssim_loss}
 
 
-@tf.function(reduce_retracing=True)
+@tf.function(reduce_retracing=True, autograph=False)  # `brain` is a Python bool
 def pairwise_ssim(a: tf.Tensor, b: tf.Tensor, brain: bool = False) -> tf.Tensor:
     """SSIM of every pair: a (n, H, W, 1), b (m, H, W, 1) in [-1, 1] → (n, m), computed on [0, 1];
     with `brain`, inside the brain's box of each image of `a` (as `brain_ssim(a_i, b_j)`).

@@ -109,9 +109,11 @@ class Sampler:
     def __init__(self, network, schedule: NoiseSchedule, jit_compile: bool = False):
         self.network = network
         self.schedule = schedule
-        self._ddpm_fn = tf.function(self._ddpm_graph, jit_compile=jit_compile)
-        self._ddim_fn = tf.function(self._ddim_graph, jit_compile=jit_compile)
-        self._dpmpp_fn = tf.function(self._dpmpp_graph, jit_compile=jit_compile)
+        # autograph=False: the graphs branch on Python values only (the loop is an explicit
+        # tf.while_loop), so AutoGraph's source conversion would only add to every trace.
+        self._ddpm_fn = tf.function(self._ddpm_graph, jit_compile=jit_compile, autograph=False)
+        self._ddim_fn = tf.function(self._ddim_graph, jit_compile=jit_compile, autograph=False)
+        self._dpmpp_fn = tf.function(self._dpmpp_graph, jit_compile=jit_compile, autograph=False)
 
     def sample(
         self,
