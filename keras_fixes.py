@@ -1,10 +1,11 @@
-"""Workarounds for Keras 3 (3.15 here) behaviours: a mixin for models that ``fit`` trains, and a
-loss-scale optimizer whose replicas agree on skipping a step.
+"""Workarounds for Keras 3 (3.15 here) behaviours: a mixin for models that ``fit`` trains, a
+loss-scale optimizer whose replicas agree on skipping a step, and Adam as one fused op a weight.
 
-Each workaround names the upstream issue whose fix lets it be deleted; everywhere else it
-changes nothing. `FitFixes` is used by ``autoencoder.AutoEncoder`` and ``diffusion.LatentDiffusion``
-(``class Model(FitFixes, keras.Model)``: the mixin must come first); `LossScaleOptimizer` by
-``runs.make_optimizer`` under mixed_float16.
+Each workaround names the upstream issue whose fix lets it be deleted (or the cost it
+removes); everywhere else it changes nothing. `FitFixes` is used by ``autoencoder.AutoEncoder``
+and ``diffusion.LatentDiffusion`` (``class Model(FitFixes, keras.Model)``: the mixin must come
+first); `LossScaleOptimizer` by ``runs.make_optimizer`` under mixed_float16; `FusedAdam` by
+``runs.make_optimizer`` and ``oracle.fit_steps``.
 """
 
 from __future__ import annotations
@@ -115,6 +116,45 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             ops.cond(ops.equal(overflowed, 0.0), apply, self._stateful_handle_non_finite_grads)
 
         tf.distribute.get_replica_context().merge_call(cross_replica, args=(grads, trainable_variables))
+
+
+class FusedAdam(keras.optimizers.Adam):
+    """``keras.optimizers.Adam`` whose update of each weight is TensorFlow's fused
+    ``ResourceApplyAdam``: the same update (Kingma & Ba 2015, algorithm 1 with the bias
+    corrections folded into the rate, as Keras does), with t = iterations + 1:
+
+        m <- m + (1 - b1)(g - m);  v <- v + (1 - b2)(g² - v)
+        w <- w - lr sqrt(1 - b2^t) / (1 - b1^t) · m / (sqrt(v) + eps)
+
+    Keras writes that as about 15 graph ops a weight, each created in Python when the train
+    step is traced: a third of tracing the demo UNet's step (its ~200 weights), and XLA then
+    compiles them all. One op a weight makes the first step of every `fit` seconds cheaper
+    (BENCHMARKS.md, "Tracing the train steps"). Not upstream: Keras' optimizers are written
+    once for every backend. Everything else (schedules, clipping, weight decay, loss
+    scaling, distribution) is Keras'; amsgrad, and the sparse gradients of an embedding (which
+    Keras applies row by row, not as the dense update above), take Keras' own update.
+    """
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self.amsgrad or isinstance(gradient, tf.IndexedSlices):  # an embedding's rows: Keras' sparse update
+            return super().update_step(gradient, variable, learning_rate)
+        dtype = variable.dtype
+        index = self._get_variable_index(variable)
+        t = tf.cast(self.iterations + 1, dtype)
+        beta_1, beta_2 = tf.constant(self.beta_1, dtype), tf.constant(self.beta_2, dtype)
+        # `.value.handle`: under tf.distribute, inside `extended.update`, the handle of this device's copy.
+        tf.raw_ops.ResourceApplyAdam(
+            var=variable.handle,
+            m=self._momentums[index].value.handle,
+            v=self._velocities[index].value.handle,
+            beta1_power=tf.pow(beta_1, t),
+            beta2_power=tf.pow(beta_2, t),
+            lr=tf.cast(learning_rate, dtype),
+            beta1=beta_1,
+            beta2=beta_2,
+            epsilon=tf.constant(self.epsilon, dtype),
+            grad=tf.cast(gradient, dtype),
+        )
 
 
 def _no_merge_call() -> bool:

@@ -104,6 +104,7 @@ import tensorflow as tf
 import config as cfg
 import dataset
 import hardware
+import keras_fixes
 import masks
 import runs
 from cli import UserError
@@ -232,7 +233,7 @@ def fit_steps(
     the SPADE decoder's recipe), compiled by XLA when `jit_compile`; returns (seconds, the
     loss's mean over the steps)."""
     model.compile(
-        optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(LEARNING_RATE, steps)),
+        optimizer=keras_fixes.FusedAdam(keras.optimizers.schedules.CosineDecay(LEARNING_RATE, steps)),
         loss=loss,
         jit_compile=jit_compile,
     )

@@ -150,11 +150,11 @@ def learning_rate(rate: float, schedule: str = "constant", total_steps: int = 0)
 
 
 def make_optimizer(rate) -> keras.optimizers.Optimizer:
-    """Adam at `rate` (a float or a schedule, `learning_rate`); under the mixed_float16 policy wrapped
-    in dynamic loss scaling whose replicas agree on skipping a step
-    (`keras_fixes.LossScaleOptimizer`). Keras would wrap it in its own `LossScaleOptimizer`,
+    """Adam (`keras_fixes.FusedAdam`) at `rate` (a float or a schedule, `learning_rate`); under
+    the mixed_float16 policy wrapped in dynamic loss scaling whose replicas agree on skipping a
+    step (`keras_fixes.LossScaleOptimizer`). Keras would wrap it in its own `LossScaleOptimizer`,
     which lets one replica's overflow reach every weight."""
-    adam = keras.optimizers.Adam(rate)
+    adam = keras_fixes.FusedAdam(rate)
     if keras.config.dtype_policy().name == "mixed_float16":
         return keras_fixes.LossScaleOptimizer(adam)
     return adam
