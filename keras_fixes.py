@@ -127,9 +127,10 @@ class FusedAdam(keras.optimizers.Adam):
         w <- w - lr sqrt(1 - b2^t) / (1 - b1^t) · m / (sqrt(v) + eps)
 
     Keras writes that as about 15 graph ops a weight, each created in Python when the train
-    step is traced: a third of tracing the demo UNet's step (its ~200 weights), and XLA then
-    compiles them all. One op a weight makes the first step of every `fit` seconds cheaper
-    (BENCHMARKS.md, "Tracing the train steps"). Not upstream: Keras' optimizers are written
+    step is traced (the largest part of tracing the demo UNet's step, with its ~200 weights),
+    and XLA then compiles them all. One op a weight makes the first step of every `fit`
+    cheaper (BENCHMARKS.md, "Tracing the train steps"); TensorFlow has the op on CPUs and
+    GPUs and in XLA. Not upstream: Keras' optimizers are written
     once for every backend. Everything else (schedules, clipping, weight decay, loss
     scaling, distribution) is Keras'; amsgrad, and the sparse gradients of an embedding (which
     Keras applies row by row, not as the dense update above), take Keras' own update.
