@@ -130,10 +130,12 @@ class FusedAdam(keras.optimizers.Adam):
     step is traced (the largest part of tracing the demo UNet's step, with its ~200 weights),
     and XLA then compiles them all. One op a weight makes the first step of every `fit`
     cheaper (BENCHMARKS.md, "Tracing the train steps"); TensorFlow has the op on CPUs and
-    GPUs and in XLA. Not upstream: Keras' optimizers are written
-    once for every backend. Everything else (schedules, clipping, weight decay, loss
-    scaling, distribution) is Keras'; amsgrad, and the sparse gradients of an embedding (which
-    Keras applies row by row, not as the dense update above), take Keras' own update.
+    GPUs and in XLA. Not upstream: Keras' optimizers are written once for every backend.
+    Everything else (schedules, clipping, weight decay, loss scaling, distribution) is
+    Keras'; amsgrad, and the sparse gradients of an embedding (which Keras applies row by
+    row, not as the dense update above), take Keras' own update. `oracle.fit_steps` uses it
+    directly, not through `runs.make_optimizer`: its float32 networks need no loss scaling
+    in a mixed_float16 run.
     """
 
     def update_step(self, gradient, variable, learning_rate):
