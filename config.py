@@ -38,6 +38,7 @@ LAYOUTS = ("project", "original")  # network wiring: this project's, or the orig
 AUTOENCODER_NORMS = ("batch", "group")
 AUTOENCODER_ACTIVATIONS = ("relu", "silu", "gelu", "elu", "leaky_relu")
 SCHEDULES = ("linear", "cosine")
+PREDICTIONS = ("eps", "v")  # what the UNet predicts: the noise, or v (diffusion.py, "Parameterization")
 SAMPLERS = ("ddim", "ddpm", "dpmpp")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 STAGES = ("all", "ae", "ldm")
@@ -115,6 +116,12 @@ class DiffusionConfig:
     min_snr_gamma: float = option(
         0.0,
         "Min-SNR-γ loss weighting (Hang et al. 2023): each example's ε-MSE × min(SNR_t, γ) / SNR_t; 0: the plain ε-MSE",
+    )
+    prediction: str = option(
+        "eps",
+        "what the UNet predicts: eps (the noise) or v = sqrt(ᾱ_t) ε − sqrt(1 − ᾱ_t) x_0 (Salimans & Ho 2022), whose "
+        "clean-image estimate stays bounded near pure noise; the loss is the same (Min-SNR-)weighted ε-MSE",
+        choices=PREDICTIONS,
     )
 
     def beta_range(self) -> tuple[float, float]:
@@ -587,7 +594,7 @@ def to_dict(config: RunConfig) -> dict:
 ADDED_SETTINGS = {
     "data": {"augment": False},
     "condition": {"mask_input": "area", "uncond_dropout": 0.0},
-    "diffusion": {"min_snr_gamma": 0.0},
+    "diffusion": {"min_snr_gamma": 0.0, "prediction": "eps"},
     "train": {"ae_loss": "mse", "lr_schedule": "constant", "mask_decoder_steps": 0, "spade_decoder_steps": 0},
 }
 

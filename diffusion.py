@@ -3,15 +3,19 @@
 Everything here is independent of the network architecture (as in improved-diffusion):
 the noise predictor is passed in as ``network`` and only has to honour the contract
 
-    network(x_t, t, training=...) -> eps_hat                  (unconditional)
-    network(x_t, t, cond, tissue=m, training=...) -> eps_hat  (conditional; cond and tissue
-                                                               are passed only when given)
+    network(x_t, t, training=...) -> out                  (unconditional)
+    network(x_t, t, cond, tissue=m, training=...) -> out  (conditional; cond and tissue
+                                                           are passed only when given)
         x_t      (B, h, w, c) float32 latents at noise level t
         t        (B,) int32 schedule indices in [0, T)
         cond     (B, K) float32 normalised condition variables, NaN = unknown
         tissue   (B, h, w, M) float32 tissue mask per latent cell (masks.mask_input),
                  all zeros = unknown
-        eps_hat  (B, h, w, c) predicted noise (any float dtype; cast to float32 here)
+        out      (B, h, w, c), any float dtype (cast to float32 here): the predicted noise
+                 eps_hat, or, for a v-predicting model (``prediction="v"``), v_hat
+
+Everything downstream (the loss, samplers.py) works with eps_hat: ``predict_eps`` turns a
+v-predicting network's output into it (see "Parameterization" below).
 
 Indexing convention (used everywhere, samplers.py included)
 -----------------------------------------------------------
@@ -30,6 +34,21 @@ t ~ U{0, ..., T-1}, optionally weighted per example by Min-SNR-γ (Hang et al. 2
 "Efficient Diffusion Training via Min-SNR Weighting Strategy", eq. 10 for ε-prediction):
 w_t = min(SNR_t, γ) / SNR_t with SNR_t = alpha_bar_t / (1 - alpha_bar_t), which takes
 weight off the nearly clean steps (high SNR), whose gradients conflict with the rest.
+
+Parameterization (Salimans & Ho 2022, "Progressive distillation", section 4): with
+alpha_t = sqrt(alpha_bar_t) and sigma_t = sqrt(1 - alpha_bar_t), the network predicts either
+eps (``prediction="eps"``) or the velocity v = alpha_t eps - sigma_t x_0 (``"v"``), from which
+
+    eps_hat = sigma_t x_t + alpha_t v_hat,    x0_hat = alpha_t x_t - sigma_t v_hat.
+
+So eps - eps_hat = alpha_t (v - v_hat), and the ε-MSE above, taken of a v-network, is the
+v-MSE weighted by alpha_bar_t = SNR_t / (SNR_t + 1); with Min-SNR-γ it is the paper's
+v-prediction loss min(SNR_t, γ) / (SNR_t + 1) ||v - v_hat||^2 (Hang et al. 2023, eq. 10):
+one loss function serves both. What differs is the network's error near pure noise
+(alpha_t -> 0): an ε-network's x0_hat = (x_t - sigma_t eps_hat) / alpha_t multiplies its error
+by 1 / alpha_t (about 20,000 at the cosine schedule's last index), a v-network's
+x0_hat ≈ -v_hat does not.
+
 For classifier-free guidance (Ho & Salimans 2022) a conditional network is trained with
 each condition (each label variable, and the tissue mask as a whole) replaced by "unknown"
 (NaN; a zero mask) with probability ``cond_dropout`` (the mask: ``mask_dropout``, by
@@ -58,7 +77,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from config import SCHEDULES
+from config import PREDICTIONS, SCHEDULES
 from keras_fixes import FitFixes
 
 # Stateless RNG algorithm, fixed rather than "auto_select" so a seed's numbers do not depend
@@ -190,12 +209,32 @@ def q_sample(schedule: NoiseSchedule, x0: tf.Tensor, t: tf.Tensor, noise: tf.Ten
     ) * tf.cast(noise, x0.dtype)
 
 
-def predict_eps(network, x_t, t, cond=None, training: bool = False, tissue=None) -> tf.Tensor:
-    """network(x_t, t[, cond][, tissue=tissue]) as float32: cond and tissue are passed only when
-    given (see the module docstring), so unconditional networks keep the two-argument contract."""
+def predict_eps(
+    network,
+    x_t,
+    t,
+    cond=None,
+    training: bool = False,
+    tissue=None,
+    prediction: str = "eps",
+    schedule: NoiseSchedule | None = None,
+) -> tf.Tensor:
+    """eps_hat (B, h, w, c) float32 from network(x_t, t[, cond][, tissue=tissue]): cond and tissue
+    are passed only when given (see the module docstring), so unconditional networks keep the
+    two-argument contract. `prediction`: what the network predicts (`config.PREDICTIONS`); "v"
+    needs its `schedule`, and eps_hat = sigma_t x_t + alpha_t v_hat (module docstring)."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     args = () if cond is None else (cond,)
     kwargs = {} if tissue is None else {"tissue": tissue}
-    return tf.cast(network(x_t, t, *args, training=training, **kwargs), tf.float32)
+    out = tf.cast(network(x_t, t, *args, training=training, **kwargs), tf.float32)
+    if prediction == "eps":
+        return out
+    if schedule is None:
+        raise ValueError("a v-predicting network needs its noise schedule to give eps_hat")
+    x_t = tf.cast(x_t, tf.float32)
+    sigma_t = _per_example(schedule.sqrt_one_minus_alphas_cumprod, t, x_t)
+    return sigma_t * x_t + _per_example(schedule.sqrt_alphas_cumprod, t, x_t) * out
 
 
 def epsilon_mse(
@@ -208,9 +247,12 @@ def epsilon_mse(
     cond: tf.Tensor | None = None,
     min_snr_gamma: float = 0.0,
     tissue: tf.Tensor | None = None,
+    prediction: str = "eps",
 ) -> tf.Tensor:
-    """The epsilon-prediction loss  mean over all elements of (noise - network(x_t, t))^2,
+    """The epsilon-prediction loss  mean over all elements of (noise - eps_hat(x_t, t))^2,
     each example's share × min(SNR_t, γ) / SNR_t when `min_snr_gamma` γ > 0 (module docstring).
+    For a v-predicting network (`prediction="v"`) eps_hat is `predict_eps`'s, and the loss is
+    the v-MSE weighted by min(SNR_t, γ) / (SNR_t + 1) (module docstring, "Parameterization").
 
     Args:
         network: the noise predictor, called as ``network(x_t, t, training=training)``.
@@ -223,13 +265,14 @@ def epsilon_mse(
         min_snr_gamma: γ of the Min-SNR weighting; 0: unweighted.
         tissue: (B, h, w, M) float32 tissue mask (masks.mask_input; zeros = unknown) for a
             mask-conditioned network, or None.
+        prediction: what the network predicts, "eps" or "v" (`config.PREDICTIONS`).
 
     Returns:
         A float32 scalar: the mean over this batch (no cross-replica scaling).
     """
     t = tf.convert_to_tensor(t, tf.int32)
     x_t = q_sample(schedule, x0, t, noise)
-    eps_hat = predict_eps(network, x_t, t, cond, training=training, tissue=tissue)
+    eps_hat = predict_eps(network, x_t, t, cond, training, tissue, prediction, schedule)
     per_example = tf.reduce_mean(tf.square(tf.cast(noise, tf.float32) - eps_hat), axis=[1, 2, 3])
     if min_snr_gamma > 0:
         alpha_bar = tf.gather(schedule.alphas_cumprod, t)
@@ -265,7 +308,7 @@ def _num_replicas() -> int:
 
 
 class LatentDiffusion(FitFixes, keras.Model):
-    """Epsilon-prediction diffusion on (scaled) latents, with an EMA copy of the network.
+    """Diffusion on (scaled) latents, trained on the ε-MSE, with an EMA copy of the network.
 
     ``fit(latents)`` trains ``network``; after every optimizer step ``ema_network`` moves
     toward it (``ema <- d ema + (1 - d) w``). Sampling uses the EMA network by default.
@@ -292,7 +335,7 @@ class LatentDiffusion(FitFixes, keras.Model):
     stream exactly. (A ``keras.random.SeedGenerator`` would not do: ``.weights.h5`` files
     do not store its state.)
 
-    Loss: the mean over the global batch of (eps - network(x_t, t))^2 (Min-SNR-weighted
+    Loss: the mean over the global batch of (eps - eps_hat(x_t, t))^2 (Min-SNR-weighted
     when ``min_snr_gamma`` > 0), reported as ``loss``. ``test_step`` reports the same loss
     of the EMA network (the one that samples), with draws from ``val_seed`` so validation
     does not move the training stream.
@@ -317,6 +360,8 @@ class LatentDiffusion(FitFixes, keras.Model):
         uncond_dropout: probability in [0, 1] of dropping every condition and the mask of an
             example together (on top of the drops above).
         min_snr_gamma: γ ≥ 0 of the Min-SNR loss weighting (`epsilon_mse`); 0: plain ε-MSE.
+        prediction: what ``network`` predicts, "eps" or "v" (module docstring,
+            "Parameterization"); samplers must be given the same.
         **kwargs: for ``keras.Model`` (name, dtype...).
     """
 
@@ -331,9 +376,13 @@ class LatentDiffusion(FitFixes, keras.Model):
         min_snr_gamma: float = 0.0,
         mask_dropout: float | None = None,
         uncond_dropout: float = 0.0,
+        prediction: str = "eps",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"LatentDiffusion: prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        self.prediction = prediction
         if min_snr_gamma < 0:
             raise ValueError(f"LatentDiffusion: min_snr_gamma must be >= 0, got {min_snr_gamma}")
         self.min_snr_gamma = float(min_snr_gamma)
@@ -416,7 +465,8 @@ class LatentDiffusion(FitFixes, keras.Model):
     # -- Keras plumbing ----------------------------------------------------------------
 
     def call(self, x_t, t=None, training=None):
-        """The online network's noise prediction for x_t (B, h, w, c) at indices t (default 0)."""
+        """The online network's output for x_t (B, h, w, c) at indices t (default 0): eps_hat, or
+        v_hat for ``prediction="v"`` (``predict_eps`` turns either into eps_hat)."""
         if t is None:
             t = tf.zeros(tf.shape(x_t)[:1], tf.int32)
         return self.network(x_t, t, training=training)
@@ -493,6 +543,7 @@ class LatentDiffusion(FitFixes, keras.Model):
                 cond=cond,
                 min_snr_gamma=self.min_snr_gamma,
                 tissue=tissue,
+                prediction=self.prediction,
             )
             # The optimizer SUM-all-reduces gradients across replicas, so each replica
             # differentiates its local mean / num_replicas and the sum is the gradient of the
@@ -510,7 +561,15 @@ class LatentDiffusion(FitFixes, keras.Model):
         """The same loss, of the EMA network, without any update."""
         x0, t, noise, cond, tissue = self._draws(data, self.val_seed)
         loss = epsilon_mse(
-            self.ema_network, self.schedule, x0, t, noise, cond=cond, min_snr_gamma=self.min_snr_gamma, tissue=tissue
+            self.ema_network,
+            self.schedule,
+            x0,
+            t,
+            noise,
+            cond=cond,
+            min_snr_gamma=self.min_snr_gamma,
+            tissue=tissue,
+            prediction=self.prediction,
         )
         self.loss_tracker.update_state(loss)
         return self.replica_logs({"loss": self.loss_tracker.result()})

@@ -222,6 +222,7 @@ def build_diffusion(config: cfg.RunConfig) -> LatentDiffusion:
         cond_dropout=config.condition.cond_dropout,
         mask_dropout=config.condition.mask_dropout,
         uncond_dropout=config.condition.uncond_dropout,
+        prediction=config.diffusion.prediction,
     )
     h, c = config.latent_size, config.autoencoder.latent_channels
     model.build((None, h, h, c))
@@ -297,7 +298,9 @@ class Run:
     sampler: Sampler = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self):
-        self.sampler = Sampler(self.diffusion.ema_network, self.diffusion.schedule)
+        self.sampler = Sampler(
+            self.diffusion.ema_network, self.diffusion.schedule, prediction=self.diffusion.prediction
+        )
 
     @property
     def name(self) -> str:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from config import SAMPLERS, SamplingOptions
+from config import PREDICTIONS, SAMPLERS, SamplingOptions
 from diffusion import NoiseSchedule, fold_seed, normal, predict_eps
 
 # The settings each sampler takes from SamplingOptions (besides the seed and the guidance weight).
@@ -104,11 +104,16 @@ class Sampler:
         network: the noise predictor (see the module docstring); built on first use.
         schedule: the schedule it was trained with.
         jit_compile: compile the loops with XLA (works on CPU; may pay off on GPU).
+        prediction: what the network predicts, "eps" or "v" (`diffusion.predict_eps` turns v
+            into eps_hat, so the update rules below see eps_hat either way).
     """
 
-    def __init__(self, network, schedule: NoiseSchedule, jit_compile: bool = False):
+    def __init__(self, network, schedule: NoiseSchedule, jit_compile: bool = False, prediction: str = "eps"):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         self.network = network
         self.schedule = schedule
+        self.prediction = prediction
         # autograph=False: the graphs branch on Python values only (the loop is an explicit
         # tf.while_loop), so AutoGraph's source conversion would only add to every trace.
         self._ddpm_fn = tf.function(self._ddpm_graph, jit_compile=jit_compile, autograph=False)
@@ -417,18 +422,21 @@ class Sampler:
             seed, initial_noise, (cond, tissue, guidance, guided), shape, visited, record, update, carry=tf.zeros(shape)
         )
 
+    def _eps(self, x, t, cond, tissue):
+        return predict_eps(self.network, x, t, cond, tissue=tissue, prediction=self.prediction, schedule=self.schedule)
+
     def _guided_eps(self, x, t, cond, tissue, guidance, guided):
         """eps_hat for x (B, h, w, c) at index t: unconditional (cond and tissue None), conditional,
         or guided, eps_u + w (eps_c - eps_u) from one call on the batch doubled with unknown
         conditions (NaN) and unknown masks (zeros)."""
         batch = x.shape[0]
         if not guided:
-            return predict_eps(self.network, x, tf.fill([batch], t), cond, tissue=tissue)
+            return self._eps(x, tf.fill([batch], t), cond, tissue)
         if cond is not None:
             cond = tf.concat([cond, tf.fill(tf.shape(cond), float("nan"))], 0)
         if tissue is not None:
             tissue = tf.concat([tissue, tf.zeros_like(tissue)], 0)
-        both = predict_eps(self.network, tf.concat([x, x], 0), tf.fill([2 * batch], t), cond, tissue=tissue)
+        both = self._eps(tf.concat([x, x], 0), tf.fill([2 * batch], t), cond, tissue)
         eps_c, eps_u = both[:batch], both[batch:]
         return eps_u + guidance * (eps_c - eps_u)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import glob
 import math
 import os
@@ -104,8 +105,19 @@ def resolve_config(
     if not os.path.exists(config_path):
         raise cli.UserError(f"{run_dir} holds no run (no config.json) to resume")
     saved = runs.read_config(run_dir)
-    for name in cfg.explicit_flags(argv) & RESUMABLE_FLAGS:
+    typed = cfg.explicit_flags(argv)
+    for name in typed & RESUMABLE_FLAGS:
         setattr(saved.train, name, getattr(config.train, name))
+    # Typed with another value than the saved run's (e.g. --seed with --stage ldm): say so.
+    ignored = [
+        f"--{field.name.replace('_', '-')}"
+        for section in cfg.SECTIONS
+        for field in dataclasses.fields(getattr(saved, section))
+        if field.name in typed - RESUMABLE_FLAGS - {"out", "stage"}
+        and getattr(getattr(config, section), field.name) != getattr(getattr(saved, section), field.name)
+    ]
+    if ignored:
+        warnings.warn(f"{', '.join(ignored)} ignored: {config_path} decides them for a reopened run", stacklevel=1)
     saved.train.stage = config.train.stage
     saved.train.out = run_dir  # the run may have been moved or copied since it was made
     validate(saved)

@@ -84,10 +84,11 @@ def test_config_json_of_an_older_run_keeps_how_it_trained():
         for key in keys:
             del raw[section][key]
     old = cfg.from_dict(raw)
-    assert (old.data.augment, old.diffusion.min_snr_gamma) == (False, 0.0)
+    assert (old.data.augment, old.diffusion.min_snr_gamma, old.diffusion.prediction) == (False, 0.0, "eps")
     assert (old.train.ae_loss, old.train.lr_schedule) == ("mse", "constant")
     new = cfg.preset("demo")
     new.train.lr_schedule, new.diffusion.min_snr_gamma = "cosine", 3.0  # not defaults: round-trip them too
+    new.diffusion.prediction = "v"
     assert cfg.from_dict(cfg.to_dict(new)) == new
     new = cfg.preset("demo")
     assert (new.data.augment, new.diffusion.min_snr_gamma, new.train.ae_loss, new.train.lr_schedule) == (

@@ -72,6 +72,20 @@ class Oracle(keras.layers.Layer):
         return (x_t - a * self.x0) / b
 
 
+class VOracle(keras.layers.Layer):
+    """The exact velocity for a data set of one known x0: v = alpha_t eps - sigma_t x0, with
+    alpha_t = sqrt(ab_t), sigma_t = sqrt(1 - ab_t) and eps the exact noise of ``Oracle``."""
+
+    def __init__(self, schedule, x0, **kwargs):
+        super().__init__(**kwargs)
+        self.schedule, self.x0 = schedule, tf.constant(x0)
+
+    def call(self, x_t, t, training=None):
+        a = tf.reshape(tf.gather(self.schedule.sqrt_alphas_cumprod, t), [-1, 1, 1, 1])
+        b = tf.reshape(tf.gather(self.schedule.sqrt_one_minus_alphas_cumprod, t), [-1, 1, 1, 1])
+        return a * (x_t - a * self.x0) / b - b * self.x0
+
+
 # --------------------------------------------------------------------------- schedule
 
 
@@ -228,6 +242,45 @@ def test_min_snr_weighting_scales_each_example_by_min_snr_gamma_over_snr():
     )
     with pytest.raises(ValueError, match="min_snr_gamma must be >= 0"):
         D.LatentDiffusion(ZeroNoise(), s, min_snr_gamma=-1.0)
+
+
+def test_predict_eps_of_a_v_network_is_the_exact_noise():
+    """eps_hat = sigma_t x_t + alpha_t v_hat: the exact v gives the exact eps (so a zero loss), and
+    the same network read as an ε-predictor does not."""
+    s = D.make_schedule("cosine", 20)
+    x0 = np.random.default_rng(0).standard_normal((4, *LATENT)).astype(np.float32)
+    t = tf.constant([0, 5, 12, 19])
+    noise = tf.random.stateless_normal(x0.shape, seed=[3, 4])
+    x_t = D.q_sample(s, x0, t, noise)
+    eps_hat = D.predict_eps(VOracle(s, x0), x_t, t, prediction="v", schedule=s)
+    np.testing.assert_allclose(eps_hat.numpy(), noise.numpy(), atol=1e-4)
+    assert float(D.epsilon_mse(VOracle(s, x0), s, x0, t, noise, prediction="v")) < 1e-8
+    assert float(D.epsilon_mse(VOracle(s, x0), s, x0, t, noise)) > 0.1  # read as eps: wrong
+    with pytest.raises(ValueError, match="needs its noise schedule"):
+        D.predict_eps(VOracle(s, x0), x_t, t, prediction="v")
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        D.predict_eps(VOracle(s, x0), x_t, t, prediction="x0", schedule=s)
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        D.LatentDiffusion(ZeroNoise(), s, prediction="x0")
+
+
+def test_the_loss_of_a_v_network_is_min_snr_weighted_v_mse():
+    """For a v-network the ε-MSE with Min-SNR-γ is the v-prediction loss of Hang et al. 2023 (eq. 10):
+    each example's mean (v - v_hat)^2 × min(SNR_t, γ) / (SNR_t + 1); without γ, × ᾱ_t. Here
+    v_hat = 0, so (v - v_hat)^2 = v^2 with v = sqrt(ᾱ) eps - sqrt(1 - ᾱ) x0 (NumPy, float64)."""
+    s = D.make_schedule("cosine", 20)
+    rng = np.random.default_rng(2)
+    x0 = rng.standard_normal((4, *LATENT)).astype(np.float32)
+    noise = rng.standard_normal((4, *LATENT)).astype(np.float32)
+    index = [0, 3, 10, 19]
+    alpha_bar = s.alphas_cumprod.numpy()[index].astype(np.float64)
+    snr = alpha_bar / (1 - alpha_bar)
+    assert snr[0] > 5 > snr[-1]  # both sides of γ = 5
+    a, b = np.sqrt(alpha_bar)[:, None, None, None], np.sqrt(1 - alpha_bar)[:, None, None, None]
+    v_mse = np.mean((a * noise - b * x0) ** 2, axis=(1, 2, 3))
+    for gamma, weights in ((5.0, np.minimum(snr, 5.0) / (snr + 1)), (0.0, alpha_bar)):
+        got = float(D.epsilon_mse(ZeroNoise(), s, x0, tf.constant(index), noise, min_snr_gamma=gamma, prediction="v"))
+        assert got == pytest.approx(float(np.mean(weights * v_mse)), rel=1e-5), gamma
 
 
 # --------------------------------------------------------------------------- training

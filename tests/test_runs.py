@@ -1,7 +1,9 @@
 """runs.py: run folders made by earlier versions of the code still load and sample as they did."""
 
 import dataclasses
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -24,6 +26,24 @@ def test_a_seed_run_of_the_original_unet_loads_and_samples_as_when_it_was_made()
     assert images.shape == expected.shape == (3, 16, 16, 1)
     np.testing.assert_allclose(images, expected, atol=1e-4)
     assert np.abs(expected).mean() > 0.05  # the decoded samples are not blank
+
+
+def test_a_run_samples_with_the_prediction_its_config_names(tmp_path):
+    """The seed run's config.json predates `prediction`: it reads as "eps" (above: the same images).
+    Named "v", the same weights load into a model and a sampler that read the UNet's output as v,
+    and sample other images."""
+    run = runs.load_run(os.path.join(FIXTURES, "seed_run"))
+    assert run.config.diffusion.prediction == run.diffusion.prediction == run.sampler.prediction == "eps"
+    copy = tmp_path / "v_run"
+    shutil.copytree(os.path.join(FIXTURES, "seed_run"), copy)
+    raw = json.loads((copy / "config.json").read_text())
+    raw["diffusion"]["prediction"] = "v"
+    (copy / "config.json").write_text(json.dumps(raw))
+    v_run = runs.load_run(str(copy))
+    assert v_run.diffusion.prediction == v_run.sampler.prediction == "v"
+    images = runs.generate(v_run, 3, cfg.SamplingOptions(steps=5, seed=7, batch_size=3), progress=False).images
+    expected = np.load(os.path.join(FIXTURES, "seed_run", "expected_samples.npy"))
+    assert np.all(np.isfinite(images)) and np.abs(images - expected).max() > 0.05
 
 
 def test_cosine_learning_rate_warms_up_then_decays_to_its_floor():

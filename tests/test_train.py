@@ -81,6 +81,25 @@ def test_unknown_preset_is_one_line(capsys):
     assert capsys.readouterr().err.strip() == "error: unknown preset 'huge'; choose one of demo, oasis, seed"
 
 
+def test_a_reopened_run_keeps_its_settings_and_names_the_typed_ones_it_ignores(tmp_path):
+    """--stage ldm (and --resume) take the saved config.json: resumable flags apply, a setting typed
+    with another value than the saved one (--seed, --prediction) is named in one warning and
+    ignored, and one typed with the saved value is not named."""
+    saved = cfg.preset("demo")
+    saved.train.out = str(tmp_path)
+    cfg.save_config(saved, os.path.join(tmp_path, "config.json"))
+    argv = ["--out", str(tmp_path), "--stage", "ldm", "--seed", "3", "--prediction", "v", "--lr", "5e-4"]
+    argv += ["--schedule", "cosine"]  # the saved value
+    config, args = train.parse_args(argv)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resolved = train.resolve_config(config, args, argv)
+    assert (resolved.train.seed, resolved.diffusion.prediction, resolved.train.lr) == (0, "eps", 5e-4)
+    assert [str(w.message) for w in caught] == [
+        f"--prediction, --seed ignored: {tmp_path}/config.json decides them for a reopened run"
+    ]
+
+
 # ---------------------------------------------------------------------------- checkpoints and resume
 
 
