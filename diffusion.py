@@ -47,7 +47,9 @@ v-prediction loss min(SNR_t, γ) / (SNR_t + 1) ||v - v_hat||^2 (Hang et al. 2023
 one loss function serves both. What differs is the network's error near pure noise
 (alpha_t -> 0): an ε-network's x0_hat = (x_t - sigma_t eps_hat) / alpha_t multiplies its error
 by 1 / alpha_t (about 20,000 at the cosine schedule's last index), a v-network's
-x0_hat ≈ -v_hat does not.
+x0_hat ≈ -v_hat does not. (The samplers form x0_hat from eps_hat, so in float32 a
+v-network's estimate there carries a rounding error of about 6e-8 / alpha_t of x_t's scale,
+0.1 % at that index.)
 
 For classifier-free guidance (Ho & Salimans 2022) a conditional network is trained with
 each condition (each label variable, and the tissue mask as a whole) replaced by "unknown"
