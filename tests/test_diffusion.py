@@ -72,18 +72,14 @@ class Oracle(keras.layers.Layer):
         return (x_t - a * self.x0) / b
 
 
-class VOracle(keras.layers.Layer):
-    """The exact velocity for a data set of one known x0: v = alpha_t eps - sigma_t x0, with
+class VOracle(Oracle):
+    """The exact velocity for the same one-point data set: v = alpha_t eps - sigma_t x0, with
     alpha_t = sqrt(ab_t), sigma_t = sqrt(1 - ab_t) and eps the exact noise of ``Oracle``."""
 
-    def __init__(self, schedule, x0, **kwargs):
-        super().__init__(**kwargs)
-        self.schedule, self.x0 = schedule, tf.constant(x0)
-
     def call(self, x_t, t, training=None):
-        a = tf.reshape(tf.gather(self.schedule.sqrt_alphas_cumprod, t), [-1, 1, 1, 1])
-        b = tf.reshape(tf.gather(self.schedule.sqrt_one_minus_alphas_cumprod, t), [-1, 1, 1, 1])
-        return a * (x_t - a * self.x0) / b - b * self.x0
+        alpha = tf.reshape(tf.gather(self.schedule.sqrt_alphas_cumprod, t), [-1, 1, 1, 1])
+        sigma = tf.reshape(tf.gather(self.schedule.sqrt_one_minus_alphas_cumprod, t), [-1, 1, 1, 1])
+        return alpha * super().call(x_t, t) - sigma * self.x0
 
 
 # --------------------------------------------------------------------------- schedule
