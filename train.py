@@ -109,13 +109,12 @@ def resolve_config(
     for name in typed & RESUMABLE_FLAGS:
         setattr(saved.train, name, getattr(config.train, name))
     # Typed with another value than the saved run's (e.g. --seed with --stage ldm): say so.
-    ignored = [
-        f"--{field.name.replace('_', '-')}"
-        for section in cfg.SECTIONS
-        for field in dataclasses.fields(getattr(saved, section))
-        if field.name in typed - RESUMABLE_FLAGS - {"out", "stage"}
-        and getattr(getattr(config, section), field.name) != getattr(getattr(saved, section), field.name)
-    ]
+    not_applied = typed - RESUMABLE_FLAGS - {"out", "stage"}
+    ignored = []
+    for section in cfg.SECTIONS:
+        wanted, kept = getattr(config, section), getattr(saved, section)
+        names = [f.name for f in dataclasses.fields(kept) if f.name in not_applied]
+        ignored += ["--" + name.replace("_", "-") for name in names if getattr(wanted, name) != getattr(kept, name)]
     if ignored:
         warnings.warn(f"{', '.join(ignored)} ignored: {config_path} decides them for a reopened run", stacklevel=1)
     saved.train.stage = config.train.stage

@@ -99,6 +99,13 @@ def point_mass_start(schedule, x0, seed):
     return (np.sqrt(ab) * x0 + np.sqrt(1.0 - ab) * z).astype(np.float32), z
 
 
+def forward_path(schedule, x0, z, labels):
+    """The states sqrt(ab) x0 + sqrt(1 - ab) z (K, B, ...) at the sampler's state labels (K,): label
+    L is noising step L, schedule index L - 1; label 0 is x0 itself."""
+    ab = np.concatenate([[1.0], schedule.alphas_cumprod.numpy()])[labels][:, None, None, None, None]
+    return np.sqrt(ab) * x0 + np.sqrt(1.0 - ab) * z
+
+
 @pytest.mark.parametrize("steps", [4, 1])
 def test_ddim_eta0_with_the_exact_noise_retraces_the_forward_path(steps):
     """Data = one point x0 and eps_hat exact: x0_hat = x0 and eps_hat = z at every step, so every
@@ -111,10 +118,7 @@ def test_ddim_eta0_with_the_exact_noise_retraces_the_forward_path(steps):
     x_T, z = point_mass_start(schedule, x0, seed=2)
     sampler = S.Sampler(Oracle(schedule, x0), schedule)
     final, states, labels = sampler.ddim(x0.shape, steps=steps, eta=0.0, initial_noise=x_T, num_intermediates=steps + 1)
-    ab = np.concatenate([[1.0], schedule.alphas_cumprod.numpy()])  # by label: label L is index L - 1
-    expected = (
-        np.sqrt(ab[labels])[:, None, None, None, None] * x0 + np.sqrt(1.0 - ab[labels])[:, None, None, None, None] * z
-    )
+    expected = forward_path(schedule, x0, z, labels)
     np.testing.assert_allclose(states.numpy(), expected, atol=1e-5)
     np.testing.assert_allclose(final.numpy(), x0, atol=1e-5)
 
@@ -129,10 +133,7 @@ def test_a_v_network_with_the_exact_velocity_samples_the_data_point(sampler_name
     x_T, z = point_mass_start(schedule, x0, seed=2)
     run = getattr(S.Sampler(VOracle(schedule, x0), schedule, prediction="v"), sampler_name)
     final, states, labels = run(x0.shape, steps=5, initial_noise=x_T, num_intermediates=6)
-    ab = np.concatenate([[1.0], schedule.alphas_cumprod.numpy()])  # by label: label L is index L - 1
-    expected = (
-        np.sqrt(ab[labels])[:, None, None, None, None] * x0 + np.sqrt(1.0 - ab[labels])[:, None, None, None, None] * z
-    )
+    expected = forward_path(schedule, x0, z, labels)
     np.testing.assert_allclose(states.numpy(), expected, atol=1e-4)
     np.testing.assert_allclose(final.numpy(), x0, atol=1e-4)
     as_eps = getattr(S.Sampler(VOracle(schedule, x0), schedule), sampler_name)(x0.shape, steps=5, initial_noise=x_T)
@@ -154,10 +155,7 @@ def test_dpmpp_with_the_exact_noise_retraces_the_forward_path(steps):
     x_T, z = point_mass_start(schedule, x0, seed=2)
     sampler = S.Sampler(Oracle(schedule, x0), schedule)
     final, states, labels = sampler.dpmpp(x0.shape, steps=steps, initial_noise=x_T, num_intermediates=steps + 1)
-    ab = np.concatenate([[1.0], schedule.alphas_cumprod.numpy()])  # by label: label L is index L - 1
-    expected = (
-        np.sqrt(ab[labels])[:, None, None, None, None] * x0 + np.sqrt(1.0 - ab[labels])[:, None, None, None, None] * z
-    )
+    expected = forward_path(schedule, x0, z, labels)
     np.testing.assert_allclose(states.numpy(), expected, atol=1e-5)
     np.testing.assert_allclose(final.numpy(), x0, atol=1e-5)
 
