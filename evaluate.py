@@ -298,7 +298,7 @@ def memorisation_figure(
     names = []
     for i in nearest.index[order]:
         stem = os.path.splitext(os.path.basename(train_paths[i % len(train_paths)]))[0]
-        names.append(stem + (" (mirror)" if i >= len(train_paths) else ""))
+        names.append(stem + ("\n(mirror)" if i >= len(train_paths) else ""))  # on its own line: names are long
     figures.image_grid(
         np.stack([samples[order], nearest.images[order]]),
         path,

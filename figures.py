@@ -98,7 +98,8 @@ def image_grid(
         ncols = min(ncols, len(images))
         nrows = -(-len(images) // ncols)
     labels = list(cell_labels) if cell_labels is not None else []
-    label_room = 0.3 if labels else 0.0
+    lines = max((str(label).count("\n") + 1 for label in labels), default=0)
+    label_room = 0.15 * (lines + 1) if labels else 0.0  # 0.3 inch for one line of fontsize 8
     fig = Figure(
         figsize=(1.5 * ncols + (0.9 if len(row_labels) else 0), (1.5 + label_room) * nrows + (0.5 if title else 0.1))
     )

@@ -154,7 +154,7 @@ def test_memorisation_figure_shows_the_closest_samples_with_their_training_image
     assert labels[:8] == ["SSIM 0.950", "SSIM 0.900", "SSIM 0.900", "SSIM 0.700"] + [
         f"SSIM {s:.3f}" for s in (0.6, 0.5, 0.4, 0.3)
     ]
-    assert labels[8:] == ["s1 (mirror)", "s1", "s3", "s1", "s0", "s2", "s3 (mirror)", "s2 (mirror)"]
+    assert labels[8:] == ["s1\n(mirror)", "s1", "s3", "s1", "s0", "s2", "s3\n(mirror)", "s2\n(mirror)"]
     assert path == "/out/memorisation.png" and shown["kwargs"]["title"].startswith("demo: the 8 closest")
 
 
@@ -252,7 +252,7 @@ def test_nearest_neighbours_include_mirror_images_when_the_run_flips(
     if flip:
         assert nearest.index[:2].tolist() == [5 + 2, 4]
         np.testing.assert_allclose(nearest.scores[:2], 1.0, atol=1e-6)
-        assert shown["names"] == ["slice_4_2 (mirror)", "slice_4_4"]
+        assert shown["names"] == ["slice_4_2\n(mirror)", "slice_4_4"]
     else:
         assert nearest.index[1] == 4 and nearest.scores[1] == pytest.approx(1.0, abs=1e-6)
         assert nearest.scores[0] < 0.9 and m["sample_nn_ssim_median"] < 0.95
