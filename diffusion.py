@@ -274,7 +274,9 @@ def epsilon_mse(
     """
     t = tf.convert_to_tensor(t, tf.int32)
     x_t = q_sample(schedule, x0, t, noise)
-    eps_hat = predict_eps(network, x_t, t, cond, training, tissue, prediction, schedule)
+    eps_hat = predict_eps(
+        network, x_t, t, cond, training=training, tissue=tissue, prediction=prediction, schedule=schedule
+    )
     per_example = tf.reduce_mean(tf.square(tf.cast(noise, tf.float32) - eps_hat), axis=[1, 2, 3])
     if min_snr_gamma > 0:
         alpha_bar = tf.gather(schedule.alphas_cumprod, t)
